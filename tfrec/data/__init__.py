@@ -1,0 +1,1 @@
+"""Data: readers, vocabularies, preprocessing (in memory and Beam), tf.data pipelines."""

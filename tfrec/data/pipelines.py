@@ -1,0 +1,142 @@
+"""`tf.data` input pipelines for sequential models.
+
+Sequences are right-padded with 0 (position 0 = oldest item of the window) and
+windows keep each user's most recent items. Training uses every position of a
+sequence at once:
+
+- causal (SASRec, GRU4Rec): window `w = s[-(L+1):]`, inputs `w[:-1]`, targets `w[1:]`;
+- cloze (BERT4Rec): window `w = s[-L:]`; each epoch masks items with probability
+  `mask_prob` (at least one per sequence), inputs carry `mask_token_id` there and
+  targets the original item (0 elsewhere).
+
+Batches are formed from rows of similar length (rows are shuffled, cut into
+groups of `bucket_batches` batches, sorted by length inside a group, batched,
+and the batches shuffled again), and each batch is trimmed to its longest row:
+padding then costs almost nothing, while every epoch still sees a new order.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def pad_right(sequences, length):
+    """Most recent `length` items of each sequence, right-padded with 0.
+
+    Args:
+        sequences: iterable of 1-D int arrays.
+        length: int, output width.
+
+    Returns:
+        int32 array `(len(sequences), length)`.
+
+    Example:
+    >>> pad_right([np.array([5, 6, 7]), np.array([8])], 2)
+    array([[6, 7],
+           [8, 0]], dtype=int32)
+    """
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}.")
+    sequences = list(sequences)
+    out = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        tail = np.asarray(seq)[-length:]
+        out[row, : len(tail)] = tail
+    return out
+
+
+def causal_training_arrays(train_sequences, max_length):
+    """Inputs and per-position targets for causal training.
+
+    Users with fewer than 2 training items carry no next-item target and are
+    skipped.
+
+    Returns:
+        `(inputs, targets)`, int32 arrays `(n, max_length)`.
+    """
+    usable = [np.asarray(s) for s in train_sequences if len(s) >= 2]
+    if not usable:
+        raise ValueError("No training sequence has 2 or more items: nothing to learn from.")
+    windows = pad_right([s[-(max_length + 1):] for s in usable], max_length + 1)
+    lengths = np.array([min(len(s), max_length + 1) for s in usable])
+    inputs = windows[:, :-1].copy()
+    short = np.flatnonzero(lengths <= max_length)
+    inputs[short, lengths[short] - 1] = 0  # a window's last item is only a target
+    return inputs, windows[:, 1:].copy()
+
+
+def _trim_to_longest(features, targets):
+    longest = tf.reduce_max(tf.reduce_sum(tf.cast(features["item_ids"] > 0, tf.int32), axis=1))
+    longest = tf.maximum(longest, 1)
+    return {"item_ids": features["item_ids"][:, :longest]}, targets[:, :longest]
+
+
+def training_dataset(
+    train_sequences,
+    max_length,
+    batch_size,
+    objective="causal",
+    mask_prob=0.2,
+    mask_token_id=None,
+    shuffle=True,
+    seed=0,
+    bucket_batches=32,
+):
+    """A `tf.data.Dataset` of `({"item_ids": (b, l)}, targets (b, l))` batches.
+
+    Args:
+        train_sequences: list of 1-D int arrays (chronological item ids per user).
+        max_length: int, window length L.
+        batch_size: int.
+        objective: `"causal"` or `"cloze"`.
+        mask_prob: float, cloze masking probability.
+        mask_token_id: int, required for cloze (the model's `mask_token_id`).
+        shuffle: bool, reshuffle every epoch (deterministic for a seed).
+        seed: int.
+        bucket_batches: int, batches per length-sorted group (1 = no bucketing).
+    """
+    if objective == "causal":
+        inputs, targets = causal_training_arrays(train_sequences, max_length)
+    elif objective == "cloze":
+        if mask_token_id is None:
+            raise ValueError("objective='cloze' needs mask_token_id.")
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}.")
+        inputs = pad_right([s for s in train_sequences if len(s) >= 1], max_length)
+        targets = inputs
+    else:
+        raise ValueError(f"objective must be 'causal' or 'cloze', got {objective!r}.")
+
+    ds = tf.data.Dataset.from_tensor_slices((inputs, targets))
+    if shuffle:
+        ds = ds.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True)
+    if bucket_batches > 1:
+
+        def sorted_batches(x, y):
+            order = tf.argsort(tf.reduce_sum(tf.cast(x > 0, tf.int32), axis=1), stable=True)
+            rows = (tf.gather(x, order), tf.gather(y, order))
+            return tf.data.Dataset.from_tensor_slices(rows).batch(batch_size)
+
+        ds = ds.batch(batch_size * bucket_batches).flat_map(sorted_batches)
+        if shuffle:
+            ds = ds.shuffle(bucket_batches * 2, seed=seed + 1, reshuffle_each_iteration=True)
+    else:
+        ds = ds.batch(batch_size)
+    if objective == "cloze":
+        generator = tf.random.Generator.from_seed(seed)
+
+        def mask(ids, _):
+            valid = ids > 0
+            draw = generator.uniform(tf.shape(ids)) < mask_prob
+            chosen = tf.logical_and(draw, valid)
+            # Rows where nothing was drawn get their last item masked.
+            lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+            last = tf.one_hot(lengths - 1, tf.shape(ids)[1], on_value=True, off_value=False)
+            none = tf.logical_not(tf.reduce_any(chosen, axis=1, keepdims=True))
+            chosen = tf.logical_or(chosen, tf.logical_and(none, last))
+            masked_ids = tf.where(chosen, tf.cast(mask_token_id, ids.dtype), ids)
+            return {"item_ids": masked_ids}, tf.where(chosen, ids, tf.zeros_like(ids))
+
+        ds = ds.map(mask, num_parallel_calls=None, deterministic=True)
+    else:
+        ds = ds.map(lambda x, y: ({"item_ids": x}, y))
+    return ds.map(_trim_to_longest).prefetch(2)

@@ -1,0 +1,266 @@
+"""Self-attention sequential backbones: SASRec (causal) and BERT4Rec (bidirectional).
+
+Both are the same stack of pre-norm Transformer blocks over a sequence of item
+vectors plus learned absolute position embeddings; they differ only in the
+attention mask. A backbone takes item *vectors* (from any item encoder) and a
+padding mask, and returns one state per position:
+
+    inputs  {"item_embeddings": (batch, seq_len, dim), "padding_mask": (batch, seq_len) bool}
+    output  (batch, seq_len, dim)
+
+Sequences are right-padded: position 0 is the oldest item of the window, so an
+item's position embedding is the same for every prefix it belongs to, which is
+what training on all positions at once needs.
+
+References:
+- Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
+- Sun et al., "BERT4Rec", CIKM 2019.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm Transformer block: `x + MHA(LN(x))`, then `x + FFN(LN(x))`.
+
+    Args:
+        num_heads: int. Attention heads; `dim` must be divisible by it.
+        ffn_dim: int. Inner size of the feed-forward network.
+        dropout: float. Dropout on attention probabilities, residual branches
+            and the FFN activation.
+        activation: FFN activation. Defaults to `"gelu"`.
+        layer_norm_epsilon: float. Defaults to `1e-6`.
+
+    Call args:
+        x: `(batch, seq_len, dim)`.
+        attention_mask: bool `(batch, seq_len, seq_len)`; True = may attend.
+
+    Example:
+    >>> block = TransformerBlock(num_heads=2, ffn_dim=32)
+    >>> block(np.zeros((2, 5, 8), "float32")).shape
+    TensorShape([2, 5, 8])
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        ffn_dim,
+        dropout=0.0,
+        activation="gelu",
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.ffn_dim = int(ffn_dim)
+        self.dropout = float(dropout)
+        self.activation = keras.activations.get(activation)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        if dim is None or dim % self.num_heads:
+            raise ValueError(
+                f"TransformerBlock: input dim {dim} must be divisible by num_heads={self.num_heads}."
+            )
+        init = keras.initializers.TruncatedNormal(stddev=0.02)
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="attention_norm"
+        )
+        self.attention = keras.layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=dim // self.num_heads,
+            dropout=self.dropout,
+            kernel_initializer=init,
+            name="attention",
+        )
+        self.ffn_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="ffn_norm"
+        )
+        self.ffn_inner = keras.layers.Dense(
+            self.ffn_dim, activation=self.activation, kernel_initializer=init, name="ffn_inner"
+        )
+        self.ffn_outer = keras.layers.Dense(dim, kernel_initializer=init, name="ffn_outer")
+        self.residual_dropout = keras.layers.Dropout(self.dropout)
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.ffn_norm.build(input_shape)
+        self.ffn_inner.build(input_shape)
+        self.ffn_outer.build(tuple(input_shape[:-1]) + (self.ffn_dim,))
+        self.built = True
+
+    def call(self, x, attention_mask=None, training=False):
+        h = self.attention_norm(x)
+        h = self.attention(h, h, attention_mask=attention_mask, training=training)
+        x = x + self.residual_dropout(h, training=training)
+        h = self.ffn_inner(self.ffn_norm(x))
+        h = self.ffn_outer(self.residual_dropout(h, training=training))
+        return x + self.residual_dropout(h, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "ffn_dim": self.ffn_dim,
+                "dropout": self.dropout,
+                "activation": keras.activations.serialize(self.activation),
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class TransformerBackbone(keras.layers.Layer):
+    """Position embeddings + a stack of `TransformerBlock`s + final LayerNorm.
+
+    Args:
+        max_length: int. Longest window (number of positions) accepted.
+        num_layers: int. Number of blocks.
+        num_heads: int. Attention heads per block.
+        ffn_dim: int or None. FFN inner size; None = 4 x input dim.
+        dropout: float. Dropout on the input embeddings and inside blocks.
+        causal: bool. True = position t attends to positions <= t only
+            (SASRec); False = bidirectional (BERT4Rec).
+        scale_embeddings: bool. Multiply item vectors by sqrt(dim) before
+            adding positions (as in the original SASRec). Defaults to False.
+
+    Example:
+    >>> bb = TransformerBackbone(max_length=10, num_layers=1, num_heads=2, causal=True)
+    >>> out = bb({"item_embeddings": np.zeros((2, 4, 8), "float32"),
+    ...           "padding_mask": np.ones((2, 4), bool)})
+    >>> out.shape
+    TensorShape([2, 4, 8])
+    """
+
+    def __init__(
+        self,
+        max_length,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=None,
+        dropout=0.2,
+        causal=True,
+        scale_embeddings=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if max_length < 1 or num_layers < 1 or num_heads < 1:
+            raise ValueError(
+                "max_length, num_layers and num_heads must be positive, got "
+                f"{max_length}, {num_layers}, {num_heads}."
+            )
+        self.max_length = int(max_length)
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.ffn_dim = None if ffn_dim is None else int(ffn_dim)
+        self.dropout = float(dropout)
+        self.causal = bool(causal)
+        self.scale_embeddings = bool(scale_embeddings)
+
+    def build(self, input_shape):
+        emb_shape = input_shape["item_embeddings"] if isinstance(input_shape, dict) else input_shape
+        dim = emb_shape[-1]
+        if dim is None:
+            raise ValueError("TransformerBackbone: the last dimension of item_embeddings must be known.")
+        self.dim = int(dim)
+        self.position_embedding = keras.layers.Embedding(
+            self.max_length,
+            self.dim,
+            embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            name="position_embedding",
+        )
+        self.position_embedding.build((None,))
+        self.input_dropout = keras.layers.Dropout(self.dropout)
+        self.blocks = []
+        for i in range(self.num_layers):
+            block = TransformerBlock(
+                num_heads=self.num_heads,
+                ffn_dim=self.ffn_dim or 4 * self.dim,
+                dropout=self.dropout,
+                name=f"block_{i}",
+            )
+            block.build((None, None, self.dim))
+            self.blocks.append(block)
+        self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
+        self.output_norm.build((None, None, self.dim))
+        self.built = True
+
+    def call(self, inputs, training=False):
+        x = inputs["item_embeddings"]  # (batch, seq_len, dim)
+        padding_mask = ops.cast(inputs["padding_mask"], "bool")  # (batch, seq_len)
+        seq_len = ops.shape(x)[1]
+        if self.scale_embeddings:
+            x = x * math.sqrt(self.dim)
+        positions = ops.arange(seq_len)
+        x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        x = self.input_dropout(x, training=training)
+        keep = ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)  # (batch, seq_len, 1)
+        x = x * keep
+
+        # (batch, seq_len, seq_len): query i may attend key j.
+        attention_mask = ops.logical_and(
+            ops.expand_dims(padding_mask, 1), ops.expand_dims(padding_mask, 2)
+        )
+        if self.causal:
+            causal = ops.greater_equal(
+                ops.expand_dims(positions, 1), ops.expand_dims(positions, 0)
+            )  # (seq_len, seq_len), i >= j
+            attention_mask = ops.logical_and(attention_mask, ops.expand_dims(causal, 0))
+        # A padded query row would attend nothing (softmax of all -inf); let it see itself.
+        attention_mask = ops.logical_or(
+            attention_mask, ops.expand_dims(ops.eye(seq_len, dtype="bool"), 0)
+        )
+        for block in self.blocks:
+            x = block(x, attention_mask=attention_mask, training=training) * keep
+        return self.output_norm(x) * keep
+
+    def compute_output_shape(self, input_shape):
+        return input_shape["item_embeddings"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "max_length": self.max_length,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "ffn_dim": self.ffn_dim,
+                "dropout": self.dropout,
+                "causal": self.causal,
+                "scale_embeddings": self.scale_embeddings,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class SASRecBackbone(TransformerBackbone):
+    """SASRec: causal self-attention over the item sequence (`causal=True`).
+
+    Args: as `TransformerBackbone` (without `causal`).
+    """
+
+    def __init__(self, max_length, **kwargs):
+        kwargs.pop("causal", None)
+        super().__init__(max_length, causal=True, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class BERT4RecBackbone(TransformerBackbone):
+    """BERT4Rec: bidirectional self-attention (`causal=False`), trained by cloze.
+
+    Args: as `TransformerBackbone` (without `causal`).
+    """
+
+    def __init__(self, max_length, **kwargs):
+        kwargs.pop("causal", None)
+        super().__init__(max_length, causal=False, **kwargs)
