@@ -10,4 +10,12 @@ Sub-packages (imports point downwards only; `tfrec` never imports `tfx` or `expo
 - `tfrec.cli`: the `tfrec` command.
 """
 
+import os as _os
+
+# TensorFlow's BFC allocator on CPU reuses large buffers instead of returning
+# them to the OS; on VMs where page faults are expensive it makes the
+# catalog-wide softmax about 2x faster. Effective only if tfrec is imported
+# before tensorflow (the `tfrec` CLI does); users may set it to "false".
+_os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
 __version__ = "0.1.0"

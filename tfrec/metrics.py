@@ -38,7 +38,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["DEFAULT_KS", "target_ranks", "ranking_metrics_from_ranks", "full_ranking_metrics", "sample_negatives",
-           "sampled_ranking_metrics", "auc", "gauc", "logloss", "format_metrics_table"]
+           "sampled_target_ranks", "sampled_ranking_metrics", "auc", "gauc", "logloss", "format_metrics_table"]
 
 DEFAULT_KS = (5, 10, 20)
 _CHUNK_ELEMENTS = 1 << 22  # score cells processed at once (bounds temporary memory)
@@ -224,16 +224,16 @@ def sample_negatives(num_items: int, histories: Sequence, num_negatives: int = 1
     return out
 
 
-def sampled_ranking_metrics(scores, targets, negatives, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
-    """Sampled protocol: rank each target among itself + its negatives (pessimistic ties).
+def sampled_target_ranks(scores, targets, negatives) -> np.ndarray:
+    """Sampled protocol ranks: each target among itself + its negatives (pessimistic ties).
 
     ``scores`` is the FULL score matrix (n, num_items); ``targets`` (n,) and
     ``negatives`` (n, num_negatives) are item ids (columns of ``scores``), e.g.
     from :func:`sample_negatives`. A negative equal to the target is an error.
 
     >>> scores = np.array([[0.0, 0.0, 0.5, 0.9, 0.1]])
-    >>> sampled_ranking_metrics(scores, np.array([2]), np.array([[3, 4]]), ks=(1, 2))["hr@2"]
-    1.0
+    >>> sampled_target_ranks(scores, np.array([2]), np.array([[3, 4]]))
+    array([1])
     """
     scores = _check_scores(scores)
     n, num_items = scores.shape
@@ -245,7 +245,17 @@ def sampled_ranking_metrics(scores, targets, negatives, ks: Iterable[int] = DEFA
         raise ValueError(f"negatives contain the target item in rows {_head(clash)}")
     cand = np.concatenate([scores[np.arange(n), targets][:, None], np.take_along_axis(scores, negatives, 1)], 1)
     _raise_on_nan(cand)
-    return ranking_metrics_from_ranks(np.count_nonzero(cand[:, 1:] >= cand[:, :1], axis=1), ks)
+    return np.count_nonzero(cand[:, 1:] >= cand[:, :1], axis=1)
+
+
+def sampled_ranking_metrics(scores, targets, negatives, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+    """Metrics of :func:`sampled_target_ranks` (same arguments).
+
+    >>> scores = np.array([[0.0, 0.0, 0.5, 0.9, 0.1]])
+    >>> sampled_ranking_metrics(scores, np.array([2]), np.array([[3, 4]]), ks=(1, 2))["hr@2"]
+    1.0
+    """
+    return ranking_metrics_from_ranks(sampled_target_ranks(scores, targets, negatives), ks)
 
 
 def _check_binary(labels, predictions, name: str = "predictions"):

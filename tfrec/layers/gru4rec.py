@@ -39,6 +39,8 @@ class GRU4RecBackbone(keras.layers.Layer):
             raise ValueError(
                 f"hidden_dim and num_layers must be positive, got {hidden_dim}, {num_layers}."
             )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         self.hidden_dim = int(hidden_dim)
         self.num_layers = int(num_layers)
         self.dropout = float(dropout)

@@ -25,7 +25,8 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="tfrec")
 class TransformerBlock(keras.layers.Layer):
-    """Pre-norm Transformer block: `x + MHA(LN(x))`, then `x + FFN(LN(x))`.
+    """Transformer block, post-norm (`LN(x + MHA(x))`, `LN(x + FFN(x))`, as
+    BERT and the RecBole SASRec) or pre-norm (`x + MHA(LN(x))`, `x + FFN(LN(x))`).
 
     Args:
         num_heads: int. Attention heads; `dim` must be divisible by it.
@@ -34,6 +35,7 @@ class TransformerBlock(keras.layers.Layer):
             and the FFN activation.
         activation: FFN activation. Defaults to `"gelu"`.
         layer_norm_epsilon: float. Defaults to `1e-6`.
+        normalize_first: bool. True = pre-norm. Defaults to False (post-norm).
 
     Call args:
         x: `(batch, seq_len, dim)`.
@@ -52,14 +54,20 @@ class TransformerBlock(keras.layers.Layer):
         dropout=0.0,
         activation="gelu",
         layer_norm_epsilon=1e-6,
+        normalize_first=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if num_heads < 1 or ffn_dim < 1:
+            raise ValueError(f"num_heads and ffn_dim must be positive, got {num_heads}, {ffn_dim}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         self.num_heads = int(num_heads)
         self.ffn_dim = int(ffn_dim)
         self.dropout = float(dropout)
         self.activation = keras.activations.get(activation)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.normalize_first = bool(normalize_first)
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -94,12 +102,17 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x, attention_mask=None, training=False):
-        h = self.attention_norm(x)
-        h = self.attention(h, h, attention_mask=attention_mask, training=training)
-        x = x + self.residual_dropout(h, training=training)
-        h = self.ffn_inner(self.ffn_norm(x))
-        h = self.ffn_outer(self.residual_dropout(h, training=training))
-        return x + self.residual_dropout(h, training=training)
+        if self.normalize_first:
+            h = self.attention_norm(x)
+            h = self.attention(h, h, attention_mask=attention_mask, training=training)
+            x = x + self.residual_dropout(h, training=training)
+            h = self.ffn_inner(self.ffn_norm(x))
+            h = self.ffn_outer(self.residual_dropout(h, training=training))
+            return x + self.residual_dropout(h, training=training)
+        h = self.attention(x, x, attention_mask=attention_mask, training=training)
+        x = self.attention_norm(x + self.residual_dropout(h, training=training))
+        h = self.ffn_outer(self.residual_dropout(self.ffn_inner(x), training=training))
+        return self.ffn_norm(x + self.residual_dropout(h, training=training))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -113,6 +126,7 @@ class TransformerBlock(keras.layers.Layer):
                 "dropout": self.dropout,
                 "activation": keras.activations.serialize(self.activation),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "normalize_first": self.normalize_first,
             }
         )
         return config
@@ -120,7 +134,9 @@ class TransformerBlock(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tfrec")
 class TransformerBackbone(keras.layers.Layer):
-    """Position embeddings + a stack of `TransformerBlock`s + final LayerNorm.
+    """Item vectors + position embeddings -> LayerNorm -> dropout -> `TransformerBlock`s.
+
+    With `normalize_first=True` (pre-norm blocks) a final LayerNorm is added.
 
     Args:
         max_length: int. Longest window (number of positions) accepted.
@@ -132,6 +148,8 @@ class TransformerBackbone(keras.layers.Layer):
             (SASRec); False = bidirectional (BERT4Rec).
         scale_embeddings: bool. Multiply item vectors by sqrt(dim) before
             adding positions (as in the original SASRec). Defaults to False.
+        normalize_first: bool. Pre-norm blocks. Defaults to False (post-norm,
+            as BERT and RecBole's SASRec).
 
     Example:
     >>> bb = TransformerBackbone(max_length=10, num_layers=1, num_heads=2, causal=True)
@@ -150,6 +168,7 @@ class TransformerBackbone(keras.layers.Layer):
         dropout=0.2,
         causal=True,
         scale_embeddings=False,
+        normalize_first=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -158,6 +177,8 @@ class TransformerBackbone(keras.layers.Layer):
                 "max_length, num_layers and num_heads must be positive, got "
                 f"{max_length}, {num_layers}, {num_heads}."
             )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         self.max_length = int(max_length)
         self.num_layers = int(num_layers)
         self.num_heads = int(num_heads)
@@ -165,6 +186,7 @@ class TransformerBackbone(keras.layers.Layer):
         self.dropout = float(dropout)
         self.causal = bool(causal)
         self.scale_embeddings = bool(scale_embeddings)
+        self.normalize_first = bool(normalize_first)
 
     def build(self, input_shape):
         emb_shape = input_shape["item_embeddings"] if isinstance(input_shape, dict) else input_shape
@@ -179,6 +201,8 @@ class TransformerBackbone(keras.layers.Layer):
             name="position_embedding",
         )
         self.position_embedding.build((None,))
+        self.input_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="input_norm")
+        self.input_norm.build((None, None, self.dim))
         self.input_dropout = keras.layers.Dropout(self.dropout)
         self.blocks = []
         for i in range(self.num_layers):
@@ -186,23 +210,31 @@ class TransformerBackbone(keras.layers.Layer):
                 num_heads=self.num_heads,
                 ffn_dim=self.ffn_dim or 4 * self.dim,
                 dropout=self.dropout,
+                normalize_first=self.normalize_first,
                 name=f"block_{i}",
             )
             block.build((None, None, self.dim))
             self.blocks.append(block)
-        self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
-        self.output_norm.build((None, None, self.dim))
+        self.output_norm = None
+        if self.normalize_first:
+            self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
+            self.output_norm.build((None, None, self.dim))
         self.built = True
 
     def call(self, inputs, training=False):
         x = inputs["item_embeddings"]  # (batch, seq_len, dim)
         padding_mask = ops.cast(inputs["padding_mask"], "bool")  # (batch, seq_len)
         seq_len = ops.shape(x)[1]
+        if isinstance(seq_len, int) and seq_len > self.max_length:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_length={self.max_length}; "
+                "keep the most recent max_length items (NextItemRecommender does)."
+            )
         if self.scale_embeddings:
             x = x * math.sqrt(self.dim)
         positions = ops.arange(seq_len)
         x = x + ops.expand_dims(self.position_embedding(positions), 0)
-        x = self.input_dropout(x, training=training)
+        x = self.input_dropout(self.input_norm(x), training=training)
         keep = ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)  # (batch, seq_len, 1)
         x = x * keep
 
@@ -221,7 +253,9 @@ class TransformerBackbone(keras.layers.Layer):
         )
         for block in self.blocks:
             x = block(x, attention_mask=attention_mask, training=training) * keep
-        return self.output_norm(x) * keep
+        if self.output_norm is not None:
+            x = self.output_norm(x) * keep
+        return x
 
     def compute_output_shape(self, input_shape):
         return input_shape["item_embeddings"]
@@ -237,6 +271,7 @@ class TransformerBackbone(keras.layers.Layer):
                 "dropout": self.dropout,
                 "causal": self.causal,
                 "scale_embeddings": self.scale_embeddings,
+                "normalize_first": self.normalize_first,
             }
         )
         return config

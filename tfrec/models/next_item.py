@@ -182,8 +182,10 @@ class NextItemRecommender(keras.Model):
 
         Returns:
             `(batch, dim)`. For `"cloze"` a mask token is appended and its state
-            is returned. A row with no items yields the zero vector (callers
-            reject empty histories before scoring).
+            is returned. Rows with no items give a meaningless vector (the
+            zero vector for causal models, a lone mask token's state for
+            cloze): callers reject empty histories before scoring, as
+            `SequentialEvaluator` does.
         """
         history_ids = ops.cast(history_ids, "int32")
         seq_len = ops.shape(history_ids)[1]

@@ -1,0 +1,149 @@
+"""Benchmark (not a test): SASRec, BERT4Rec and GRU4Rec, ID-only, on the Amazon datasets.
+
+Trains every (dataset, backbone) pair one after another in this process (never in
+parallel: the figures are wall times on this machine), with the configs in
+`configs/` and early stopping on validation NDCG@10 (full ranking), then writes:
+
+- `reports/backbones.json`: a list of records
+  `{"dataset", "model", "variant": "id", "protocol": "full"|"sampled100",
+    "metrics": {"hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10"}, "epochs",
+    "train_seconds", "examples_per_second", ...}` (test split; extra fields:
+    best_epoch, seconds_to_best, seconds_to_val_ndcg10_0.05, validation_curve);
+- `reports/backbones.md`: one table per protocol;
+- `reports/backbones_val_ndcg10.png`: validation NDCG@10 per epoch.
+
+Usage:
+    .venv/bin/python benchmarks/backbones.py [--datasets amazon-beauty ...] [--models sasrec ...]
+        [--max-train-seconds 900] [--out reports]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tfrec.config import load_config  # noqa: E402
+from tfrec.metrics import format_metrics_table  # noqa: E402
+from tfrec.training import train_sequential  # noqa: E402
+
+DATASETS = ("amazon-beauty", "amazon-sports", "amazon-toys")
+MODELS = ("sasrec", "bert4rec", "gru4rec")
+REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
+TARGET_VAL_NDCG10 = 0.05  # the RecBole reference's validation milestone on Beauty
+
+
+def first_time_reaching(curve, threshold):
+    for point in curve:
+        if point["ndcg@10"] >= threshold:
+            return point["seconds"]
+    return None
+
+
+def run_one(dataset, model, max_seconds, overrides):
+    config = load_config(
+        ROOT / "configs" / f"{model}_beauty.yaml",
+        [f"data.dataset={dataset}", f"name={model}-{dataset}", "output_dir=runs/benchmarks", *overrides]
+        + ([f"train.max_train_seconds={max_seconds}"] if max_seconds else []),
+    )
+    print(f"== {dataset} / {model}", flush=True)
+    results, _, _ = train_sequential(config, verbose=0, save=False)
+    records = []
+    for protocol, metrics in results["splits"]["test"].items():
+        records.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "variant": "id",
+                "protocol": protocol,
+                "metrics": {k: metrics[k] for k in REPORTED},
+                "epochs": results["epochs"],
+                "train_seconds": results["train_seconds"],
+                "examples_per_second": results["examples_per_second"],
+                "best_epoch": results["best_epoch"],
+                "seconds_to_best": results["seconds_to_best"],
+                "seconds_to_val_ndcg10_0.05": first_time_reaching(results["validation_curve"], TARGET_VAL_NDCG10),
+                "valid_metrics": {k: results["splits"]["valid"][protocol][k] for k in REPORTED},
+                "validation_curve": [
+                    {"epoch": p["epoch"], "seconds": p["seconds"], "ndcg@10": p["ndcg@10"]}
+                    for p in results["validation_curve"]
+                ],
+                "config": results["config"],
+            }
+        )
+    print(
+        f"   test full ndcg@10 {results['splits']['test']['full']['ndcg@10']:.4f}, "
+        f"{results['epochs']} epochs, {results['train_seconds']:.0f}s",
+        flush=True,
+    )
+    return records
+
+
+def write_reports(records, out):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backbones.json").write_text(json.dumps(records, indent=2))
+    lines = ["# Backbones (ID-only), test split, leave-one-out", ""]
+    lines.append("Written by `benchmarks/backbones.py`; do not edit by hand. History items are not excluded.")
+    for protocol in sorted({r["protocol"] for r in records}):
+        rows = [
+            {
+                "dataset": r["dataset"],
+                "model": r["model"],
+                **r["metrics"],
+                "epochs": r["epochs"],
+                "train_s": round(r["train_seconds"]),
+                "to_best_s": round(r["seconds_to_best"]),
+                "to_val0.05_s": "" if r["seconds_to_val_ndcg10_0.05"] is None else round(r["seconds_to_val_ndcg10_0.05"]),
+                "examples/s": round(r["examples_per_second"]),
+                "protocol": protocol,
+            }
+            for r in records
+            if r["protocol"] == protocol
+        ]
+        lines += ["", f"## protocol: {protocol}", "", format_metrics_table(rows)]
+    (out / "backbones.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in records if r["protocol"] == "full"]
+    datasets = sorted({r["dataset"] for r in curves})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for r in curves:
+            if r["dataset"] == dataset:
+                c = r["validation_curve"]
+                ax.plot([p["epoch"] for p in c], [p["ndcg@10"] for p in c], marker=".", label=r["model"])
+        ax.set_title(f"{dataset}: validation NDCG@10 (full)")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "backbones_val_ndcg10.png", dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--max-train-seconds", type=float, default=None)
+    parser.add_argument("--out", default=str(ROOT / "reports"))
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    args = parser.parse_args()
+    records = []
+    start = time.time()
+    for dataset in args.datasets:
+        for model in args.models:
+            records += run_one(dataset, model, args.max_train_seconds, args.overrides)
+            write_reports(records, Path(args.out))  # partial results survive an interruption
+    print(f"done in {time.time() - start:.0f}s -> {args.out}/backbones.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

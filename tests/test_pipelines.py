@@ -1,0 +1,267 @@
+"""Tests for tfrec.data.pipelines: pad_right, causal_training_arrays, training_dataset.
+
+Conventions checked: rows are right-padded with 0, windows keep the MOST RECENT
+items, causal inputs[t] -> targets[t] is the next item, a window's last item is
+only a target; every usable training row appears exactly once per epoch; batches
+are trimmed to their longest row; shuffling is reproducible for a seed; cloze
+masks only real items, at least one per row, with targets exactly at masks.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrec.data.pipelines import causal_training_arrays, pad_right, training_dataset
+
+MASK = 999
+
+
+# --------------------------------------------------------------------- pad_right
+@pytest.mark.parametrize("sequences, length, expected", [
+    ([[5, 6, 7], [8]], 2, [[6, 7], [8, 0]]),                  # longer row keeps the most recent
+    ([[5, 6, 7], [8]], 4, [[5, 6, 7, 0], [8, 0, 0, 0]]),      # right padding
+    ([[5, 6, 7]], 3, [[5, 6, 7]]),                            # exact fit
+    ([[], [4]], 2, [[0, 0], [4, 0]]),                         # empty row
+    ([np.array([2, 3, 4, 5, 6], np.int64)], 1, [[6]]),        # numpy input, window 1
+])
+def test_pad_right_hand_cases(sequences, length, expected):
+    out = pad_right(sequences, length)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, np.array(expected, np.int32).reshape(len(sequences), length))
+
+
+def test_pad_right_empty_list_and_generator():
+    assert pad_right([], 3).shape == (0, 3)
+    np.testing.assert_array_equal(pad_right((np.arange(2, 2 + n) for n in (1, 2)), 2), [[2, 0], [2, 3]])
+
+
+@pytest.mark.parametrize("length", [0, -1])
+def test_pad_right_bad_length(length):
+    with pytest.raises(ValueError, match="length must be positive"):
+        pad_right([[2, 3]], length)
+
+
+# --------------------------------------------------------------------- causal arrays
+@pytest.mark.parametrize("seq, max_length, inputs, targets", [
+    # Short: last item is only a target.
+    ([5, 6, 7], 4, [5, 6, 0, 0], [6, 7, 0, 0]),
+    # Exactly max_length items: still short (window of L + 1 not full).
+    ([2, 3, 4, 5], 4, [2, 3, 4, 0], [3, 4, 5, 0]),
+    # Exactly L + 1 items: full window.
+    ([2, 3, 4, 5, 6], 4, [2, 3, 4, 5], [3, 4, 5, 6]),
+    # Longer: the most recent L + 1 items, oldest dropped.
+    ([2, 3, 4, 5, 6, 7, 8, 9], 4, [5, 6, 7, 8], [6, 7, 8, 9]),
+    # Two items.
+    ([7, 3], 4, [7, 0, 0, 0], [3, 0, 0, 0]),
+    # Window of one.
+    ([2, 3, 4], 1, [3], [4]),
+    ([2, 3], 1, [2], [3]),
+    # Repeated items are kept as they are.
+    ([4, 4, 4], 3, [4, 4, 0], [4, 4, 0]),
+])
+def test_causal_training_arrays_hand_cases(seq, max_length, inputs, targets):
+    x, y = causal_training_arrays([np.array(seq)], max_length)
+    assert x.dtype == y.dtype == np.int32
+    np.testing.assert_array_equal(x, [inputs])
+    np.testing.assert_array_equal(y, [targets])
+
+
+def test_causal_training_arrays_properties():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(2, 50, size=n) for n in rng.integers(0, 15, size=60)]
+    L = 6
+    x, y = causal_training_arrays(seqs, L)
+    usable = [s for s in seqs if len(s) >= 2]
+    assert x.shape == y.shape == (len(usable), L)
+    for row, s in enumerate(usable):
+        w = s[-(L + 1):]
+        n = len(w) - 1
+        np.testing.assert_array_equal(x[row, :n], w[:-1])  # inputs[t] ...
+        np.testing.assert_array_equal(y[row, :n], w[1:])   # ... -> targets[t] = next item
+        assert not x[row, n:].any() and not y[row, n:].any()
+        # The window's last item (= the user's most recent training item) is never an input
+        # at a position that would predict beyond it.
+        assert (x[row] > 0).sum() == (y[row] > 0).sum() == n
+
+
+def test_causal_training_arrays_skips_short_users_and_rejects_all_short():
+    x, y = causal_training_arrays([np.array([2]), np.array([]), np.array([3, 4])], 3)
+    np.testing.assert_array_equal(x, [[3, 0, 0]])
+    np.testing.assert_array_equal(y, [[4, 0, 0]])
+    with pytest.raises(ValueError, match="2 or more items"):
+        causal_training_arrays([np.array([2]), np.array([], np.int64)], 3)
+
+
+# --------------------------------------------------------------------- datasets
+def random_sequences(n=50, low=0, high=14, seed=0, vocab=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, size=k) for k in rng.integers(low, high, size=n)]
+
+
+def unique_sequences(lengths):
+    """Sequences whose items are globally unique (item = 2 + 100 * user + position)."""
+    return [2 + 100 * u + np.arange(k) for u, k in enumerate(lengths)]
+
+
+def epoch(ds):
+    return [(x["item_ids"].numpy(), y.numpy()) for x, y in ds]
+
+
+def rows_of(batches):
+    """Rows (inputs, targets) without trailing padding, as hashable tuples."""
+    out = []
+    for x, y in batches:
+        for xr, yr in zip(x, y):
+            out.append((tuple(xr[xr > 0]), tuple(yr[yr > 0])))
+    return out
+
+
+@pytest.mark.parametrize("bucket_batches", [1, 3])
+@pytest.mark.parametrize("max_length", [4, 20])
+def test_causal_dataset_every_pair_once_per_epoch(max_length, bucket_batches):
+    seqs = random_sequences(n=50)
+    ds = training_dataset(seqs, max_length, batch_size=8, seed=3, bucket_batches=bucket_batches)
+    for _ in range(2):  # every epoch, not only the first
+        batches = epoch(ds)
+        pairs = collections.Counter()
+        for x, y in batches:
+            assert x.dtype == np.int32 and x.shape == y.shape and len(x) <= 8
+            # inputs and targets are aligned: a target exactly where there is an input
+            np.testing.assert_array_equal(x > 0, y > 0)
+            pairs.update(zip(x[x > 0].tolist(), y[y > 0].tolist()))
+        expected = collections.Counter()
+        for s in seqs:
+            w = s[-(max_length + 1):].tolist()
+            expected.update(zip(w[:-1], w[1:]))
+        assert pairs == expected
+        # Whole rows too: each usable user's window exactly once.
+        expected_rows = collections.Counter(
+            (tuple(s[-(max_length + 1):][:-1]), tuple(s[-(max_length + 1):][1:])) for s in seqs if len(s) >= 2)
+        assert collections.Counter(rows_of(batches)) == expected_rows
+
+
+@pytest.mark.parametrize("objective", ["causal", "cloze"])
+def test_batches_trimmed_to_longest_row(objective):
+    seqs = random_sequences(n=60, low=1, high=12, seed=1)
+    ds = training_dataset(seqs, 10, batch_size=6, objective=objective, mask_token_id=MASK, seed=0,
+                          bucket_batches=2)
+    widths = set()
+    for x, y in epoch(ds):
+        longest = (x > 0).sum(axis=1).max()
+        assert x.shape[1] == max(longest, 1) == y.shape[1]
+        widths.add(x.shape[1])
+    assert len(widths) > 1  # rows of different lengths give batches of different widths
+
+
+def test_bucketing_groups_similar_lengths():
+    """With bucketing, batches hold rows of similar length: less padding than without."""
+    seqs = random_sequences(n=200, low=2, high=30, seed=2)
+
+    def padding(bucket_batches):
+        batches = epoch(training_dataset(seqs, 30, 10, seed=0, bucket_batches=bucket_batches))
+        return sum(x.size - (x > 0).sum() for x, _ in batches)
+
+    assert padding(20) < 0.5 * padding(1)
+
+
+@pytest.mark.parametrize("objective", ["causal", "cloze"])
+def test_shuffle_reproducible_for_seed(objective):
+    seqs = random_sequences(n=80, low=2, high=10, seed=4)
+
+    def two_epochs(seed):
+        ds = training_dataset(seqs, 8, batch_size=4, objective=objective, mask_token_id=MASK, seed=seed,
+                              bucket_batches=2)
+        return epoch(ds), epoch(ds)
+
+    a1, a2 = two_epochs(5)
+    b1, b2 = two_epochs(5)  # fresh dataset, same seed
+    for got, want in ((b1, a1), (b2, a2)):
+        assert len(got) == len(want)
+        for (gx, gy), (wx, wy) in zip(got, want):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(gy, wy)
+    order = lambda batches: [tuple(r) for x, _ in batches for r in x]  # noqa: E731
+    assert order(a1) != order(a2)  # reshuffled (and re-masked) every epoch
+    assert order(two_epochs(6)[0]) != order(a1)  # another seed, another order
+
+
+def test_no_shuffle_keeps_row_order():
+    seqs = unique_sequences([3, 5, 2, 4])
+    batches = epoch(training_dataset(seqs, 6, batch_size=2, shuffle=False, bucket_batches=1))
+    firsts = [int(v) for x, _ in batches for v in x[:, 0]]
+    assert firsts == [int(s[0]) for s in seqs]
+
+
+# --------------------------------------------------------------------- cloze
+@pytest.mark.parametrize("mask_prob", [0.15, 0.5])
+def test_cloze_batches(mask_prob):
+    lengths = np.random.default_rng(0).integers(1, 15, size=70)
+    seqs = unique_sequences(lengths)
+    L = 10
+    ds = training_dataset(seqs, L, batch_size=8, objective="cloze", mask_prob=mask_prob,
+                          mask_token_id=MASK, seed=1, bucket_batches=2)
+    windows = {tuple(s[-L:]) for s in seqs}
+    masked_fraction = []
+    previous = None
+    for _ in range(2):
+        seen = []
+        masks = {}
+        for x, y in epoch(ds):
+            is_mask = x == MASK
+            # Targets are the original item exactly where masked, 0 elsewhere.
+            assert np.all(y[~is_mask] == 0)
+            assert np.all(y[is_mask] >= 2)
+            # Padded positions are never masked: a mask is never right of padding.
+            original = np.where(is_mask, y, x)
+            valid = original > 0
+            assert np.all(valid == (np.arange(x.shape[1]) < valid.sum(1, keepdims=True)))
+            assert not np.any(is_mask & ~valid)
+            assert np.all(is_mask.sum(axis=1) >= 1)  # at least one masked item per row
+            for orig, m in zip(original, is_mask):
+                row = tuple(orig[orig > 0])
+                seen.append(row)
+                masks[row] = tuple(m[: len(row)])
+            masked_fraction.append(is_mask.sum() / valid.sum())
+        # Every user's most recent L items, exactly once per epoch.
+        assert sorted(seen) == sorted(windows)
+        if previous is not None:
+            assert masks != previous  # masks are redrawn every epoch
+        previous = masks
+    # Rate close to mask_prob (slightly above: rows with no draw get their last item masked).
+    assert mask_prob - 0.07 < np.mean(masked_fraction) < mask_prob + 0.15
+
+
+def test_cloze_single_item_rows_mask_that_item():
+    seqs = unique_sequences([1, 1, 1])
+    (x, y), = epoch(training_dataset(seqs, 4, batch_size=3, objective="cloze", mask_prob=0.01,
+                                     mask_token_id=MASK, seed=0))
+    assert x.shape == (3, 1)
+    np.testing.assert_array_equal(x, [[MASK]] * 3)
+    assert sorted(y[:, 0].tolist()) == [2, 102, 202]
+
+
+def test_cloze_skips_empty_sequences():
+    seqs = [np.array([], np.int64), np.array([5, 6])]
+    batches = epoch(training_dataset(seqs, 4, 4, objective="cloze", mask_token_id=MASK, seed=0))
+    assert sum(len(x) for x, _ in batches) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(objective="cloze"), "needs mask_token_id"),
+    (dict(objective="cloze", mask_token_id=MASK, mask_prob=0.0), r"mask_prob must be in \(0, 1\)"),
+    (dict(objective="cloze", mask_token_id=MASK, mask_prob=1.0), r"mask_prob must be in \(0, 1\)"),
+    (dict(objective="mlm"), "objective must be 'causal' or 'cloze'"),
+])
+def test_training_dataset_bad_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        training_dataset([np.array([2, 3, 4])], 4, 2, **kwargs)
+
+
+def test_dataset_element_spec():
+    ds = training_dataset(random_sequences(10, low=2), 5, 4, seed=0)
+    x_spec, y_spec = ds.element_spec
+    assert set(x_spec) == {"item_ids"}
+    assert x_spec["item_ids"].dtype == y_spec.dtype == tf.int32
+    assert x_spec["item_ids"].shape.as_list() == [None, None]

@@ -1,0 +1,142 @@
+"""The `tfrec` command.
+
+    tfrec prepare  --dataset amazon-beauty --out artifacts/beauty [--beam] [--user-core 5 --item-core 5]
+    tfrec train    --config configs/sasrec_beauty.yaml [key=value ...]
+    tfrec evaluate --config configs/sasrec_beauty.yaml [--model runs/<name>/model.keras] [key=value ...]
+
+`key=value` overrides use dotted config keys (`train.epochs=3`, `model.backbone=gru4rec`).
+`train` shows a progress bar per epoch (one line per epoch when not on a terminal),
+writes TensorBoard logs to `<output_dir>/<name>/logs`, prints the metrics tables
+(one per protocol, never mixed) and writes `results.json` beside the model.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _tables(results):
+    from tfrec.metrics import format_metrics_table
+
+    protocols = []
+    for split in results["splits"].values():
+        protocols += [p for p in split if p not in protocols]
+    out = []
+    for protocol in protocols:
+        rows = [
+            {"split": name, "protocol": protocol, **metrics[protocol]}
+            for name, metrics in results["splits"].items()
+            if protocol in metrics
+        ]
+        out.append(f"protocol: {protocol}\n{format_metrics_table(rows)}")
+    return "\n\n".join(out)
+
+
+def _cmd_prepare(args):
+    from tfrec.data.preprocess import PrepareConfig, prepare, save_prepared
+    from tfrec.data.readers import DATASETS, load_dataset, read_interactions
+
+    config = PrepareConfig(user_core=args.user_core, item_core=args.item_core)
+    if args.input:
+        path, read_kwargs = args.input, {}
+    elif args.dataset in DATASETS:
+        dataset = load_dataset(args.dataset, args.data_root)
+        path = dataset.source_files[0]
+        spec = DATASETS[args.dataset]
+        read_kwargs = {"encoding": spec.encoding}
+        if spec.columns:
+            read_kwargs["columns"] = dict(spec.columns)
+    else:
+        raise ValueError(f"unknown dataset {args.dataset!r}; known: {', '.join(DATASETS)} (or pass --input FILE)")
+    if args.beam:
+        from tfrec.data.beam_preprocess import run_prepare_beam
+
+        run_prepare_beam(path, args.out, config, beam_args=args.beam_args or None, read_kwargs=read_kwargs)
+    else:
+        data = prepare(read_interactions(path, **read_kwargs), config, source=str(path))
+        save_prepared(data, args.out)
+    meta = json.loads((Path(args.out) / "metadata.json").read_text())
+    print(
+        f"prepared {meta['num_interactions']} interactions, {meta['num_users']} users, "
+        f"{meta['num_items']} items -> {args.out} (fingerprint {meta['fingerprint'][:12]})"
+    )
+
+
+def _cmd_train(args):
+    from tfrec.config import load_config
+    from tfrec.training import train_sequential
+
+    config = load_config(args.config, args.overrides)
+    results, _, _ = train_sequential(config, verbose="auto" if sys.stdout.isatty() else 2)
+    print()
+    print(_tables(results))
+    print(
+        f"\nepochs {results['epochs']} (best {results['best_epoch']}), "
+        f"train {results['train_seconds']:.0f}s, {results['examples_per_second']:.0f} examples/s"
+    )
+    print(f"model, vocabulary and results.json in {config.run_dir}")
+
+
+def _cmd_evaluate(args):
+    import keras
+
+    from tfrec.config import load_config
+    from tfrec.training import evaluate_saved_model
+
+    config = load_config(args.config, args.overrides)
+    model_path = Path(args.model or config.run_dir / "model.keras")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"no trained model at {model_path}; run `tfrec train` first or pass --model")
+    model = keras.saving.load_model(model_path)
+    results = evaluate_saved_model(config, model)
+    print(_tables(results))
+    out = model_path.parent / "evaluation.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tfrec", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="filter, build vocabularies and sequences, save them")
+    prep.add_argument("--dataset", default="amazon-beauty", help="bundled dataset name")
+    prep.add_argument("--input", help="a user interactions file (TSV/CSV/Parquet) instead of --dataset")
+    prep.add_argument("--data-root", help="folder of the bundled datasets (default: ../shared/data)")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--user-core", type=int, default=0)
+    prep.add_argument("--item-core", type=int, default=0)
+    prep.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline")
+    prep.add_argument("--beam-args", nargs="*", help="Beam pipeline options, e.g. --runner=DirectRunner")
+    prep.set_defaults(func=_cmd_prepare)
+
+    for name, func, text in (
+        ("train", _cmd_train, "train, evaluate and save a next-item model"),
+        ("evaluate", _cmd_evaluate, "evaluate a saved model on the validation and test splits"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML experiment config (see configs/)")
+        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+        if name == "evaluate":
+            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"tfrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

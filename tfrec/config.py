@@ -1,0 +1,190 @@
+"""Experiment configuration: dataclasses that load from YAML with CLI overrides.
+
+A config file mirrors `ExperimentConfig`:
+
+    name: sasrec-beauty
+    data: {dataset: amazon-beauty}
+    model: {backbone: sasrec, embedding_dim: 64, dropout: 0.5}
+    train: {batch_size: 128, learning_rate: 0.001, epochs: 200, patience: 10}
+    eval: {protocols: [full, sampled100]}
+
+Overrides use dotted keys with YAML values: `train.epochs=3`, `model.backbone=gru4rec`,
+`eval.ks=[5,10]`. Unknown keys are errors that name the key and the valid ones.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where interactions come from and how they are filtered and split.
+
+    `dataset` is a bundled dataset name (see `tfrec.data.readers.DATASETS`);
+    `interactions_path` (TSV/CSV/Parquet with user_id, item_id, timestamp)
+    replaces it for user data.
+    """
+
+    dataset: str = "amazon-beauty"
+    interactions_path: Optional[str] = None
+    data_root: Optional[str] = None
+    user_core: int = 0
+    item_core: int = 0
+    min_length: int = 3
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Backbone and loss. `backbone` in {sasrec, bert4rec, gru4rec}."""
+
+    backbone: str = "sasrec"
+    embedding_dim: int = 64
+    max_length: int = 50
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_dim: Optional[int] = None
+    normalize_first: bool = False
+    dropout: float = 0.5
+    gru_hidden_dim: int = 64
+    loss: str = "softmax"
+    num_negatives: int = 1024
+    sampling: str = "uniform"
+    temperature: float = 1.0
+    mask_prob: float = 0.2
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation, early stopping (on validation `monitor`) and budget."""
+
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    clipnorm: Optional[float] = None
+    epochs: int = 200
+    patience: int = 10
+    monitor: str = "ndcg@10"
+    seed: int = 42
+    bucket_batches: int = 32
+    max_train_seconds: Optional[float] = None
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation protocols. History items are NOT excluded by default (as RecBole)."""
+
+    ks: tuple = (5, 10, 20)
+    protocols: tuple = ("full", "sampled100")
+    num_negatives: int = 100
+    negative_sampling: str = "uniform"
+    exclude_history: bool = False
+    batch_size: int = 1024
+    seed: int = 2024
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = "runs"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self):
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _coerce(value, default, field_type, key):
+    """`value` converted to the type of the field (named `key` in errors)."""
+    optional = "Optional" in str(field_type)
+    if value is None and optional:
+        return None
+    kind = type(default) if default is not None else (int if "int" in str(field_type) else float)
+    if "float" in str(field_type):
+        kind = float
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) != float(value):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            return float(value)
+        if kind is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key} expects {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls, values, where):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; valid: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    defaults = cls()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, default, fields[key].type, where + key)
+    return cls(**kwargs)
+
+
+def _apply_override(values, override):
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    node = values
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path=None, overrides=()):
+    """Load an `ExperimentConfig` from a YAML file (or defaults) plus overrides.
+
+    Example:
+    >>> cfg = load_config(None, ["train.epochs=3", "model.backbone=gru4rec"])
+    >>> cfg.train.epochs, cfg.model.backbone
+    (3, 'gru4rec')
+    """
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+    for override in overrides:
+        _apply_override(values, override)
+    return _build(ExperimentConfig, values, "")
