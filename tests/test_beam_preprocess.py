@@ -12,22 +12,12 @@ beam = pytest.importorskip("apache_beam")
 from tfrec.data.beam_preprocess import DEFAULT_BEAM_ARGS, build_prepare_pipeline, run_prepare_beam  # noqa: E402
 from tfrec.data.preprocess import (  # noqa: E402
     PrepareConfig, kcore_filter, load_prepared, prepare, save_prepared)
-from tfrec.data.readers import read_interactions  # noqa: E402
+from conftest import assert_prepared_equal  # noqa: E402
+from tfrec.data.readers import DEFAULT_DATA_ROOT, read_interactions  # noqa: E402
 
-ML100K = "/work/shared/data/movielens-100k/ml-100k.inter"
+ML100K = str(DEFAULT_DATA_ROOT / "movielens-100k" / "ml-100k.inter")
 CONFIG = PrepareConfig(user_core=5, item_core=5, max_core_rounds=12)
 SAME_BYTES = ["item_vocab.txt", "user_vocab.txt", "metadata.json"]
-
-
-def assert_prepared_equal(a, b):
-    assert a.item_vocab == b.item_vocab and a.user_vocab == b.user_vocab
-    assert len(a.sequences) == len(b.sequences) == len(a.timestamps) == len(b.timestamps)
-    for xs, ys in ((a.sequences, b.sequences), (a.timestamps, b.timestamps)):
-        assert [len(x) for x in xs] == [len(y) for y in ys]
-        assert {x.dtype for x in xs} | {y.dtype for y in ys} <= {np.dtype(np.int64)}
-        if xs:
-            np.testing.assert_array_equal(np.concatenate(xs), np.concatenate(ys))
-    assert a.metadata == b.metadata
 
 
 @pytest.fixture(scope="module")

@@ -117,9 +117,9 @@ def test_training_reduces_loss(trained, name, loss):
         model = compile_model(make_model(name, loss=loss), run_eagerly=True)
         ds = training_dataset(REPEATS, L, batch_size=NUM_ITEMS, objective=model.objective, mask_prob=0.4,
                               mask_token_id=model.mask_token_id, seed=0, bucket_batches=1)
-        # The cloze model only sees its items through attention, which starts nearly uniform
-        # and tiny (pre-norm, small init): it needs a few more steps.
-        losses = model.fit(ds, epochs=8 if model.objective == "cloze" else 6, verbose=0).history["loss"]
+        # The cloze model only sees its items through attention, which starts nearly
+        # uniform: it needs more steps.
+        losses = model.fit(ds, epochs=16 if model.objective == "cloze" else 6, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
 

@@ -46,44 +46,50 @@ def test_pad_right_bad_length(length):
 # --------------------------------------------------------------------- causal arrays
 @pytest.mark.parametrize("seq, max_length, inputs, targets", [
     # Short: last item is only a target.
-    ([5, 6, 7], 4, [5, 6, 0, 0], [6, 7, 0, 0]),
+    ([5, 6, 7], 4, [[5, 6, 0, 0]], [[6, 7, 0, 0]]),
     # Exactly max_length items: still short (window of L + 1 not full).
-    ([2, 3, 4, 5], 4, [2, 3, 4, 0], [3, 4, 5, 0]),
+    ([2, 3, 4, 5], 4, [[2, 3, 4, 0]], [[3, 4, 5, 0]]),
     # Exactly L + 1 items: full window.
-    ([2, 3, 4, 5, 6], 4, [2, 3, 4, 5], [3, 4, 5, 6]),
-    # Longer: the most recent L + 1 items, oldest dropped.
-    ([2, 3, 4, 5, 6, 7, 8, 9], 4, [5, 6, 7, 8], [6, 7, 8, 9]),
+    ([2, 3, 4, 5, 6], 4, [[2, 3, 4, 5]], [[3, 4, 5, 6]]),
+    # Longer: the most recent L + 1 items first, then the older ones (overlap of one item),
+    # so every (item, next item) pair is a position exactly once.
+    ([2, 3, 4, 5, 6, 7, 8, 9], 4, [[5, 6, 7, 8], [2, 3, 4, 0]], [[6, 7, 8, 9], [3, 4, 5, 0]]),
     # Two items.
-    ([7, 3], 4, [7, 0, 0, 0], [3, 0, 0, 0]),
+    ([7, 3], 4, [[7, 0, 0, 0]], [[3, 0, 0, 0]]),
     # Window of one.
-    ([2, 3, 4], 1, [3], [4]),
-    ([2, 3], 1, [2], [3]),
+    ([2, 3, 4], 1, [[3], [2]], [[4], [3]]),
+    ([2, 3], 1, [[2]], [[3]]),
     # Repeated items are kept as they are.
-    ([4, 4, 4], 3, [4, 4, 0], [4, 4, 0]),
+    ([4, 4, 4], 3, [[4, 4, 0]], [[4, 4, 0]]),
 ])
 def test_causal_training_arrays_hand_cases(seq, max_length, inputs, targets):
     x, y = causal_training_arrays([np.array(seq)], max_length)
     assert x.dtype == y.dtype == np.int32
-    np.testing.assert_array_equal(x, [inputs])
-    np.testing.assert_array_equal(y, [targets])
+    np.testing.assert_array_equal(x, inputs)
+    np.testing.assert_array_equal(y, targets)
+
+
+def test_causal_training_arrays_most_recent_window_only():
+    x, y = causal_training_arrays([np.array([2, 3, 4, 5, 6, 7, 8, 9])], 4, all_windows=False)
+    np.testing.assert_array_equal(x, [[5, 6, 7, 8]])
+    np.testing.assert_array_equal(y, [[6, 7, 8, 9]])
 
 
 def test_causal_training_arrays_properties():
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(2, 50, size=n) for n in rng.integers(0, 15, size=60)]
+    seqs = [2 + 1000 * u + np.arange(n) for u, n in enumerate(rng.integers(0, 25, size=60))]  # unique items
     L = 6
     x, y = causal_training_arrays(seqs, L)
-    usable = [s for s in seqs if len(s) >= 2]
-    assert x.shape == y.shape == (len(usable), L)
-    for row, s in enumerate(usable):
-        w = s[-(L + 1):]
-        n = len(w) - 1
-        np.testing.assert_array_equal(x[row, :n], w[:-1])  # inputs[t] ...
-        np.testing.assert_array_equal(y[row, :n], w[1:])   # ... -> targets[t] = next item
-        assert not x[row, n:].any() and not y[row, n:].any()
-        # The window's last item (= the user's most recent training item) is never an input
-        # at a position that would predict beyond it.
-        assert (x[row] > 0).sum() == (y[row] > 0).sum() == n
+    assert x.shape == y.shape and x.shape[1] == L
+    # Inputs and targets aligned; inputs[t] -> targets[t] is always the next item.
+    np.testing.assert_array_equal(x > 0, y > 0)
+    assert np.all(y[x > 0] == x[x > 0] + 1)
+    # Every (item, next item) pair of every sequence exactly once; rows left-aligned.
+    got = collections.Counter(zip(x[x > 0].tolist(), y[y > 0].tolist()))
+    expected = collections.Counter(p for s in seqs for p in zip(s[:-1].tolist(), s[1:].tolist()))
+    assert got == expected
+    lengths = (x > 0).sum(axis=1)
+    assert all(not x[r, n:].any() for r, n in enumerate(lengths))
 
 
 def test_causal_training_arrays_skips_short_users_and_rejects_all_short():
@@ -133,13 +139,11 @@ def test_causal_dataset_every_pair_once_per_epoch(max_length, bucket_batches):
             pairs.update(zip(x[x > 0].tolist(), y[y > 0].tolist()))
         expected = collections.Counter()
         for s in seqs:
-            w = s[-(max_length + 1):].tolist()
-            expected.update(zip(w[:-1], w[1:]))
+            expected.update(zip(s[:-1].tolist(), s[1:].tolist()))
         assert pairs == expected
-        # Whole rows too: each usable user's window exactly once.
-        expected_rows = collections.Counter(
-            (tuple(s[-(max_length + 1):][:-1]), tuple(s[-(max_length + 1):][1:])) for s in seqs if len(s) >= 2)
-        assert collections.Counter(rows_of(batches)) == expected_rows
+        # Whole rows too: each window of causal_training_arrays exactly once.
+        x, y = causal_training_arrays(seqs, max_length)
+        assert collections.Counter(rows_of([(x, y)])) == collections.Counter(rows_of(batches))
 
 
 @pytest.mark.parametrize("objective", ["causal", "cloze"])

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import assert_prepared_equal
 from tfrec.data.preprocess import (
     PrepareConfig, chronological, data_fingerprint, kcore_filter, leave_one_out,
     load_prepared, prepare, save_prepared)
@@ -21,17 +22,6 @@ def frame(rows, **extra):
     for k, v in extra.items():
         df[k] = v
     return df
-
-
-def assert_prepared_equal(a, b):
-    assert a.item_vocab == b.item_vocab and a.user_vocab == b.user_vocab
-    assert len(a.sequences) == len(b.sequences) == len(a.timestamps) == len(b.timestamps)
-    for xs, ys in ((a.sequences, b.sequences), (a.timestamps, b.timestamps)):
-        assert [len(x) for x in xs] == [len(y) for y in ys]
-        assert {x.dtype for x in xs} | {y.dtype for y in ys} <= {np.dtype(np.int64)}
-        if xs:
-            np.testing.assert_array_equal(np.concatenate(xs), np.concatenate(ys))
-    assert a.metadata == b.metadata
 
 
 # ----------------------------------------------------------------------------- vocab

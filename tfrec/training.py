@@ -224,7 +224,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
     if model.objective == "cloze":  # every item of a window is a potential target
         positions = sum(min(len(s), mc.max_length) for s in split.train)
     else:
-        positions = sum(max(min(len(s), mc.max_length + 1) - 1, 0) for s in split.train)
+        positions = sum(max(len(s) - 1, 0) for s in split.train)  # every (item, next item) pair
 
     results = {
         "config": config.to_dict(),

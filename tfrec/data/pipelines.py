@@ -44,24 +44,40 @@ def pad_right(sequences, length):
     return out
 
 
-def causal_training_arrays(train_sequences, max_length):
+def causal_training_arrays(train_sequences, max_length, all_windows=True):
     """Inputs and per-position targets for causal training.
 
-    Users with fewer than 2 training items carry no next-item target and are
-    skipped.
+    Every (item, next item) pair of a sequence is a training position exactly
+    once: a sequence longer than `max_length + 1` is cut, from its end, into
+    windows of `max_length + 1` items overlapping by one item (with
+    `all_windows=False` only the most recent window is kept). Users with fewer
+    than 2 training items carry no next-item target and are skipped.
 
     Returns:
-        `(inputs, targets)`, int32 arrays `(n, max_length)`.
+        `(inputs, targets)`, int32 arrays `(n_windows, max_length)`.
+
+    Example:
+    >>> inputs, targets = causal_training_arrays([np.array([2, 3, 4, 5])], 2)
+    >>> inputs.tolist(), targets.tolist()
+    ([[3, 4], [2, 0]], [[4, 5], [3, 0]])
     """
-    usable = [np.asarray(s) for s in train_sequences if len(s) >= 2]
-    if not usable:
+    windows = []
+    for seq in train_sequences:
+        seq = np.asarray(seq)
+        end = len(seq)
+        while end >= 2:
+            windows.append(seq[max(0, end - max_length - 1) : end])
+            end -= max_length
+            if not all_windows:
+                break
+    if not windows:
         raise ValueError("No training sequence has 2 or more items: nothing to learn from.")
-    windows = pad_right([s[-(max_length + 1):] for s in usable], max_length + 1)
-    lengths = np.array([min(len(s), max_length + 1) for s in usable])
-    inputs = windows[:, :-1].copy()
+    padded = pad_right(windows, max_length + 1)
+    lengths = np.array([len(w) for w in windows])
+    inputs = padded[:, :-1].copy()
     short = np.flatnonzero(lengths <= max_length)
     inputs[short, lengths[short] - 1] = 0  # a window's last item is only a target
-    return inputs, windows[:, 1:].copy()
+    return inputs, padded[:, 1:].copy()
 
 
 def _trim_to_longest(features, targets):

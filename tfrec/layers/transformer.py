@@ -31,8 +31,8 @@ class TransformerBlock(keras.layers.Layer):
     Args:
         num_heads: int. Attention heads; `dim` must be divisible by it.
         ffn_dim: int. Inner size of the feed-forward network.
-        dropout: float. Dropout on attention probabilities, residual branches
-            and the FFN activation.
+        dropout: float. Dropout on attention probabilities and on both
+            residual branches (not inside the FFN, as BERT and RecBole).
         activation: FFN activation. Defaults to `"gelu"`.
         layer_norm_epsilon: float. Defaults to `1e-6`.
         normalize_first: bool. True = pre-norm. Defaults to False (post-norm).
@@ -106,12 +106,11 @@ class TransformerBlock(keras.layers.Layer):
             h = self.attention_norm(x)
             h = self.attention(h, h, attention_mask=attention_mask, training=training)
             x = x + self.residual_dropout(h, training=training)
-            h = self.ffn_inner(self.ffn_norm(x))
-            h = self.ffn_outer(self.residual_dropout(h, training=training))
+            h = self.ffn_outer(self.ffn_inner(self.ffn_norm(x)))
             return x + self.residual_dropout(h, training=training)
         h = self.attention(x, x, attention_mask=attention_mask, training=training)
         x = self.attention_norm(x + self.residual_dropout(h, training=training))
-        h = self.ffn_outer(self.residual_dropout(self.ffn_inner(x), training=training))
+        h = self.ffn_outer(self.ffn_inner(x))
         return self.ffn_norm(x + self.residual_dropout(h, training=training))
 
     def compute_output_shape(self, input_shape):
