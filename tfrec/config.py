@@ -61,7 +61,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, early stopping (on validation `monitor`) and budget."""
 
-    batch_size: int = 128
+    batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     clipnorm: Optional[float] = None
