@@ -83,7 +83,7 @@ def trained():
             history = model.fit(ds, epochs=20, verbose=0)
         else:
             x, y = cloze_end_mask_data(model.mask_token_id)
-            history = model.fit({"item_ids": x}, y, batch_size=len(x), epochs=20, verbose=0, shuffle=False)
+            history = model.fit({"item_ids": x}, y, batch_size=len(x), epochs=40, verbose=0, shuffle=False)
         models[name] = (model, history.history["loss"])
     return models
 
