@@ -117,9 +117,10 @@ class SequentialEvaluator:
             targets = self.targets[start:stop]
             for protocol in self.protocols:
                 if protocol == "full":
-                    exclude = np.zeros(scores.shape, bool)
-                    exclude[:, :NUM_RESERVED] = True
+                    exclude = list(range(NUM_RESERVED))  # padding and OOV
                     if self.exclude_history:
+                        exclude = np.zeros(scores.shape, bool)
+                        exclude[:, :NUM_RESERVED] = True
                         for row, history in enumerate(self.histories[start:stop]):
                             exclude[row, history] = True
                         exclude[np.arange(len(targets)), targets] = False

@@ -152,7 +152,7 @@ def training_dataset(
             masked_ids = tf.where(chosen, tf.cast(mask_token_id, ids.dtype), ids)
             return {"item_ids": masked_ids}, tf.where(chosen, ids, tf.zeros_like(ids))
 
-        ds = ds.map(mask, num_parallel_calls=None, deterministic=True)
+        ds = ds.map(mask)  # sequential: the stateful generator stays deterministic
     else:
         ds = ds.map(lambda x, y: ({"item_ids": x}, y))
     return ds.map(_trim_to_longest).prefetch(2)
