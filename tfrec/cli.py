@@ -124,7 +124,34 @@ def build_parser():
         if name == "evaluate":
             cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
         cmd.set_defaults(func=func)
+    for module_name in COMMAND_MODULES:
+        _add_module_commands(sub, module_name)
     return parser
+
+
+# Feature packages register their own sub-commands: each module defines
+# `add_commands(subparsers)`. `export` and `tfx_pipeline` sit above `tfrec` in the
+# dependency order, so the CLI is the one place that reaches up to them, and only
+# to register commands; the library itself never imports them.
+COMMAND_MODULES = (
+    "tfrec.semantics.encode",
+    "tfrec.semantics.enrich",
+    "tfrec.semantics.sids",
+    "export.commands",
+    "tfx_pipeline.commands",
+)
+
+
+def _add_module_commands(subparsers, module_name):
+    import importlib
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return
+    except ModuleNotFoundError:  # parent package absent
+        return
+    importlib.import_module(module_name).add_commands(subparsers)
 
 
 def main(argv=None):
