@@ -1,0 +1,453 @@
+"""SavedModel export: sequential recommenders and retrieval indexes, raw tokens in and out.
+
+`export_sequential(model, item_vocab, base_dir)` writes a trained
+`NextItemRecommender` as a `tf.Module` SavedModel whose graph is
+`vocabulary lookup -> backbone -> dot product with the item table -> top-K -> tokens`,
+stock TF ops only. Signatures:
+
+- `recommend` (also `serving_default`):
+  `history: string (batch, None)`, right- or left-padded with `""`;
+  `exclude_history: bool (batch,)`, per row, True = never return the row's
+  history items (per row rather than a scalar so requests can be batched along
+  dimension 0) -> `item_ids: string (batch, k)`, `scores: float32 (batch, k)`,
+  best first. Scores equal `model.score_items` (dot product / temperature).
+- `user_embedding`: `history` -> `embedding: float32 (batch, dim)`, the query of
+  the retrieval servables (`export_index`), whose table is already divided by
+  the model's temperature, so `retrieve(user_embedding(h))` = `recommend(h)`.
+- `recommend_examples`: `serialized: string (batch,)` `tf.Example`s with a bytes
+  feature `history` (item tokens, oldest first) and an optional int feature
+  `exclude_history` (default 0) -> the outputs of `recommend` (for the TFX
+  Evaluator).
+
+Input handling (the same in every signature): `""` is padding and unknown
+tokens are dropped (the model never trained an out-of-vocabulary vector);
+the remaining items keep their order and only the last `max_length` are read.
+A row left with no known item fails the request with INVALID_ARGUMENT
+("history has no known item token"): callers fall back (e.g. to popular items).
+`k` is fixed at export (the output shape). When a user's unseen items are fewer
+than `k`, the empty slots hold `""` with score `EXCLUDED_SCORE`.
+
+Directory layout (TF Serving): `<base_dir>/<version>/saved_model.pb` with the
+version the next integer (or given); the version directory is written under a
+temporary name and renamed when complete, so a server watching `base_dir` never
+sees a half-written version. Beside `saved_model.pb`, `export_metadata.json`
+records the kind, signatures, model config, vocabulary and data fingerprints,
+versions and export time. The vocabulary file ships as `assets/item_vocab.txt`.
+
+Example:
+>>> path = export_sequential(model, item_vocab, "/tmp/servables/recommender")  # doctest: +SKIP
+>>> served = tf.saved_model.load(str(path))  # doctest: +SKIP
+>>> served.signatures["recommend"](history=tf.constant([["a", "b"]]),
+...                                exclude_history=tf.constant([True]))["item_ids"]  # doctest: +SKIP
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+import tfrec
+from export.retrieval import EXCLUDED_SCORE, BruteForceIndex, RETRIEVE_SIGNATURE, build_indexes
+from tfrec.data.vocab import NUM_RESERVED, Vocabulary
+
+__all__ = [
+    "EXCLUDED_SCORE",
+    "METADATA_FILE",
+    "SequentialServable",
+    "add_commands",
+    "catalog_table",
+    "export_index",
+    "export_sequential",
+    "next_version",
+    "version_dir",
+    "write_saved_model",
+]
+
+METADATA_FILE = "export_metadata.json"
+VOCAB_ASSET = "item_vocab.txt"
+RECOMMEND, USER_EMBEDDING, RECOMMEND_EXAMPLES = "recommend", "user_embedding", "recommend_examples"
+SERVING_DEFAULT = "serving_default"
+
+
+# --- versioned SavedModel writing ------------------------------------------
+def next_version(base_dir):
+    """1 + the largest integer-named sub-directory of `base_dir` (1 if none)."""
+    base = Path(base_dir)
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def version_dir(base_dir, version=None):
+    """`<base_dir>/<version>` for a new export: `version` (a free positive int) or the next one."""
+    base = Path(base_dir)
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"export base directory {base} exists and is not a directory")
+    if version is None:
+        version = next_version(base)
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ValueError(f"version must be a positive int (TF Serving version directory), got {version!r}")
+    final = base / str(int(version))
+    if final.exists():
+        raise ValueError(f"version {version} already exists at {final}; pass another version or none (next free)")
+    return final
+
+
+def _signature_specs(signatures):
+    """`{name: {"inputs": {arg: {dtype, shape}}, "outputs": {...}}}` of traced signatures."""
+    def spec(t):
+        return {"dtype": t.dtype.name, "shape": [None if d is None else int(d) for d in t.shape.as_list()]}
+
+    out = {}
+    for name, fn in signatures.items():
+        concrete = fn.get_concrete_function()
+        _, kwargs = concrete.structured_input_signature
+        args = concrete.structured_input_signature[0]
+        inputs = {s.name: spec(s) for s in (*args, *kwargs.values())}
+        out[name] = {"inputs": inputs, "outputs": {k: spec(v) for k, v in concrete.structured_outputs.items()}}
+    return out
+
+
+def write_saved_model(module, base_dir, signatures, version=None, metadata=None, namespace_whitelist=()):
+    """Save `module` as `<base_dir>/<version>/` with `export_metadata.json`, atomically.
+
+    Args:
+        module: a `tf.Module` tracking every variable and resource its
+            signature functions use.
+        base_dir: the model's base directory (TF Serving `base_path`).
+        signatures: `{name: tf.function with an input_signature}`; must include
+            `"serving_default"`.
+        version: int or None (next integer).
+        metadata: dict merged into `export_metadata.json`.
+        namespace_whitelist: custom-op namespaces to allow (e.g. `("Scann",)`).
+
+    Returns:
+        `Path` of the version directory.
+    """
+    if SERVING_DEFAULT not in signatures:
+        raise ValueError(f"signatures must include {SERVING_DEFAULT!r}, got {sorted(signatures)}")
+    final = version_dir(base_dir, version)
+    base, version = final.parent, int(final.name)
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".tmp-{int(version)}-{uuid.uuid4().hex[:8]}"  # not a number: servers ignore it
+    try:
+        options = tf.saved_model.SaveOptions(namespace_whitelist=list(namespace_whitelist) or None)
+        tf.saved_model.save(module, str(staging), signatures=signatures, options=options)
+        meta = {
+            "version": int(version),
+            "export_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "signatures": _signature_specs(signatures),
+            "tfrec_version": tfrec.__version__,
+            "tensorflow_version": tf.__version__,
+            "custom_op_namespaces": sorted(namespace_whitelist),
+            **(metadata or {}),
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        try:
+            os.rename(staging, final)
+        except OSError as err:
+            raise ValueError(f"cannot publish version {version} at {final}: {err}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# --- sequential recommender servable ---------------------------------------
+def vocab_fingerprint(item_vocab):
+    """sha256 of the vocabulary file contents (`Vocabulary.to_text`)."""
+    return hashlib.sha256(item_vocab.to_text().encode("utf-8")).hexdigest()
+
+
+def catalog_table(model, item_vocab):
+    """The scoring table of a trained model, materialised once.
+
+    Args:
+        model: a `NextItemRecommender` (any item encoder with `all_items()`).
+        item_vocab: its item `Vocabulary`.
+
+    Returns:
+        `(table, tokens)`: float32 `(num_items, dim)` = item vectors of ids
+        `2..` divided by `model.temperature` (so dot products with
+        `model.user_embedding` are the model's scores), and the item tokens
+        in row order. Padding and OOV rows are left out (they never rank).
+    """
+    missing = [a for a in ("item_encoder", "user_embedding", "vocab_size", "temperature") if not hasattr(model, a)]
+    if missing:
+        raise ValueError(f"expected a NextItemRecommender-like model, got {type(model).__name__} without {missing}")
+    if not isinstance(item_vocab, Vocabulary):
+        raise ValueError(f"item_vocab must be a tfrec Vocabulary, got {type(item_vocab).__name__}")
+    if model.vocab_size != item_vocab.size:
+        raise ValueError(
+            f"model has {model.vocab_size} item ids but the vocabulary has {item_vocab.size} "
+            "(tokens + padding + OOV): was the model trained with another vocabulary?"
+        )
+    items = np.asarray(model.item_encoder.all_items(), dtype="float32")  # (vocab, dim)
+    if items.shape[0] != item_vocab.size:
+        raise ValueError(f"item_encoder.all_items() has {items.shape[0]} rows, expected {item_vocab.size}")
+    return items[NUM_RESERVED:] / np.float32(model.temperature), list(item_vocab.tokens)
+
+
+class SequentialServable(tf.Module):
+    """The serving graph of a `NextItemRecommender`: raw tokens in, top-K tokens out.
+
+    Args:
+        model: a trained `NextItemRecommender`.
+        item_vocab: its item `Vocabulary` (size must equal `model.vocab_size`).
+        vocab_file: path of `item_vocab.save(...)` output; saved as an asset
+            and read by the in-graph lookup table.
+        k: int. Items returned by `recommend` (default 10).
+
+    Attributes:
+        recommend, user_embedding, recommend_examples: the signature functions
+        (see the module docstring).
+
+    Example:
+    >>> item_vocab.save("/tmp/vocab.txt")  # doctest: +SKIP
+    >>> servable = SequentialServable(model, item_vocab, "/tmp/vocab.txt", k=5)  # doctest: +SKIP
+    >>> servable.recommend(tf.constant([["a", "b", ""]]), tf.constant([False]))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, item_vocab, vocab_file, k=10):
+        super().__init__(name="sequential_servable")
+        table, tokens = catalog_table(model, item_vocab)
+        self.index = BruteForceIndex(table, tokens, k=k, name="catalog")
+        self.k = self.index.k
+        if Vocabulary.load(vocab_file) != item_vocab:
+            raise ValueError(f"vocab_file {vocab_file} does not hold item_vocab's tokens")
+        # token -> line number; "" and unknown tokens -> -1 (dropped below).
+        self.item_lookup = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                str(vocab_file), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+            ),
+            default_value=-1,
+        )
+        history = tf.TensorSpec((None, None), tf.string, name="history")
+        exclude = tf.TensorSpec((None,), tf.bool, name="exclude_history")
+
+        # The Keras model stays out of the object graph (its optimizer state is
+        # not needed to serve); the variables its calls read are tracked below.
+        def user_embedding(history):
+            return {"embedding": model.user_embedding(self._history_ids(history))}  # (batch, dim)
+
+        def recommend(history, exclude_history):
+            check = tf.debugging.assert_equal(
+                tf.shape(exclude_history)[0], tf.shape(history)[0],
+                message="exclude_history needs one flag per history row",
+            )
+            with tf.control_dependencies([check]):
+                exclude_history = tf.identity(exclude_history)
+            ids = self._history_ids(history)  # (batch, seq) int32
+            user = model.user_embedding(ids)  # (batch, dim)
+            exclude_rows = tf.where(exclude_history[:, None] & (ids >= NUM_RESERVED), ids - NUM_RESERVED, -1)
+            scores, rows = self.index.search(user, exclude_rows)  # (batch, k) each
+            return {"item_ids": self.index.tokens_of(rows), "scores": scores}
+
+        def recommend_examples(serialized):
+            features = tf.io.parse_example(
+                serialized,
+                {
+                    "history": tf.io.VarLenFeature(tf.string),
+                    "exclude_history": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+                },
+            )
+            history = tf.sparse.to_dense(features["history"], default_value="")  # (batch, longest)
+            return self.recommend(history, features["exclude_history"] > 0)
+
+        self.user_embedding = tf.function(user_embedding, input_signature=[history])
+        self.recommend = tf.function(recommend, input_signature=[history, exclude])
+        self.recommend_examples = tf.function(
+            recommend_examples, input_signature=[tf.TensorSpec((None,), tf.string, name="serialized")]
+        )
+        captured = {}  # the variables the signatures read (not the optimizer's)
+        for fn in (self.user_embedding, self.recommend, self.recommend_examples):
+            for variable in fn.get_concrete_function().variables:
+                captured.setdefault(id(variable), variable)
+        position = {id(weight.value): i for i, weight in enumerate(model.weights)}  # stable checkpoint order
+        self.model_variables = sorted(captured.values(), key=lambda v: position.get(id(v), len(position)))
+
+    def _history_ids(self, history):
+        """Item ids `(batch, seq)` int32: known items first, in order, then 0 padding."""
+        ids = self.item_lookup.lookup(history) + NUM_RESERVED  # (batch, seq); "" and unknown -> OOV (1)
+        known = ids >= NUM_RESERVED
+        lengths = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)  # (batch,)
+        check = tf.debugging.assert_positive(
+            lengths,
+            message='history has no known item token (only "" padding or tokens missing from the vocabulary)',
+        )
+        with tf.control_dependencies([check]):  # fail on the check, before the model runs
+            known = tf.identity(known)
+        order = tf.argsort(tf.cast(~known, tf.int32), axis=1, stable=True)  # known positions first
+        ids = tf.gather(tf.where(known, ids, 0), order, batch_dims=1)
+        return tf.cast(ids, tf.int32)
+
+    def signatures(self):
+        return {
+            SERVING_DEFAULT: self.recommend,
+            RECOMMEND: self.recommend,
+            USER_EMBEDDING: self.user_embedding,
+            RECOMMEND_EXAMPLES: self.recommend_examples,
+        }
+
+
+def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fingerprint=None, experiment_config=None):
+    """Export a trained `NextItemRecommender` as a versioned SavedModel.
+
+    Args:
+        model: the trained model.
+        item_vocab: its item `Vocabulary`.
+        base_dir: model base directory; the SavedModel goes to `base_dir/<version>/`.
+        k: int, items per `recommend` answer (1..number of items).
+        version: int or None (next integer).
+        data_fingerprint: optional fingerprint of the training data
+            (`PreparedData.metadata["fingerprint"]`), recorded in the metadata.
+        experiment_config: optional dict (`ExperimentConfig.to_dict()`), recorded.
+
+    Returns:
+        `Path` of the version directory.
+    """
+    version_dir(base_dir, version)  # fail before the slow part
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp) / VOCAB_ASSET
+        item_vocab.save(vocab_file)
+        servable = SequentialServable(model, item_vocab, vocab_file, k=k)
+        metadata = {
+            "kind": "sequential",
+            "k": servable.k,
+            "model_class": type(model).__name__,
+            "model_config": model.get_config(),
+            "max_length": model.max_length,
+            "temperature": model.temperature,
+            "embedding_dim": servable.index.dim,
+            "vocab": {"size": item_vocab.size, "num_items": len(item_vocab.tokens),
+                      "fingerprint": vocab_fingerprint(item_vocab), "asset": f"assets/{VOCAB_ASSET}"},
+            "data_fingerprint": data_fingerprint,
+            "experiment_config": experiment_config,
+            "stock_ops_only": True,
+            "empty_history": "INVALID_ARGUMENT",
+            "unknown_tokens": "dropped",
+        }
+        return write_saved_model(servable, base_dir, servable.signatures(), version=version, metadata=metadata)
+
+
+def export_index(index, base_dir, version=None, source=None):
+    """Export a `RetrievalIndex` as a versioned SavedModel.
+
+    Signatures `retrieve` and `serving_default`: `queries: float32 (batch, dim)`
+    -> `{"item_ids": string (batch, k), "scores": float32 (batch, k)}`. A ScaNN
+    index is saved with the `Scann` op namespace allowed; load it after
+    `import scann`.
+
+    Args:
+        index: a `BruteForceIndex` or `ScaNNIndex`.
+        base_dir, version: as `export_sequential`.
+        source: optional dict recorded as the index's provenance (e.g. the
+            model config, vocabulary and data fingerprints).
+
+    Returns:
+        `Path` of the version directory.
+    """
+    metadata = {
+        "kind": f"retrieval_{index.kind}",
+        "index": index.config(),
+        "stock_ops_only": not index.save_namespace_whitelist,
+        "requires": ["scann"] if index.save_namespace_whitelist else [],
+        "source": source,
+    }
+    signatures = {SERVING_DEFAULT: index.retrieve, RETRIEVE_SIGNATURE: index.retrieve}
+    return write_saved_model(
+        index, base_dir, signatures, version=version, metadata=metadata,
+        namespace_whitelist=index.save_namespace_whitelist,
+    )
+
+
+# --- `tfrec export` -----------------------------------------------------------
+def _load_trained(args):
+    """`(config, model, item_vocab, data_fingerprint)` as `tfrec evaluate` finds them."""
+    import keras
+
+    import tfrec.layers  # noqa: F401  (registers the serialisable layers and models
+    import tfrec.models  # noqa: F401   that `load_model` must find)
+    from tfrec.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    model_path = Path(args.model or config.run_dir / "model.keras")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"no trained model at {model_path}; run `tfrec train` first or pass --model")
+    model = keras.saving.load_model(model_path)
+    vocab_path = model_path.parent / "item_vocab.txt"
+    fingerprint = None
+    for results_name in ("results.json", "evaluation.json"):
+        results = model_path.parent / results_name
+        if fingerprint is None and results.is_file():
+            fingerprint = json.loads(results.read_text()).get("data", {}).get("fingerprint")
+    if vocab_path.is_file():
+        item_vocab = Vocabulary.load(vocab_path)
+    else:  # rebuild it from the configured data, as `tfrec evaluate` does
+        from tfrec.training import prepare_split
+
+        data, _ = prepare_split(config)
+        item_vocab, fingerprint = data.item_vocab, data.metadata.get("fingerprint")
+    return config, model, item_vocab, fingerprint
+
+
+def _cmd_export(args):
+    scann_options = {
+        key: value
+        for key, value in (
+            ("num_leaves", args.scann_num_leaves),
+            ("num_leaves_to_search", args.scann_leaves_to_search),
+            ("reorder", args.scann_reorder),
+        )
+        if value is not None
+    }
+    if scann_options and not args.scann:
+        raise ValueError("--scann-* options need --scann")
+    out = Path(args.out)
+    kinds = ("bruteforce", "scann") if args.scann else ("bruteforce",)
+    for name in ("recommender", *(f"retrieval_{kind}" for kind in kinds)):
+        version_dir(out / name, args.version)  # fail before writing anything
+    config, model, item_vocab, fingerprint = _load_trained(args)
+    recommender = export_sequential(
+        model, item_vocab, out / "recommender", k=args.k, version=args.version,
+        data_fingerprint=fingerprint, experiment_config=config.to_dict(),
+    )
+    print(f"recommender (stock ops): {recommender}")
+    table, tokens = catalog_table(model, item_vocab)
+    source = {
+        "recommender": str(recommender),
+        "model_config": model.get_config(),
+        "vocab_fingerprint": vocab_fingerprint(item_vocab),
+        "data_fingerprint": fingerprint,
+        "query": f"{USER_EMBEDDING} signature of the recommender",
+    }
+    for kind, index in build_indexes(table, tokens, k=args.k, kinds=kinds, scann_options=scann_options).items():
+        path = export_index(index, out / f"retrieval_{kind}", version=args.version, source=source)
+        note = "needs `import scann` in the server" if index.save_namespace_whitelist else "stock ops"
+        print(f"retrieval_{kind} ({note}): {path}")
+
+
+def add_commands(subparsers):
+    """Register `tfrec export` on the `tfrec` argument parser."""
+    cmd = subparsers.add_parser(
+        "export",
+        help="export a trained model as TF Serving SavedModels (recommender + retrieval indexes)",
+    )
+    cmd.add_argument("--config", help="YAML experiment config (see configs/)")
+    cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
+    cmd.add_argument("--out", required=True, help="output folder: <out>/recommender/<v>, <out>/retrieval_*/<v>")
+    cmd.add_argument("--k", type=int, default=10, help="items per answer (default 10)")
+    cmd.add_argument("--version", type=int, help="version number (default: next free per servable)")
+    cmd.add_argument("--scann", action="store_true", help="also export a ScaNN retrieval servable")
+    cmd.add_argument("--scann-num-leaves", type=int, help="ScaNN tree leaves (default sqrt(items))")
+    cmd.add_argument("--scann-leaves-to-search", type=int, help="ScaNN leaves searched per query")
+    cmd.add_argument("--scann-reorder", type=int, help="ScaNN candidates re-scored exactly (0 = none)")
+    cmd.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. name=my-run")
+    cmd.set_defaults(func=_cmd_export)
