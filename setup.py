@@ -32,6 +32,7 @@ setup(
         "PyYAML==6.0.4",
         "scikit-learn==1.5.1",
         "tqdm==4.70.1",
+        "safetensors==0.4.5",
     ],
     extras_require={"dev": ["pytest==8.3.4", "pytest-timeout==2.3.1", "matplotlib==3.9.2"]},
     entry_points={"console_scripts": ["tfrec=tfrec.cli:main"]},

