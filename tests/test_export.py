@@ -6,7 +6,6 @@ cycle and written once per module; every signature of the reloaded SavedModel
 is checked against the Keras model itself.
 """
 
-import argparse
 import json
 
 import keras
@@ -227,17 +226,8 @@ def test_export_rejects_bad_arguments(sasrec, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def _register_export_command(monkeypatch):
-    """`tfrec export` is defined in export.saved_model; make sure the CLI has it."""
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "export" not in commands:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "export.saved_model"))
-
-
-def test_cli_export_writes_servables_and_only_scann_needs_custom_ops(sasrec, tmp_path, monkeypatch, capsys):
+def test_cli_export_writes_servables_and_only_scann_needs_custom_ops(sasrec, tmp_path, capsys):
     model, first_export, _ = sasrec
-    _register_export_command(monkeypatch)
     run_dir = tmp_path / "runs" / "tiny"
     run_dir.mkdir(parents=True)
     model.save(run_dir / "model.keras")
@@ -278,8 +268,7 @@ def test_cli_export_writes_servables_and_only_scann_needs_custom_ops(sasrec, tmp
         (["--k", "0"], "k must be an int in [1, 15]"),
     ],
 )
-def test_cli_export_errors_are_one_line(sasrec, argv, message, tmp_path, monkeypatch, capsys):
-    _register_export_command(monkeypatch)
+def test_cli_export_errors_are_one_line(sasrec, argv, message, tmp_path, capsys):
     if "--model" not in argv:
         sasrec[0].save(tmp_path / "model.keras")
         VOCAB.save(tmp_path / "item_vocab.txt")

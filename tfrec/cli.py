@@ -137,6 +137,7 @@ COMMAND_MODULES = (
     "tfrec.semantics.encode",
     "tfrec.semantics.enrich",
     "tfrec.semantics.sids",
+    "export.saved_model",
     "export.commands",
     "tfx_pipeline.commands",
 )

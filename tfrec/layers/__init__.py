@@ -1,7 +1,8 @@
-"""Keras 3 layers: item encoders and sequential backbones."""
+"""Keras 3 layers: item encoders, sequential backbones, DMESR and R2LED building blocks."""
 
 from tfrec.layers.gru4rec import GRU4RecBackbone
 from tfrec.layers.item_encoder import IdItemEncoder
+from tfrec.layers.residual_quantizer import ResidualQuantizer
 from tfrec.layers.transformer import (
     BERT4RecBackbone,
     SASRecBackbone,
@@ -13,6 +14,7 @@ __all__ = [
     "BERT4RecBackbone",
     "GRU4RecBackbone",
     "IdItemEncoder",
+    "ResidualQuantizer",
     "SASRecBackbone",
     "TransformerBackbone",
     "TransformerBlock",
