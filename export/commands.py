@@ -1,0 +1,229 @@
+"""``tfrec serve`` and ``tfrec query``: the model server and a command-line client.
+
+    tfrec serve --model_config_file models.config [--port 8500 --rest_api_port 8501]
+    tfrec serve --model_name recommender --model_base_path /models/recommender \\
+                [--enable_batching --max_batch_size 32 --batch_timeout_micros 2000]
+    tfrec query --address 127.0.0.1:8500 --model recommender --signature recommend \\
+                --input history=i1,i7,i9 --input k=10 [--format table]
+    tfrec query --model recommender --status | --metadata
+
+Flag names follow TF Serving's ``tensorflow_model_server``. Ports default to
+8500 (gRPC) and 8501 (REST); 0 picks a free port (printed), a negative REST port
+disables REST. The server binds loopback unless ``--host`` says otherwise, and
+stops gracefully on SIGTERM/SIGINT (in-flight requests finish).
+
+``--input NAME=VALUE`` values: JSON (``k=10``, ``x=[[1,2,3]]``), ``@file.json``, or
+comma-separated tokens (``history=a,b,c``). They are converted to the signature's
+dtype, and leading batch dimensions of size 1 are added up to its rank, so
+``history=a,b,c`` reaches a ``[batch, length]`` string input as ``[["a","b","c"]]``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+
+def add_commands(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="serve SavedModels over gRPC and REST (TF Serving compatible)")
+    source = serve.add_argument_group("models (a config file, or one model)")
+    source.add_argument("--model_config_file", help="TF Serving model config (text-proto ModelServerConfig)")
+    source.add_argument("--model_name", help="name of the single model to serve")
+    source.add_argument("--model_base_path", help="folder of numbered versions of the single model")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8500, help="gRPC port (0 = pick a free one)")
+    serve.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0 = free one, <0 = off)")
+    serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
+    serve.add_argument("--grpc_max_threads", type=int, default=64)
+    serve.add_argument("--shutdown_grace_seconds", type=float, default=30.0)
+    batching = serve.add_argument_group("batching")
+    batching.add_argument("--enable_batching", action="store_true", help="merge concurrent requests")
+    batching.add_argument("--batching_parameters_file", help="TF Serving batching parameters (text format)")
+    batching.add_argument("--max_batch_size", type=int, help="rows per batch (default 32)")
+    batching.add_argument("--batch_timeout_micros", type=int, help="longest wait for a batch (default 2000)")
+    batching.add_argument("--num_batch_threads", type=int, help="batches run in parallel (default: #CPUs)")
+    batching.add_argument("--pad_variable_length_inputs", action="store_true",
+                          help="right-pad None dimensions to batch requests of different lengths")
+    serve.set_defaults(func=_cmd_serve)
+
+    query = subparsers.add_parser("query", help="call a running model server (gRPC PredictionService)")
+    query.add_argument("--address", default="127.0.0.1:8500", help="host:port of the gRPC endpoint")
+    query.add_argument("--model", required=True, help="model name")
+    query.add_argument("--signature", default="serving_default")
+    query.add_argument("--version", type=int, help="model version (default: latest)")
+    query.add_argument("--label", help="model version label")
+    query.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                       help="an input: JSON, @file.json or comma-separated tokens (repeatable)")
+    query.add_argument("--output_filter", action="append", default=None, metavar="NAME", help="outputs to fetch")
+    query.add_argument("--format", choices=("json", "table"), default="json", help="output format")
+    query.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    query.add_argument("--status", action="store_true", help="print the model's version status instead")
+    query.add_argument("--metadata", action="store_true", help="print the model's signatures instead")
+    query.set_defaults(func=_cmd_query)
+
+
+def _batching_options(args):
+    from export.server.config import BatchingOptions, load_batching_parameters
+
+    flags = {
+        k: getattr(args, k)
+        for k in ("max_batch_size", "batch_timeout_micros", "num_batch_threads")
+        if getattr(args, k) is not None
+    }
+    if args.pad_variable_length_inputs:
+        flags["pad_variable_length_inputs"] = True
+    if not (args.enable_batching or args.batching_parameters_file):
+        if flags:
+            raise ValueError(f"--{next(iter(flags))} needs --enable_batching")
+        return None
+    options = load_batching_parameters(args.batching_parameters_file) if args.batching_parameters_file else None
+    if options is None:
+        return BatchingOptions(**flags)
+    for key, value in flags.items():
+        setattr(options, key, value)
+    options.__post_init__()
+    return options
+
+
+def _cmd_serve(args) -> None:
+    from export.server import ModelServer, ServerOptions, load_model_config_file, single_model_config
+
+    if args.model_config_file and (args.model_name or args.model_base_path):
+        raise ValueError("pass either --model_config_file or --model_name/--model_base_path, not both")
+    if args.model_config_file:
+        configs = load_model_config_file(args.model_config_file)
+    elif args.model_name and args.model_base_path:
+        configs = single_model_config(args.model_name, args.model_base_path)
+    else:
+        raise ValueError("pass --model_config_file, or both --model_name and --model_base_path")
+    options = ServerOptions(
+        host=args.host, port=args.port, rest_api_port=args.rest_api_port,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),
+        grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )
+    server = ModelServer(configs, options)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        _serve_until(server, configs, stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve_until(server, configs, stop) -> None:
+    server.start()
+    not_ready = [c.name for c in configs if not server.registry.is_available(c.name)]
+    print(f"tfrec serve: gRPC on {server.grpc_address}", flush=True)
+    if server.rest_url:
+        print(f"tfrec serve: REST on {server.rest_url}", flush=True)
+    print(f"tfrec serve: models {', '.join(c.name for c in configs)}", flush=True)
+    if not_ready:
+        print(f"tfrec serve: warning: no version available yet for {', '.join(not_ready)} (polling)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("tfrec serve: shutting down (finishing in-flight requests)", flush=True)
+        server.stop()
+        print("tfrec serve: stopped", flush=True)
+
+
+def parse_input(text: str):
+    """``NAME=VALUE`` -> ``(name, value)``: JSON, ``@file.json`` or comma-separated tokens."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--input expects NAME=VALUE, got {text!r}")
+    if raw.startswith("@"):
+        try:
+            with open(raw[1:], encoding="utf-8") as f:
+                return name, json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--input {name}: file not found: {raw[1:]}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--input {name}: {raw[1:]} is not JSON: {err}") from None
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    return name, raw.split(",") if "," in raw else raw
+
+
+def _expand(value, rank):
+    """Add leading size-1 dimensions until ``value`` has ``rank`` dimensions."""
+    import numpy as np
+
+    current = np.ndim(np.asarray(value, dtype=object))
+    while rank is not None and current < rank:
+        value, current = [value], current + 1
+    return value
+
+
+def _table(outputs) -> str:
+    import numpy as np
+
+    names = sorted(outputs)
+    columns = {}
+    for name in names:
+        array = np.asarray(outputs[name])
+        if array.ndim == 2 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 1:
+            return json.dumps(_jsonable(outputs), indent=2)
+        columns[name] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else
+                         (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in array.tolist()]
+    lengths = {len(c) for c in columns.values()}
+    if len(lengths) != 1:
+        return json.dumps(_jsonable(outputs), indent=2)
+    rows = [["#", *names]] + [[str(i), *(columns[n][i] for n in names)] for i in range(lengths.pop())]
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _jsonable(outputs) -> dict:
+    """``{name: nested lists}`` as the REST API writes tensors."""
+    from export.server.json_format import outputs_to_json
+
+    return {name: outputs_to_json({name: value}, "columnar")["outputs"] for name, value in outputs.items()}
+
+
+def _cmd_query(args) -> None:
+    from export.client import PredictClient
+
+    with PredictClient(args.address) as client:
+        if args.status:
+            print(json.dumps(client.status(args.model, args.version, args.label, args.timeout), indent=2))
+            return
+        if args.metadata:
+            print(json.dumps(client.metadata(args.model, args.version, args.label, args.timeout), indent=2))
+            return
+        if not args.input:
+            raise ValueError("pass at least one --input NAME=VALUE (or --status / --metadata)")
+        signature = client.signature(args.model, args.signature, args.version, args.label, args.timeout)
+        inputs = {}
+        for text in args.input:
+            name, value = parse_input(text)
+            if name not in signature["inputs"]:
+                raise ValueError(
+                    f"signature '{args.signature}' has no input {name!r}; inputs: {', '.join(signature['inputs'])}"
+                )
+            shape = signature["inputs"][name]["shape"]
+            inputs[name] = _expand(value, None if shape is None else len(shape))
+        outputs = client.predict(
+            args.model, inputs, signature=args.signature, version=args.version, label=args.label,
+            timeout=args.timeout, output_filter=args.output_filter,
+        )
+        if args.format == "table":
+            print(f"model {outputs.model} version {outputs.version} signature {outputs.signature}")
+            print(_table(outputs))
+        else:
+            print(json.dumps({
+                "model_spec": {"name": outputs.model, "version": outputs.version, "signature_name": outputs.signature},
+                "outputs": _jsonable(outputs),
+            }, indent=2))
+    sys.stdout.flush()

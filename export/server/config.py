@@ -1,0 +1,346 @@
+"""Server configuration: TF Serving's model config file, version policies, batching options.
+
+The model config file is TF Serving's own text-proto ``ModelServerConfig``::
+
+    model_config_list {
+      config {
+        name: 'recommender'
+        base_path: '/models/recommender'
+        model_platform: 'tensorflow'
+        model_version_policy { latest { num_versions: 2 } }   # or all {} / specific { versions: 3 }
+        version_labels { key: 'stable' value: 3 }
+      }
+    }
+
+``base_path`` holds numbered version folders (``<base_path>/<version>/saved_model.pb``).
+One extension of ours: ``model_platform: 'python'`` with ``base_path: 'package.module:factory'``
+serves a composite servable written in Python (see ``export.server.servable.PythonServable``).
+
+Batching options follow TF Serving's ``BatchingParameters`` names; a
+``--batching_parameters_file`` in TF Serving's text format is read by
+:func:`load_batching_parameters`.
+
+Example::
+
+    >>> configs = parse_model_config_text(
+    ...     "model_config_list { config { name: 'm' base_path: '/tmp/m' model_platform: 'tensorflow' } }")
+    >>> configs[0].name, configs[0].version_policy.select([1, 3, 2])
+    ('m', [3])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterable, Mapping, Optional, Sequence
+
+TENSORFLOW_PLATFORM = "tensorflow"
+PYTHON_PLATFORM = "python"
+PLATFORMS = (TENSORFLOW_PLATFORM, PYTHON_PLATFORM)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which numbered versions of a model to serve (TF Serving's ``ServableVersionPolicy``).
+
+    Args:
+        kind: ``"latest"`` (the ``num_versions`` highest), ``"all"`` or ``"specific"``.
+        num_versions: ``int`` for ``latest``, default 1.
+        versions: ``tuple[int, ...]`` for ``specific``.
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple = ()
+
+    def __post_init__(self):
+        if self.kind not in ("latest", "all", "specific"):
+            raise ValueError(f"version policy must be 'latest', 'all' or 'specific', got {self.kind!r}")
+        if self.kind == "latest" and self.num_versions < 1:
+            raise ValueError(f"latest version policy needs num_versions >= 1, got {self.num_versions}")
+        if self.kind == "specific" and not self.versions:
+            raise ValueError("specific version policy needs at least one version")
+
+    def select(self, available: Iterable[int]) -> list:
+        """The versions to serve among ``available``, highest first."""
+        available = sorted(set(available), reverse=True)
+        if self.kind == "latest":
+            return available[: self.num_versions]
+        if self.kind == "all":
+            return available
+        wanted = set(self.versions)
+        return [v for v in available if v in wanted]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One served model.
+
+    Args:
+        name: ``str``, the model name clients ask for.
+        base_path: ``str``, the folder of numbered versions (local or a ``tf.io.gfile`` URL);
+            for ``platform="python"``, ``"package.module:factory"``.
+        platform: ``"tensorflow"`` (default) or ``"python"``.
+        version_policy: :class:`VersionPolicy`, default latest 1.
+        version_labels: ``Mapping[str, int]``, label -> version (``/labels/<label>`` in REST).
+    """
+
+    name: str
+    base_path: str
+    platform: str = TENSORFLOW_PLATFORM
+    version_policy: VersionPolicy = VersionPolicy()
+    version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name or not re.fullmatch(r"[^/:\s]+", self.name):
+            raise ValueError(f"model name must be non-empty without '/', ':' or spaces, got {self.name!r}")
+        if not self.base_path:
+            raise ValueError(f"model {self.name!r} has no base_path")
+        if self.platform not in PLATFORMS:
+            raise ValueError(
+                f"model {self.name!r} requests unsupported platform {self.platform!r}; supported: {', '.join(PLATFORMS)}"
+            )
+        if self.platform == TENSORFLOW_PLATFORM and "://" not in self.base_path:
+            object.__setattr__(self, "base_path", os.path.abspath(self.base_path))
+        if self.platform == PYTHON_PLATFORM and ":" not in self.base_path:
+            raise ValueError(
+                f"python model {self.name!r} needs base_path 'package.module:factory', got {self.base_path!r}"
+            )
+
+
+def _from_proto_list(model_config_list, source: str) -> list:
+    from tensorflow_serving.config import model_server_config_pb2
+
+    configs, seen = [], set()
+    for proto in model_config_list.config:
+        if proto.name in seen:
+            raise ValueError(f"{source}: illegal to list model {proto.name!r} multiple times in config list")
+        seen.add(proto.name)
+        platform = proto.model_platform
+        if not platform:
+            if proto.model_type == model_server_config_pb2.TENSORFLOW:
+                platform = TENSORFLOW_PLATFORM
+            else:
+                raise ValueError(f"{source}: model {proto.name!r} sets no model_platform (expected 'tensorflow')")
+        which = proto.model_version_policy.WhichOneof("policy_choice")
+        try:
+            if which == "all":
+                policy = VersionPolicy("all")
+            elif which == "specific":
+                policy = VersionPolicy("specific", versions=tuple(proto.model_version_policy.specific.versions))
+            else:  # latest, or unset -> TF Serving's default: latest 1
+                num = proto.model_version_policy.latest.num_versions if which == "latest" else 1
+                policy = VersionPolicy("latest", num_versions=max(1, num))
+            configs.append(
+                ModelConfig(
+                    name=proto.name,
+                    base_path=proto.base_path,
+                    platform=platform,
+                    version_policy=policy,
+                    version_labels=dict(proto.version_labels),
+                )
+            )
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+    return configs
+
+
+def from_model_server_config(server_config, source: str = "<ModelServerConfig>") -> list:
+    """:class:`ModelConfig` s of a ``ModelServerConfig`` proto (``model_config_list`` only)."""
+    if server_config.WhichOneof("config") == "custom_model_config":
+        raise ValueError(f"{source}: custom_model_config is not supported; use model_config_list")
+    return _from_proto_list(server_config.model_config_list, source)
+
+
+def parse_model_config_text(text: str, source: str = "<model config>") -> list:
+    """Parse a text-proto ``ModelServerConfig`` (or a bare ``ModelConfigList``) into :class:`ModelConfig` s."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    server_config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, server_config)
+    except text_format.ParseError as err:
+        config_list = model_server_config_pb2.ModelConfigList()
+        try:
+            text_format.Parse(text, config_list)
+        except text_format.ParseError:
+            raise ValueError(f"{source}: not a text-proto ModelServerConfig: {err}") from None
+        return _from_proto_list(config_list, source)
+    return from_model_server_config(server_config, source)
+
+
+def load_model_config_file(path) -> list:
+    """Read TF Serving's ``--model_config_file`` (text proto)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return parse_model_config_text(f.read(), source=path)
+
+
+def single_model_config(name: str, base_path: str, version_policy: Optional[VersionPolicy] = None) -> list:
+    """The config list for TF Serving's ``--model_name`` / ``--model_base_path`` flags."""
+    return [ModelConfig(name=name, base_path=base_path, version_policy=version_policy or VersionPolicy())]
+
+
+def to_model_server_config(configs: Sequence[ModelConfig]):
+    """The ``ModelServerConfig`` proto for ``configs`` (e.g. for ``HandleReloadConfigRequest``)."""
+    from tensorflow_serving.config import model_server_config_pb2
+
+    server_config = model_server_config_pb2.ModelServerConfig()
+    for config in configs:
+        proto = server_config.model_config_list.config.add(
+            name=config.name, base_path=config.base_path, model_platform=config.platform
+        )
+        policy = config.version_policy
+        if policy.kind == "all":
+            proto.model_version_policy.all.SetInParent()
+        elif policy.kind == "specific":
+            proto.model_version_policy.specific.versions.extend(policy.versions)
+        else:
+            proto.model_version_policy.latest.num_versions = policy.num_versions
+        for label, version in config.version_labels.items():
+            proto.version_labels[label] = version
+    return server_config
+
+
+@dataclasses.dataclass
+class BatchingOptions:
+    """Server-side request batching (names follow TF Serving's ``BatchingParameters``).
+
+    Concurrent requests to the same (model, version, signature) are merged along
+    dimension 0 into one model call of at most ``max_batch_size`` rows, waiting at
+    most ``batch_timeout_micros`` after the first request of a batch; outputs are
+    split back by rows. A request larger than ``max_batch_size`` runs alone
+    (TF Serving rejects it; we do not). Signatures with a scalar input or a fixed
+    first dimension run unbatched.
+
+    Requests are merged only when their non-batch dimensions agree, unless
+    ``pad_variable_length_inputs`` is on: then dimensions the signature declares
+    as ``None`` are right-padded to the longest request with ``pad_values`` (by
+    dtype kind: ``"string"`` default ``b""``, ``"float"`` and ``"int"`` default 0,
+    ``"bool"`` default False). Padding is off by default (as in TF Serving): turn
+    it on only for models that treat the pad value as padding (tfrec exports map
+    ``""`` to the padding id) and whose outputs do not depend on the padded length.
+
+    Args:
+        max_batch_size: ``int``, rows per model call, default 32.
+        batch_timeout_micros: ``int``, longest wait for a batch to fill, default 2000.
+        num_batch_threads: ``int``, most batches running at once (over all signatures;
+            one signature runs one batch at a time), default the number of CPUs.
+        max_enqueued_batches: ``int``, queue bound in batches; beyond it requests fail
+            with RESOURCE_EXHAUSTED. Default 100.
+        pad_variable_length_inputs: ``bool``, default False.
+        pad_values: ``Mapping[str, object]`` overriding the pad value per dtype kind.
+    """
+
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 2000
+    num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    max_enqueued_batches: int = 100
+    pad_variable_length_inputs: bool = False
+    pad_values: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    DEFAULT_PAD_VALUES = {"string": b"", "float": 0, "int": 0, "bool": False}
+
+    def __post_init__(self):
+        for field in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"batching {field} must be >= 1, got {getattr(self, field)}")
+        if self.batch_timeout_micros < 0:
+            raise ValueError(f"batching batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+        unknown = set(self.pad_values) - set(self.DEFAULT_PAD_VALUES)
+        if unknown:
+            raise ValueError(
+                f"unknown pad_values kind(s) {sorted(unknown)}; expected some of {sorted(self.DEFAULT_PAD_VALUES)}"
+            )
+
+    def pad_value(self, kind: str):
+        value = {**self.DEFAULT_PAD_VALUES, **self.pad_values}[kind]
+        return value.encode() if kind == "string" and isinstance(value, str) else value
+
+
+_BATCHING_FIELDS = {
+    "max_batch_size": int,
+    "batch_timeout_micros": int,
+    "num_batch_threads": int,
+    "max_enqueued_batches": int,
+    "pad_variable_length_inputs": lambda s: s.lower() == "true",
+}
+
+
+def parse_batching_parameters(text: str, source: str = "<batching parameters>") -> BatchingOptions:
+    """Read TF Serving's batching parameters text format (``max_batch_size { value: 32 }`` ...).
+
+    Fields we do not implement (``allowed_batch_sizes``, ``thread_pool_name`` ...) are
+    rejected by name rather than silently ignored.
+    """
+    kwargs = {}
+    text = re.sub(r"#[^\n]*", "", text)
+    pattern = re.compile(r"(\w+)\s*(?::\s*([^\s{}]+)|\{\s*value\s*:\s*([^\s{}]+)\s*\})")
+    pos = 0
+    for match in pattern.finditer(text):
+        if text[pos : match.start()].strip():
+            raise ValueError(f"{source}: cannot parse {text[pos:match.start()].strip()!r}")
+        pos = match.end()
+        key, value = match.group(1), (match.group(2) or match.group(3)).strip("'\"")
+        if key not in _BATCHING_FIELDS:
+            raise ValueError(f"{source}: unsupported batching parameter {key!r}; supported: {', '.join(_BATCHING_FIELDS)}")
+        try:
+            kwargs[key] = _BATCHING_FIELDS[key](value)
+        except ValueError:
+            raise ValueError(f"{source}: {key} expects a number, got {value!r}") from None
+    if text[pos:].strip():
+        raise ValueError(f"{source}: cannot parse {text[pos:].strip()!r}")
+    return BatchingOptions(**kwargs)
+
+
+def load_batching_parameters(path) -> BatchingOptions:
+    """Read a ``--batching_parameters_file``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"batching parameters file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return parse_batching_parameters(f.read(), source=path)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """Where and how the model server listens.
+
+    Args:
+        host: ``str``, interface to bind, default ``"127.0.0.1"`` (loopback only;
+            ``"0.0.0.0"`` exposes the server).
+        port: ``int``, gRPC port, default 8500; 0 picks a free port.
+        rest_api_port: ``int``, REST port, default 8501; 0 picks a free port, a
+            negative value disables REST.
+        file_system_poll_wait_seconds: ``float``, how often base paths are polled
+            for new versions, default 1.
+        batching: :class:`BatchingOptions` or ``None`` (default: no batching).
+        grpc_max_threads: ``int``, gRPC worker threads, default 64 (requests waiting
+            for a batch hold a thread, so keep it above the expected concurrency).
+        shutdown_grace_seconds: ``float``, how long shutdown waits for in-flight
+            requests, default 30.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8500
+    rest_api_port: int = 8501
+    file_system_poll_wait_seconds: float = 1.0
+    batching: Optional[BatchingOptions] = None
+    grpc_max_threads: int = 64
+    shutdown_grace_seconds: float = 30.0
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.rest_api_port > 65535:
+            raise ValueError(f"rest_api_port must be <= 65535, got {self.rest_api_port}")
+        if self.file_system_poll_wait_seconds <= 0:
+            raise ValueError(
+                f"file_system_poll_wait_seconds must be > 0, got {self.file_system_poll_wait_seconds}"
+            )
+        if self.grpc_max_threads < 1:
+            raise ValueError(f"grpc_max_threads must be >= 1, got {self.grpc_max_threads}")

@@ -1,0 +1,150 @@
+"""The model server: registry + serving core + gRPC and REST endpoints, with graceful shutdown.
+
+Example::
+
+    >>> from export.server import ModelServer, ServerOptions, single_model_config
+    >>> server = ModelServer(single_model_config("m", "/models/m"),        # doctest: +SKIP
+    ...                      ServerOptions(port=0, rest_api_port=0)).start()
+    >>> server.grpc_address, server.rest_url                               # doctest: +SKIP
+    ('127.0.0.1:40125', 'http://127.0.0.1:38277')
+    >>> server.stop()                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import grpc
+
+from export.server.batching import BatchScheduler
+from export.server.config import ModelConfig, ServerOptions
+from export.server.core import ServingCore
+from export.server.grpc_service import add_services
+from export.server.metrics import ServingMetrics
+from export.server.models import ModelRegistry
+from export.server.rest import RestServer
+
+logger = logging.getLogger(__name__)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class ModelServer:
+    """Serves the models of ``configs`` over gRPC and REST.
+
+    Args:
+        configs: ``Sequence[ModelConfig]`` (see ``load_model_config_file`` / ``single_model_config``).
+        options: :class:`ServerOptions` (ports, batching, polling, shutdown grace).
+        loader: optional ``callable(name, version, path) -> Servable`` replacing SavedModel loading.
+    """
+
+    def __init__(self, configs: Sequence[ModelConfig], options: Optional[ServerOptions] = None, loader=None):
+        self.options = options or ServerOptions()
+        self.configs = list(configs)
+        kwargs = {} if loader is None else {"loader": loader}
+        self.metrics = ServingMetrics()
+        self.batch_scheduler = (
+            BatchScheduler(self.options.batching, self.metrics) if self.options.batching is not None else None
+        )
+        self.registry = ModelRegistry(
+            self.configs, self.options.file_system_poll_wait_seconds, batch_scheduler=self.batch_scheduler, **kwargs
+        )
+        self.core = ServingCore(self.registry, self.metrics)
+        self.registry.context = self.core
+        self.metrics.model_versions._collect = self.registry.version_states
+        self._grpc: Optional[grpc.Server] = None
+        self._rest: Optional[RestServer] = None
+        self.grpc_port: Optional[int] = None
+        self.rest_port: Optional[int] = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def grpc_address(self) -> str:
+        return _hostport(self.options.host, self.grpc_port)
+
+    @property
+    def rest_url(self) -> Optional[str]:
+        return None if self.rest_port is None else f"http://{_hostport(self.options.host, self.rest_port)}"
+
+    def health(self):
+        """``(ok, detail)``: ok when not shutting down and every model has an available version."""
+        if self.core.draining:
+            return False, {"status": "shutting down"}
+        missing = [name for name in self.registry.model_names() if not self.registry.is_available(name)]
+        if missing:
+            return False, {"status": "not ready", "models_without_available_version": missing}
+        return True, {"status": "ok"}
+
+    def start(self) -> "ModelServer":
+        """Load the models present now, then open the gRPC and REST ports."""
+        if self._grpc is not None or self._stopped.is_set():
+            raise RuntimeError("ModelServer.start() can be called once")
+        options = self.options
+        self.registry.start()
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="tfrec-grpc"),
+            options=[
+                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+                ("grpc.max_receive_message_length", 2**31 - 1),
+                ("grpc.max_send_message_length", 2**31 - 1),
+            ],
+        )
+        add_services(server, self.core)
+        try:
+            port = server.add_insecure_port(_hostport(options.host, options.port))
+        except RuntimeError as err:
+            port, reason = 0, str(err)
+        else:
+            reason = "address in use or not available"
+        if not port:
+            self.registry.close(timeout=1)
+            raise ValueError(f"cannot bind gRPC to {_hostport(options.host, options.port)}: {reason}")
+        self.grpc_port = port
+        if options.rest_api_port >= 0:
+            try:
+                self._rest = RestServer(self.core, self.metrics, options.host, options.rest_api_port, self.health)
+            except ValueError:
+                self.registry.close(timeout=1)
+                raise
+            self.rest_port = self._rest.port
+            self._rest.start()
+        server.start()
+        self._grpc = server
+        logger.info("serving gRPC on %s, REST on %s", self.grpc_address, self.rest_url)
+        return self
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Graceful shutdown: stop accepting, let in-flight requests finish (up to ``grace`` s), unload."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            grace = self.options.shutdown_grace_seconds if grace is None else grace
+            deadline = time.monotonic() + grace
+            grpc_done = self._grpc.stop(grace) if self._grpc is not None else None
+            self.core.start_draining()
+            if self._rest is not None:
+                self._rest.stop(timeout=grace)
+            if grpc_done is not None:
+                grpc_done.wait(max(0.0, deadline - time.monotonic()))
+            self.core.wait_idle(max(0.0, deadline - time.monotonic()))
+            self.registry.close(timeout=max(0.0, deadline - time.monotonic()))
+            if self.batch_scheduler is not None:
+                self.batch_scheduler.close()
+            self._stopped.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until :meth:`stop` finished; ``False`` on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "ModelServer":
+        return self.start() if self._grpc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
