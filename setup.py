@@ -14,6 +14,7 @@ setup(
     version="0.1.0",
     description="Production sequential and lifelong-CTR recommenders on TensorFlow / Keras 3 / TFX",
     packages=find_packages(include=["tfrec", "tfrec.*", "tfx_pipeline", "tfx_pipeline.*", "export", "export.*"]),
+    package_data={"tfx_pipeline": ["schema/*.pbtxt"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "tensorflow==2.16.2",

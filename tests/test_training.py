@@ -310,14 +310,18 @@ def test_e2e_same_seed_same_results(e2e_run, tmp_path):
 def test_load_config_defaults_and_overrides():
     assert load_config() == ExperimentConfig()
     cfg = load_config(None, [
-        "train.epochs=3", "model.backbone=gru4rec", "eval.ks=[5,10]", "model.ffn_dim=null",
+        "train.epochs=3", "model.backbone=gru4rec", "eval.ks=[5,10]",
         "model.dropout=0.25", "eval.exclude_history=true", "name=run-1", "data.user_core=5",
         "data.user_core=7",  # the later override wins
-        "train.learning_rate=0.01",
+        "train.learning_rate=0.01", "data.interactions_path=my.tsv", "train.max_train_seconds=60",
+        "model.ffn_dim=128",
     ])
+    assert cfg.data.interactions_path == "my.tsv"  # Optional[str] stays a string
+    assert cfg.train.max_train_seconds == 60.0 and cfg.model.ffn_dim == 128
     assert cfg.train.epochs == 3 and cfg.model.backbone == "gru4rec"
     assert cfg.eval.ks == (5, 10)  # list -> tuple
-    assert cfg.model.ffn_dim is None and cfg.model.dropout == 0.25
+    assert cfg.model.dropout == 0.25
+    assert load_config(None, ["model.ffn_dim=null"]).model.ffn_dim is None
     assert cfg.eval.exclude_history is True and cfg.name == "run-1"
     assert cfg.data.user_core == 7 and cfg.train.learning_rate == 0.01
     assert cfg.run_dir.name == "run-1"

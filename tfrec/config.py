@@ -70,6 +70,7 @@ class TrainConfig:
     monitor: str = "ndcg@10"
     seed: int = 42
     bucket_batches: int = 32
+    scheme: str = "positions"
     max_train_seconds: Optional[float] = None
 
 
@@ -108,9 +109,13 @@ def _coerce(value, default, field_type, key):
     optional = "Optional" in str(field_type)
     if value is None and optional:
         return None
-    kind = type(default) if default is not None else (int if "int" in str(field_type) else float)
-    if "float" in str(field_type):
+    type_name = str(field_type)
+    if "float" in type_name:
         kind = float
+    elif default is not None:
+        kind = type(default)
+    else:
+        kind = int if "int" in type_name else str
     try:
         if kind is bool:
             if not isinstance(value, bool):

@@ -202,6 +202,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
         mask_token_id=model.mask_token_id,
         seed=tc.seed,
         bucket_batches=tc.bucket_batches,
+        scheme=tc.scheme,
     )
     tracker = BestEpochTracker(
         SequentialEvaluator(

@@ -1,5 +1,18 @@
-"""TFX pipeline for tfrec models (ExampleGen -> ... -> Pusher).
+"""TFX pipeline for tfrec next-item models (ExampleGen -> ... -> Pusher).
 
-Not built yet: this package is reserved by the project layout and is filled by
-the TFX pipeline issue. It may import `tfrec`, never `export`.
+Modules (importing this package imports nothing heavy):
+
+- `config`: `PipelineConfig` = an `ExperimentConfig` + the `pipeline:` section.
+- `data`: the ExampleGen input (leave-one-out pairs as `tf.Example`s).
+- `schema/schema.pbtxt`: the curated schema (ImportSchemaGen).
+- `preprocessing`: Transform's `preprocessing_fn` (tft item vocabulary).
+- `trainer`: the Trainer's `run_fn` (tfrec model, `model.fit`).
+- `serving`: the SavedModel signatures (raw tokens in, transform graph inside).
+- `tfma_metrics`: NDCG/HR/MRR@K for the Evaluator.
+- `components`: custom components (AnomalyGate, ItemSemantics, SemanticIds).
+- `pipeline`: `create_pipeline(config)`.
+- `runner`: `run_pipeline` (LocalDagRunner + report), `compile_pipeline` (Kubeflow/Vertex).
+- `commands`: `tfrec pipeline run|compile`.
+
+It may import `tfrec`, never `export`. See `tfx_pipeline/README.md`.
 """

@@ -44,6 +44,35 @@ def pad_right(sequences, length):
     return out
 
 
+def prefix_training_arrays(train_sequences, max_length):
+    """One row per (prefix, next item): the RecBole/original-SASRec-style scheme.
+
+    Row for target `s[t]` holds the last `max_length` items before it, right-
+    padded, with the target only at the prefix's last position. Same targets as
+    `causal_training_arrays`, but every target gets its own forward pass (own
+    dropout masks, full context even in long sequences) at several times the
+    backbone cost.
+
+    Example:
+    >>> inputs, targets = prefix_training_arrays([np.array([2, 3, 4])], 2)
+    >>> inputs.tolist(), targets.tolist()
+    ([[2, 0], [2, 3]], [[3, 0], [0, 4]])
+    """
+    rows, last = [], []
+    for seq in train_sequences:
+        seq = np.asarray(seq)
+        for t in range(1, len(seq)):
+            rows.append(seq[max(0, t - max_length) : t])
+            last.append(seq[t])
+    if not rows:
+        raise ValueError("No training sequence has 2 or more items: nothing to learn from.")
+    inputs = pad_right(rows, max_length)
+    targets = np.zeros_like(inputs)
+    lengths = np.array([len(r) for r in rows])
+    targets[np.arange(len(rows)), lengths - 1] = last
+    return inputs, targets
+
+
 def causal_training_arrays(train_sequences, max_length, all_windows=True):
     """Inputs and per-position targets for causal training.
 
@@ -96,6 +125,7 @@ def training_dataset(
     shuffle=True,
     seed=0,
     bucket_batches=32,
+    scheme="positions",
 ):
     """A `tf.data.Dataset` of `({"item_ids": (b, l)}, targets (b, l))` batches.
 
@@ -109,8 +139,13 @@ def training_dataset(
         shuffle: bool, reshuffle every epoch (deterministic for a seed).
         seed: int.
         bucket_batches: int, batches per length-sorted group (1 = no bucketing).
+        scheme: causal only: `"positions"` (every position of a sequence at
+            once, `causal_training_arrays`) or `"prefixes"` (one row per
+            target, `prefix_training_arrays`).
     """
-    if objective == "causal":
+    if objective == "causal" and scheme == "prefixes":
+        inputs, targets = prefix_training_arrays(train_sequences, max_length)
+    elif objective == "causal":
         inputs, targets = causal_training_arrays(train_sequences, max_length)
     elif objective == "cloze":
         if mask_token_id is None:

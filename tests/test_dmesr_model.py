@@ -1,0 +1,340 @@
+"""Tests for DMESR inside the next-item task (`tfrec.models.dmesr` + `NextItemRecommender`).
+
+A DMESR item encoder built from small random tables (2 views, attributes, token
+states) replaces `IdItemEncoder` in SASRec, BERT4Rec (cloze) and GRU4Rec with
+no change to backbone or task code: `model.fit` lowers the loss, the
+alignment loss reaches the task's total loss, scores survive save/load, and
+the materialised table serves the same scores. Then the catalog cache, the
+builder (PCA, token truncation, attribute renumbering, variants) and the
+semantic-store loader. Training runs eagerly (a handful of steps: tracing the
+train step would cost more than running it), except where the behaviour under
+test is the traced train step itself.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrec.config import _build
+from tfrec.data.vocab import NUM_RESERVED, Vocabulary
+from tfrec.layers import BERT4RecBackbone, GRU4RecBackbone, SASRecBackbone
+from tfrec.layers.dmesr_encoder import DMESRItemEncoder
+from tfrec.models.dmesr import (
+    DMESR_VARIANTS,
+    DMESRConfig,
+    DMESRTables,
+    build_dmesr_item_encoder,
+    fit_pca,
+    load_dmesr_tables,
+    reduce_rows,
+)
+from tfrec.models.next_item import NextItemRecommender
+
+VOCAB = 30
+NUM_ITEMS = VOCAB - NUM_RESERVED
+L = 6
+DIM = 16
+BACKBONES = {
+    "sasrec": ("causal", lambda: SASRecBackbone(L, num_layers=1, num_heads=1, dropout=0.0)),
+    "gru4rec": ("causal", lambda: GRU4RecBackbone(DIM, num_layers=1, dropout=0.0)),
+    "bert4rec": ("cloze", lambda: BERT4RecBackbone(L, num_layers=1, num_heads=1, dropout=0.0)),
+}
+SMALL = dict(view_pca_dim=8, token_pca_dim=6, max_tokens=4, dropout=0.0)
+
+
+def np_(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def random_tables(seed=0, vocab=VOCAB):
+    rng = np.random.default_rng(seed)
+    views = rng.normal(size=(2, vocab, 12)).astype("float32")
+    view_mask = rng.random((2, vocab)) < 0.8
+    tokens = rng.normal(size=(vocab, 5, 10)).astype("float16")
+    token_mask = np.arange(5)[None, :] < rng.integers(0, 6, vocab)[:, None]
+    attributes = rng.choice([0, 7, 40, 41, 900], size=(vocab, 3))
+    return DMESRTables(view_embeddings=views, view_mask=view_mask, view_names=("title", "mllm_text"),
+                       token_states=tokens, token_mask=token_mask, attribute_ids=attributes)
+
+
+def cycle(start, n):
+    return (np.arange(start, start + n) % NUM_ITEMS) + NUM_RESERVED
+
+
+def make_model(name, seed=0, run_eagerly=True, **config):
+    keras.utils.set_random_seed(seed)
+    objective, backbone = BACKBONES[name]
+    encoder = build_dmesr_item_encoder(DMESRConfig(**{**SMALL, **config}), random_tables(), VOCAB, DIM)
+    model = NextItemRecommender(encoder, backbone(), max_length=L, objective=objective, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), jit_compile=False, run_eagerly=run_eagerly)
+    return model
+
+
+def training_data(model):
+    """Causal: the cycle k -> k + 1. Cloze: rows ending in a mask token whose target is the next item."""
+    if model.objective == "causal":
+        seqs = np.stack([cycle(i, L + 1) for i in range(NUM_ITEMS)])
+        return seqs[:, :-1], seqs[:, 1:]
+    x = np.zeros((NUM_ITEMS, L), np.int32)
+    y = np.zeros((NUM_ITEMS, L), np.int32)
+    x[:, :3] = np.stack([cycle(i, 3) for i in range(NUM_ITEMS)])
+    x[:, 3] = model.mask_token_id
+    y[:, 3] = (x[:, 2] - NUM_RESERVED + 1) % NUM_ITEMS + NUM_RESERVED
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """{backbone: (model, loss history)} after a few full-softmax epochs of `model.fit`."""
+    out = {}
+    for name in BACKBONES:
+        model = make_model(name)
+        x, y = training_data(model)
+        history = model.fit({"item_ids": x}, y, batch_size=NUM_ITEMS, epochs=10, verbose=0, shuffle=False)
+        out[name] = (model, history.history["loss"])
+    return out
+
+
+# ------------------------------------------------------------------------- task integration
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_fit_with_dmesr_encoder_lowers_loss(trained, name):
+    model, losses = trained[name]
+    assert isinstance(model.item_encoder, DMESRItemEncoder)
+    assert np.all(np.isfinite(losses))
+    # The cloze model sees items only through attention, which starts nearly uniform: slower.
+    assert np.mean(losses[-2:]) < (0.95 if name == "bert4rec" else 0.6) * np.mean(losses[:2]), losses
+    scores = np_(model.score_items(np.array([[2, 3, 4, 0], [9, 0, 0, 0]])))
+    assert scores.shape == (2, VOCAB) and np.all(scores[:, :NUM_RESERVED] < -1e8)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_save_load_gives_identical_scores(trained, name, tmp_path):
+    model, _ = trained[name]
+    histories = np.array([[2, 3, 4, 0, 0], [7, 8, 9, 10, 11], [5, 0, 0, 0, 0]])
+    want = np_(model.score_items(histories))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded.item_encoder) is DMESRItemEncoder
+    assert loaded.item_encoder.get_config() == model.item_encoder.get_config()
+    np.testing.assert_array_equal(np_(loaded.item_encoder.token_table), np_(model.item_encoder.token_table))
+    np.testing.assert_allclose(np_(loaded.score_items(histories)), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_materialized_table_serves_the_same_scores(trained, name):
+    """Export path: a plain (vocab, dim) table + the user embedding reproduce `score_items`."""
+    model, _ = trained[name]
+    histories = np.array([[2, 3, 4, 0], [11, 12, 13, 14]])
+    table = model.item_encoder.materialize(batch_size=7)
+    assert table.shape == (VOCAB, DIM) and table.dtype == np.float32
+    scores = np_(model.user_embedding(histories)) @ table.T
+    np.testing.assert_allclose(scores[:, NUM_RESERVED:], np_(model.score_items(histories))[:, NUM_RESERVED:],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cloze_mask_token_path(trained):
+    """BERT4Rec: the mask id (== vocab_size) never reaches the encoder's tables; masked
+    positions read the task's mask embedding."""
+    model, _ = trained["bert4rec"]
+    ids = np.array([[2, model.mask_token_id, 4, 0]])
+    vectors = np_(model._embed(ids))
+    np.testing.assert_allclose(vectors[0, 1], np_(model.mask_embedding), atol=1e-6)
+    np.testing.assert_allclose(vectors[0, [0, 2]], np_(model.item_encoder(np.array([2, 4]))), atol=1e-6)
+    assert np.all(np.isfinite(np_(model.score_items(np.array([[2, 3, 4, 5, 6, 7, 8]])))))
+
+
+def test_alignment_loss_reaches_the_total_loss():
+    """The task's loss = rec loss + lambda * alignment loss of the batch's distinct items, in
+    `compute_loss` and in the loss `fit` reports (first step, before any update)."""
+    model = make_model("sasrec", alignment_weight=2.0)
+    x, y = training_data(model)
+    alignment = float(model.item_encoder.alignment_loss(x))
+    rec_only = float(model.compute_loss(x, y, model({"item_ids": x}, training=False)))  # no layer loss
+    states = model({"item_ids": x}, training=True)  # dropout is 0: same states
+    assert [float(v) for v in model.losses] == pytest.approx([2.0 * alignment], rel=1e-6)
+    total = float(model.compute_loss(x, y, states))
+    assert alignment > 0.1
+    assert total == pytest.approx(rec_only + 2.0 * alignment, rel=1e-5)
+    reported = model.fit({"item_ids": x}, y, batch_size=len(x), epochs=1, verbose=0).history["loss"][0]
+    assert reported == pytest.approx(total, rel=1e-5)
+
+
+def test_tables_survive_a_lazy_build_inside_fit():
+    """An encoder first built while `fit` traces its train step (graph mode) still holds the
+    given tables (they are initial values, not assignments a trace could drop)."""
+    keras.utils.set_random_seed(0)
+    tables = random_tables()
+    encoder = DMESRItemEncoder(VOCAB, DIM, view_embeddings=tables.view_embeddings, view_mask=tables.view_mask,
+                               attribute_ids=tables.attribute_ids, align=False, combine="add")
+    assert not encoder.built
+    model = NextItemRecommender(encoder, GRU4RecBackbone(DIM, dropout=0.0), max_length=L)
+    model.compile(optimizer="adam", jit_compile=False)
+    x, y = training_data(model)
+    model.fit({"item_ids": x}, y, batch_size=len(x), epochs=1, verbose=0)
+    mask = tables.view_mask.T.copy()
+    mask[:NUM_RESERVED] = False
+    np.testing.assert_array_equal(np_(encoder.view_mask_table) > 0, mask)
+    np.testing.assert_allclose(np_(encoder.view_table)[NUM_RESERVED:],
+                               np.transpose(tables.view_embeddings, (1, 0, 2))[NUM_RESERVED:])
+    assert np_(encoder.attribute_table).max() == 900
+
+
+def test_catalog_cache_training_step():
+    """catalog_refresh_steps > 0: fit works; the cache is refreshed every N training steps and
+    gets the batch's items written back; outside training all_items() stays exact."""
+    model = make_model("sasrec", catalog_refresh_steps=3)
+    encoder = model.item_encoder
+    x, y = training_data(model)
+    losses = model.fit({"item_ids": x}, y, batch_size=14, epochs=2, verbose=0, shuffle=False).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert int(np_(encoder.cache_age)) == 4  # 2 epochs x 2 batches
+    cache = np_(encoder.semantic_cache)
+    exact = np.concatenate([np_(v) for v in encoder._semantic(None)[0]], axis=-1)
+    # Refreshed at step 4 (age 3), before the last update: close to, not equal to, the current values.
+    assert cache.shape == exact.shape and np.abs(cache).sum() > 0
+    assert not np.allclose(cache, exact, atol=1e-7) and np.allclose(cache, exact, atol=0.5)
+    want = encoder._combine(encoder.id_encoder.all_items(), encoder._semantic(None)[0], False)
+    np.testing.assert_allclose(np_(encoder.all_items()), np_(want), atol=1e-6)
+
+
+def test_catalog_cache_in_a_traced_step():
+    """In a traced step the batch's rows of all_items() are fresh and carry gradients to the
+    semantic weights; the other rows come from the cache (no gradient through them)."""
+    keras.utils.set_random_seed(0)
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL, catalog_refresh_steps=2, align=False),
+                                       random_tables(), VOCAB, DIM)
+    batch = np.array([[2, 3, 4]])
+    kernel = encoder.view_projection_kernel
+
+    @tf.function
+    def step(row):
+        with tf.GradientTape() as tape:
+            encoder(batch, training=True)
+            table = encoder.all_items()
+            loss = tf.reduce_sum(tf.square(table[row]))
+        return table, tape.gradient(loss, kernel.value)
+
+    table, grad = step(tf.constant(3))  # age 0: refresh, then the batch on top
+    np.testing.assert_allclose(np_(table), np_(encoder.all_items()), atol=1e-6)  # nothing stale yet
+    assert grad is not None and np.abs(np_(grad)).sum() > 0  # item 3 is in the batch: fresh
+    kernel.assign(kernel * 1.5)  # the weights move; the cache does not (age 1: no refresh)
+    table, grad = step(tf.constant(9))  # item 9 is not in the batch: cached row, no gradient
+    cached = np_(encoder.semantic_cache)
+    exact = np_(encoder.all_items())
+    np.testing.assert_allclose(np_(table)[[2, 3, 4]], exact[[2, 3, 4]], atol=1e-5)
+    assert not np.allclose(np_(table)[9], exact[9], atol=1e-4)
+    assert grad is None or np.abs(np_(grad)).sum() == 0
+    assert int(np_(encoder.cache_age)) == 2 and cached.shape == (VOCAB, 2 * DIM)
+
+
+# ------------------------------------------------------------------------- builder and config
+def test_builder_reduces_tables_and_renumbers_attributes():
+    tables = random_tables()
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL), tables, VOCAB, DIM)
+    config = encoder.get_config()
+    assert (config["num_views"], config["semantic_dim"]) == (2, 8)
+    assert (config["num_tokens"], config["token_dim"]) == (4, 6)
+    assert config["num_attributes"] == 4  # {7, 40, 41, 900} -> 1..4
+    attributes = np_(encoder.attribute_table)
+    assert set(np.unique(attributes)) <= {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(attributes[NUM_RESERVED:] > 0, tables.attribute_ids[NUM_RESERVED:] > 0)
+    view_mask = np_(encoder.view_mask_table) > 0  # (vocab, views)
+    assert not view_mask[:NUM_RESERVED].any()
+    np.testing.assert_array_equal(view_mask[NUM_RESERVED:], tables.view_mask.T[NUM_RESERVED:])
+    token_mask = np_(encoder.token_mask_table) > 0
+    np.testing.assert_array_equal(token_mask[NUM_RESERVED:], tables.token_mask[NUM_RESERVED:, :4])
+    assert np.all(np_(encoder.token_table)[~token_mask] == 0)
+    # Without reduction the tables are kept as they are (float32).
+    raw = build_dmesr_item_encoder(DMESRConfig(view_pca_dim=None, token_pca_dim=None, max_tokens=5), tables, VOCAB, DIM)
+    np.testing.assert_allclose(np_(raw.view_table)[5, 0], tables.view_embeddings[0, 5] * tables.view_mask[0, 5])
+
+
+def test_pca_is_deterministic_and_exact_on_low_rank_data():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 10)) + 5.0
+    mean, components = fit_pca(rows, 3)
+    np.testing.assert_allclose(components.T @ components, np.eye(3), atol=1e-5)
+    reduced = reduce_rows(rows, np.ones(300, bool), 3)
+    np.testing.assert_allclose(reduced @ components.T + mean, rows, atol=1e-3)  # rank 3: nothing lost
+    np.testing.assert_array_equal(reduce_rows(rows, np.ones(300, bool), 3), reduced)
+    masked = reduce_rows(rows, np.arange(300) % 2 == 0, 3)
+    assert np.all(masked[1::2] == 0)
+
+
+def test_variants_and_config_types():
+    assert set(DMESR_VARIANTS) == {"dmesr", "dmesr-no-align", "dmesr-no-fusion", "dmesr-no-text-tokens"}
+    tables = random_tables()
+    built = {name: build_dmesr_item_encoder(DMESRConfig.variant(name, **SMALL), tables, VOCAB, DIM)
+             for name in DMESR_VARIANTS}
+    assert built["dmesr"].aligner is not None and built["dmesr"].fuser is not None
+    assert built["dmesr-no-align"].aligner is None and built["dmesr-no-align"].fuser is not None
+    assert built["dmesr-no-fusion"].fuser is None and built["dmesr-no-fusion"].token_projection is not None
+    assert built["dmesr-no-text-tokens"].num_tokens is None and built["dmesr-no-text-tokens"].fuser is None
+    with pytest.raises(ValueError, match="unknown DMESR variant 'dmesr-x'"):
+        DMESRConfig.variant("dmesr-x")
+    # The dataclass loads through the project's YAML config machinery (as `dmesr:`).
+    config = _build(DMESRConfig, {"align_pairs": ["title:attributes"], "view_pca_dim": None,
+                                  "alignment_weight": 1, "combine": "add"}, "dmesr.")
+    assert config.align_pairs == ("title:attributes",) and config.alignment_weight == 1.0
+    assert [f.name for f in dataclasses.fields(DMESRConfig)]  # every option is a field
+    encoder = build_dmesr_item_encoder(dataclasses.replace(config, **SMALL), tables, VOCAB, DIM)
+    assert encoder.aligner.pairs == [(0, 2)]
+
+
+@pytest.mark.parametrize("config, tables, match", [
+    (dict(align_pairs=("title:image",)), {}, "align_pairs entry 'title:image'"),
+    (dict(combine="mean"), {}, "dmesr.combine must be one of"),
+    ({}, dict(token_states=None), "use_tokens is true but the tables have no token states"),
+    ({}, dict(attribute_ids=None), "use_attributes is true"),
+    ({}, dict(view_embeddings=np.zeros((2, VOCAB + 3, 4))), "view_embeddings has 33 item rows, expected 30"),
+    ({}, dict(view_names=("title",)), "must name each of the 2 views"),
+])
+def test_builder_errors(config, tables, match):
+    with pytest.raises(ValueError, match=match):
+        build_dmesr_item_encoder(DMESRConfig(**{**SMALL, **config}), dataclasses.replace(random_tables(), **tables),
+                                 VOCAB, DIM)
+
+
+# ------------------------------------------------------------------------- semantic store
+def test_load_tables_from_semantic_store(tmp_path):
+    store_mod = pytest.importorskip("tfrec.semantics.store")
+    vocab = Vocabulary([f"i{k}" for k in range(VOCAB - NUM_RESERVED)])
+    t = random_tables()
+    views = []
+    for v, name in enumerate(("title", "mllm_text")):
+        mask = t.view_mask[v].copy()
+        mask[:NUM_RESERVED] = False
+        pooled = t.view_embeddings[v] * mask[:, None]
+        tokens = token_mask = None
+        if name == "title":  # the store keeps token states in the pooled dim (12)
+            token_mask = t.token_mask.copy()
+            token_mask[:NUM_RESERVED] = False
+            tokens = np.pad(t.token_states, ((0, 0), (0, 0), (0, 2))) * token_mask[..., None]
+            tokens = tokens.astype(np.float16)
+        views.append(store_mod.SemanticView(name, pooled.astype(np.float32), mask, tokens, token_mask))
+    attributes = (t.attribute_ids > 0).astype(np.int32) * 2
+    store = store_mod.SemanticStore(vocab, views, attributes=attributes, attribute_vocab=Vocabulary(["a"]))
+    path = store_mod.save_version(tmp_path / "store", store)
+
+    tables = load_dmesr_tables(tmp_path / "store", DMESRConfig(), item_vocab=vocab)
+    assert tables.view_names == ("title", "mllm_text")
+    assert tables.view_embeddings.shape == (2, VOCAB, 12) and tables.token_states.shape == (VOCAB, 5, 12)
+    np.testing.assert_array_equal(tables.view_mask[1], views[1].mask)
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL), tables, VOCAB, DIM)
+    assert np_(encoder.all_items()).shape == (VOCAB, DIM)
+
+    only_text = load_dmesr_tables(str(path), DMESRConfig(views=("mllm_text",), use_tokens=False, use_attributes=False))
+    assert only_text.view_names == ("mllm_text",) and only_text.token_states is None and only_text.attribute_ids is None
+    with pytest.raises(KeyError, match="no view 'mllm_image'"):
+        load_dmesr_tables(store, DMESRConfig(views=("mllm_image",)))
+    with pytest.raises(ValueError, match="'mllm_text' of the semantic store has no token states"):
+        load_dmesr_tables(store, DMESRConfig(token_view="mllm_text"))
+    with pytest.raises(store_mod.VocabularyMismatchError):
+        load_dmesr_tables(store, DMESRConfig(), item_vocab=Vocabulary(["x", "y"]))
+    with pytest.raises(FileNotFoundError):
+        load_dmesr_tables(tmp_path / "nowhere", DMESRConfig())
+    with pytest.raises(ValueError, match="dmesr.store_path"):
+        load_dmesr_tables(None, DMESRConfig())

@@ -1,0 +1,366 @@
+"""Lifelong-sequence CTR samples (R2LED and its baselines) and their `tf.data` input.
+
+A **sample** is one rating event of a user: the *target* item, its click label and
+the user's *history* = every earlier event of that user. Labels: the ``label``
+column when the interactions have one (``load_dataset`` adds it for
+``movielens-1m-subset``: rating >= 4 is a click), else ``rating >= click_threshold``.
+
+**Time-based split, no leakage** (global cut-offs, not per user):
+
+- event timestamps of the whole log give two cut-offs: ``t_test`` is the timestamp
+  at the ``1 - test_fraction`` quantile of events and ``t_valid`` the one at the
+  ``1 - test_fraction - valid_fraction`` quantile; an event with ``t >= t_test`` is a
+  test sample, ``t_valid <= t < t_test`` a validation sample, earlier ones are
+  training samples (an event at a cut-off time goes to the later split);
+- a sample's history holds only the user's events with timestamps **strictly
+  before** the target's timestamp (events in the same second as the target, which
+  MovieLens has many of, are neither history nor future: they are left out), so a
+  training history never contains a validation/test event, and a test history
+  contains the user's earlier test-period events only if they happened before the
+  target (what a server would know when scoring it);
+- the item vocabulary is built from training events only (count descending, token
+  ascending): items first seen in validation/test map to OOV = 1 wherever they
+  appear (targets and histories). ``vocabulary="catalog"`` appends every other item
+  of the item table after the training items (catalog order by token), so new
+  items keep their own id and semantic ID; nothing about them is learnt from the
+  future either way.
+
+Within a user, events are chronological, timestamp ties keep file order
+(``tfrec.data.preprocess.chronological``). Histories are item ids of *all* earlier
+rated events (clicks and non-clicks); labels and ratings of history events are kept
+in :class:`LifelongData` (``event_labels``, ``event_ratings``) but are not model
+inputs. Samples with fewer than ``min_history`` history events (default 1) are
+dropped.
+
+**Memory**: events are stored once, flat and grouped by user; a sample is a
+reference ``(event, history_end)`` into that array, so the whole history of every
+sample costs O(events), not O(events^2). :func:`lifelong_dataset` cuts the most
+recent ``max_history`` events of each history on the fly and right-pads them with
+0 (position 0 = oldest kept event, like ``tfrec.data.pipelines.pad_right``).
+
+Item side: ``item_genres (V, G)`` int32 genre ids (genre vocabulary ids >= 2, 0 =
+padding; rows 0/1 and items without genres are all 0) for SIM-hard, and
+``item_texts`` (V strings, ``"<title> | <genre>, <genre>"``, "" for rows 0/1 and
+items absent from the item table) for the text encoder.
+
+Example::
+
+    >>> df = pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "b", "a", "c"],
+    ...                    "timestamp": [1, 2, 3, 4], "label": [1.0, 0.0, 1.0, 1.0]})
+    >>> data = build_lifelong_data(df, valid_fraction=0.25, test_fraction=0.25)
+    >>> {name: len(s) for name, s in data.splits.items()}
+    {'train': 1, 'valid': 1, 'test': 1}
+    >>> data.history(data.splits["test"])[0].tolist()   # a, b, a; "c" is the target
+    [2, 3, 2]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from tfrec.data.preprocess import canonical_interactions, chronological, data_fingerprint
+from tfrec.data.readers import DATASETS, load_dataset
+from tfrec.data.vocab import NUM_RESERVED, PAD_ID, Vocabulary
+
+SPLITS = ("train", "valid", "test")
+VOCABULARIES = ("train", "catalog")
+
+
+@dataclasses.dataclass(eq=False)
+class LifelongSamples:
+    """The samples of one split, as references into :class:`LifelongData` events.
+
+    Attributes (all ``(S,)`` arrays, in event order: users in first-appearance
+    order, each user's events chronologically):
+        event: int64 flat index of the target event.
+        user: int64 user index (into ``LifelongData.users``).
+        history_start, history_end: int64 flat range ``[start, end)`` of the history.
+        target_id: int32 item id of the target; label: float32 click label.
+        timestamp: int64 target timestamp.
+    """
+
+    event: np.ndarray
+    user: np.ndarray
+    history_start: np.ndarray
+    history_end: np.ndarray
+    target_id: np.ndarray
+    label: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.event)
+
+    @property
+    def history_length(self) -> np.ndarray:
+        return self.history_end - self.history_start
+
+
+@dataclasses.dataclass(eq=False)
+class LifelongData:
+    """Events grouped by user, the split samples and the item-side tables.
+
+    Attributes:
+        item_vocab: ``Vocabulary`` of items (see module doc for which items).
+        users: ``(U,)`` user tokens, in first-appearance order.
+        user_offsets: ``(U + 1,)`` int64; user ``u``'s events are
+            ``[user_offsets[u], user_offsets[u + 1])`` of the flat arrays.
+        event_items: ``(N,)`` int32 item ids (OOV = 1 for items outside the vocabulary).
+        event_timestamps: ``(N,)`` int64; event_labels: ``(N,)`` float32;
+        event_ratings: ``(N,)`` float32 (NaN when the log has no rating).
+        event_split: ``(N,)`` int8 index into ``SPLITS`` (0 train, 1 valid, 2 test).
+        splits: ``{"train" | "valid" | "test": LifelongSamples}``.
+        cutoffs: ``{"valid": t_valid, "test": t_test}`` (int timestamps).
+        genre_vocab: ``Vocabulary`` of genres or None; item_genres: ``(V, G)`` int32 or None.
+        item_texts: list of ``V`` strings or None.
+        metadata: counts, cut-offs, options and the interactions fingerprint.
+    """
+
+    item_vocab: Vocabulary
+    users: np.ndarray
+    user_offsets: np.ndarray
+    event_items: np.ndarray
+    event_timestamps: np.ndarray
+    event_labels: np.ndarray
+    event_ratings: np.ndarray
+    event_split: np.ndarray
+    splits: dict
+    cutoffs: dict
+    genre_vocab: Optional[Vocabulary]
+    item_genres: Optional[np.ndarray]
+    item_texts: Optional[list]
+    metadata: dict
+
+    def history(self, samples: LifelongSamples, max_history: Optional[int] = None) -> list:
+        """Histories of ``samples`` as a list of int32 arrays (most recent ``max_history``)."""
+        out = []
+        for start, end in zip(samples.history_start.tolist(), samples.history_end.tolist()):
+            if max_history is not None:
+                start = max(start, end - max_history)
+            out.append(self.event_items[start:end])
+        return out
+
+    def item_click_prior(self, smoothing: float = 1.0) -> np.ndarray:
+        """``(V,)`` float32 smoothed click rate of each item over *training* targets:
+        ``(clicks + smoothing * global_rate) / (impressions + smoothing)``. The
+        popularity baseline of the CTR benchmark."""
+        train = self.splits["train"]
+        size = self.item_vocab.size
+        shows = np.bincount(train.target_id, minlength=size).astype(np.float64)
+        clicks = np.bincount(train.target_id, weights=train.label, minlength=size)
+        rate = clicks.sum() / max(shows.sum(), 1.0)
+        return ((clicks + smoothing * rate) / (shows + smoothing)).astype(np.float32)
+
+
+def _labels(frame: pd.DataFrame, click_threshold: Optional[float]) -> np.ndarray:
+    if "label" in frame.columns:
+        labels = pd.to_numeric(frame["label"], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isin(labels, (0.0, 1.0))
+        if bad.any():
+            raise ValueError(f"column 'label' must hold 0/1, found {frame['label'].iloc[int(np.argmax(bad))]!r} "
+                             f"at row {int(np.argmax(bad))}")
+        return labels.astype(np.float32)
+    if "rating" in frame.columns and click_threshold is not None:
+        return (frame["rating"].to_numpy(np.float64) >= click_threshold).astype(np.float32)
+    raise KeyError("interactions need a 'label' column, or a 'rating' column and click_threshold= "
+                   f"(rating >= threshold is a click); found columns {list(frame.columns)}")
+
+
+def time_cutoffs(timestamps: np.ndarray, valid_fraction: float, test_fraction: float) -> dict:
+    """``{"valid": t_valid, "test": t_test}``: timestamps at the event quantiles
+    ``1 - test_fraction - valid_fraction`` and ``1 - test_fraction``."""
+    for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if valid_fraction + test_fraction >= 1.0:
+        raise ValueError(f"valid_fraction + test_fraction must be < 1 (training needs events), "
+                         f"got {valid_fraction} + {test_fraction}")
+    ts = np.sort(np.asarray(timestamps, np.int64))
+    n = len(ts)
+    at = lambda q: int(ts[min(n - 1, int(math.floor(n * q)))])  # noqa: E731
+    return {"valid": at(1.0 - test_fraction - valid_fraction), "test": at(1.0 - test_fraction)}
+
+
+def _item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
+    """Genre vocabulary, ``(V, G)`` genre ids and ``V`` texts from an item table."""
+    if items is None:
+        return None, None, None
+    if "item_id" not in items.columns:
+        raise KeyError(f"item table needs an 'item_id' column, found {list(items.columns)}")
+    ids = item_vocab.lookup(items["item_id"].astype(str).to_numpy())
+    known = ids >= NUM_RESERVED
+    titles = items["title"].astype(str).to_numpy() if "title" in items.columns else np.full(len(items), "")
+    raw = items["genres"].astype(str).to_numpy() if "genres" in items.columns else np.full(len(items), "")
+    genres = [[g.strip() for g in s.split("|") if g.strip()] for s in raw]
+    counts = pd.Series([g for gs in genres for g in gs], dtype=object).value_counts().to_dict()
+    genre_vocab = Vocabulary.from_counts(counts)
+    width = max([len(g) for g in genres] + [1])
+    item_genres = np.zeros((item_vocab.size, width), np.int32)
+    lengths = np.array([len(g) for g in genres])
+    rows = np.repeat(ids, lengths)
+    cols = np.concatenate([np.arange(k) for k in lengths] + [np.zeros(0, np.int64)])
+    flat_ids = genre_vocab.lookup(np.array([g for gs in genres for g in gs], dtype=object))
+    keep = rows >= NUM_RESERVED
+    item_genres[rows[keep], cols[keep]] = flat_ids[keep]
+    texts = [""] * item_vocab.size
+    for row in np.flatnonzero(known).tolist():
+        texts[ids[row]] = f"{titles[row]} | {', '.join(genres[row])}" if genres[row] else titles[row]
+    return genre_vocab, item_genres, texts
+
+
+def build_lifelong_data(
+    interactions: pd.DataFrame,
+    items: Optional[pd.DataFrame] = None,
+    *,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    click_threshold: Optional[float] = None,
+    min_history: int = 1,
+    vocabulary: str = "train",
+    source: Optional[str] = None,
+) -> LifelongData:
+    """Lifelong CTR samples with a global time split (see the module doc for the rules).
+
+    Args:
+        interactions: ``user_id, item_id, timestamp`` plus ``label`` (0/1) or
+            ``rating`` (with ``click_threshold``), in file order.
+        items: optional item table with ``item_id`` and optional ``title`` and
+            ``genres`` (``|``-separated), e.g. ``read_items("movies.dat")``.
+        valid_fraction: float, share of the latest events (before the test ones) for validation.
+        test_fraction: float, share of the latest events for test.
+        click_threshold: float or None, used only when there is no ``label`` column.
+        min_history: int >= 0, samples with a shorter history are dropped.
+        vocabulary: ``"train"`` (items of training events; others -> OOV) or
+            ``"catalog"`` (training items, then the other items of ``items``).
+        source: str, copied into the metadata.
+
+    Returns:
+        :class:`LifelongData`.
+    """
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {VOCABULARIES}, got {vocabulary!r}")
+    if vocabulary == "catalog" and items is None:
+        raise ValueError("vocabulary='catalog' needs the item table (items=)")
+    if isinstance(min_history, bool) or not isinstance(min_history, (int, np.integer)) or min_history < 0:
+        raise ValueError(f"min_history must be an int >= 0, got {min_history!r}")
+    if len(interactions) == 0:
+        raise ValueError("no interactions: the log is empty")
+    labels = _labels(interactions, click_threshold)
+    frame = canonical_interactions(interactions)
+    frame["label"] = labels
+    frame["rating"] = (interactions["rating"].to_numpy(np.float32) if "rating" in interactions.columns
+                       else np.full(len(frame), np.nan, np.float32))
+    cutoffs = time_cutoffs(frame["timestamp"].to_numpy(), valid_fraction, test_fraction)
+    frame = chronological(frame)  # grouped by user (first appearance), chronological, ties in file order
+    ts = frame["timestamp"].to_numpy(np.int64)
+    split = np.where(ts >= cutoffs["test"], 2, np.where(ts >= cutoffs["valid"], 1, 0)).astype(np.int8)
+    if not (split == 0).any():
+        raise ValueError(f"no training events before the validation cut-off {cutoffs['valid']}")
+
+    train_items = frame["item_id"].to_numpy()[split == 0]
+    item_vocab = Vocabulary.from_counts(pd.Series(train_items).value_counts().to_dict())
+    if vocabulary == "catalog":
+        extra = sorted(set(items["item_id"].astype(str)) - set(item_vocab.tokens))
+        item_vocab = Vocabulary(item_vocab.tokens + extra)
+    event_items = item_vocab.lookup(frame["item_id"].to_numpy()).astype(np.int32)
+
+    user_codes, users = pd.factorize(frame["user_id"], sort=False)
+    user_offsets = np.concatenate([[0], np.cumsum(np.bincount(user_codes, minlength=len(users)))]).astype(np.int64)
+    # History of event i = the user's events before the first event sharing i's (user, timestamp).
+    n = len(frame)
+    first_of_group = np.ones(n, bool)
+    first_of_group[1:] = (user_codes[1:] != user_codes[:-1]) | (ts[1:] != ts[:-1])
+    history_end = np.maximum.accumulate(np.where(first_of_group, np.arange(n), 0)).astype(np.int64)
+    history_start = user_offsets[user_codes]
+    keep_history = history_end - history_start >= min_history
+
+    splits = {}
+    for k, name in enumerate(SPLITS):
+        event = np.flatnonzero((split == k) & keep_history).astype(np.int64)
+        splits[name] = LifelongSamples(
+            event=event, user=user_codes[event].astype(np.int64), history_start=history_start[event],
+            history_end=history_end[event], target_id=event_items[event],
+            label=frame["label"].to_numpy(np.float32)[event], timestamp=ts[event])
+    genre_vocab, item_genres, item_texts = _item_tables(items, item_vocab)
+    metadata = {
+        "num_users": int(len(users)), "num_items": int(len(item_vocab.tokens)), "num_events": int(n),
+        "num_samples": {name: int(len(s)) for name, s in splits.items()},
+        "click_rate": {name: float(s.label.mean()) if len(s) else None for name, s in splits.items()},
+        "cutoffs": cutoffs, "valid_fraction": valid_fraction, "test_fraction": test_fraction,
+        "min_history": int(min_history), "vocabulary": vocabulary,
+        "fingerprint": data_fingerprint(interactions), "source": source,
+    }
+    return LifelongData(
+        item_vocab=item_vocab, users=np.asarray(users, dtype=object), user_offsets=user_offsets,
+        event_items=event_items, event_timestamps=ts, event_labels=frame["label"].to_numpy(np.float32),
+        event_ratings=frame["rating"].to_numpy(np.float32), event_split=split, splits=splits, cutoffs=cutoffs,
+        genre_vocab=genre_vocab, item_genres=item_genres, item_texts=item_texts, metadata=metadata)
+
+
+def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, **kwargs) -> LifelongData:
+    """:func:`build_lifelong_data` on a bundled dataset (interactions + item table).
+
+    The dataset's ``click_threshold`` defines the label (``movielens-1m-subset``:
+    rating >= 4 is a click). ``kwargs`` go to :func:`build_lifelong_data`."""
+    if name in DATASETS and DATASETS[name].click_threshold is None and "click_threshold" not in kwargs:
+        raise ValueError(f"dataset {name!r} has no click labels; pass click_threshold= "
+                         f"(datasets with labels: {[n for n, s in DATASETS.items() if s.click_threshold]})")
+    dataset = load_dataset(name, data_root)
+    return build_lifelong_data(dataset.interactions, dataset.items, source=name, **kwargs)
+
+
+def lifelong_dataset(data: LifelongData, split, batch_size: int = 256, max_history: int = 1024,
+                     shuffle: bool = False, seed: int = 0, trim_to_longest: bool = False,
+                     drop_remainder: bool = False):
+    """A ``tf.data.Dataset`` of ``({"history_ids", "target_id"}, label)`` batches.
+
+    Args:
+        data: :class:`LifelongData`.
+        split: ``"train"``, ``"valid"``, ``"test"`` or a :class:`LifelongSamples`.
+        batch_size: int.
+        max_history: int, the most recent events kept per history (width ``H``).
+        shuffle: bool, reshuffle the samples every epoch (deterministic for a ``seed``).
+        seed: int.
+        trim_to_longest: bool, cut each batch to its longest history instead of
+            ``max_history`` columns (cheaper for short histories; shapes vary).
+        drop_remainder: bool.
+
+    Yields:
+        ``history_ids (B, H) int32`` right-padded with 0 (oldest kept event first),
+        ``target_id (B,) int32`` and ``label (B,) float32``. Without ``shuffle`` the
+        order is the split's sample order (so predictions line up with
+        ``samples.user`` for GAUC).
+    """
+    import tensorflow as tf
+
+    samples = data.splits[split] if isinstance(split, str) and split in data.splits else split
+    if not isinstance(samples, LifelongSamples):
+        raise KeyError(f"unknown split {split!r}; expected one of {sorted(data.splits)} or LifelongSamples")
+    if len(samples) == 0:
+        raise ValueError(f"split {split!r} has no samples")
+    for name, value in (("batch_size", batch_size), ("max_history", max_history)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    flat = tf.constant(np.concatenate([[PAD_ID], data.event_items]).astype(np.int32))  # 1-based; 0 = pad
+    width = int(max_history)
+
+    def build(start, end, target, label):
+        length = tf.minimum(end - start, width)  # (B,)
+        cols = tf.range(width, dtype=tf.int64)[None, :]  # (1, H)
+        valid = cols < length[:, None]  # (B, H)
+        index = tf.where(valid, (end - length)[:, None] + cols + 1, 0)
+        history = tf.gather(flat, index)  # (B, H)
+        if trim_to_longest:
+            history = history[:, : tf.maximum(tf.reduce_max(tf.cast(length, tf.int32)), 1)]
+        return {"history_ids": history, "target_id": target}, label
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        (samples.history_start, samples.history_end, samples.target_id.astype(np.int32),
+         samples.label.astype(np.float32)))
+    if shuffle:
+        ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(int(batch_size), drop_remainder=drop_remainder).map(build).prefetch(2)

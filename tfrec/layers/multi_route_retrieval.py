@@ -1,0 +1,247 @@
+"""R2LED's multi-route mixed retrieval over a lifelong behaviour sequence.
+
+Every item has a semantic ID (SID): `L` codes from a residual quantizer, coarse
+to fine. Route `r` works at prefix length `l_r` (default: one route per level,
+`l = 1..L`). Within a route each history behaviour gets two views:
+
+- semantic: `match = 1` if the behaviour's SID prefix of length `l_r` equals the
+  target's (a negative code means "no SID" and never matches);
+- collaborative: similarity of the learned item embeddings of behaviour and
+  target (`"cosine"` by default, or `"dot"`);
+
+mixed into one retrieval score by `mix`:
+
+- `"boost"` (default, ours): prefix matches first, ranked by collaborative
+  similarity, remaining slots filled by the most similar non-matching behaviours;
+- `"filter"`: only prefix matches, ranked by similarity (no filling);
+- `"sum"`: `alpha * match + (1 - alpha) * similarity`, every behaviour eligible;
+- `"semantic"`: only prefix matches, most recent first (ablation: semantic view only);
+- `"collaborative"`: similarity only, every behaviour eligible (ablation; all
+  routes then retrieve the same set).
+
+Each route keeps its `top_k` best behaviours (one int, or one per route). Padding
+is never retrieved, nor an ineligible behaviour: such slots, and slots beyond a
+short history or beyond a route's own `top_k`, come back with `mask = False` and
+index 0. Equal scores are broken towards the more recent behaviour (the larger
+position in the right-padded history), exactly, by running `top_k` on the
+reversed sequence (`top_k` puts the lower index first among equals). Everything
+is vectorised over batch and routes with one `ops.top_k` (two with the optional
+`candidates` shortlist, see the class doc). Retrieval has no
+weights and passes no gradient (it returns indices); the embeddings learn
+through the attention over what was retrieved.
+"""
+
+import keras
+from keras import ops
+
+MIXES = ("boost", "filter", "sum", "semantic", "collaborative")
+SIMILARITIES = ("cosine", "dot")
+_NEG = -1e9
+
+
+def recency_top_k(scores, eligible, k):
+    """Top-`k` positions of `scores` over the last axis, ties -> more recent.
+
+    Args:
+        scores: float `(..., n)`; position `n - 1` is the most recent.
+        eligible: bool `(..., n)`; ineligible positions are never returned.
+        k: int (static).
+
+    Returns:
+        `(indices, mask)`, int32 and bool `(..., k)`. Slots without an
+        eligible position have `mask = False` and index 0. Works for `n < k`.
+
+    Example:
+    >>> idx, mask = recency_top_k(np.array([[1., 2., 1., 0.]], "float32"),
+    ...                           np.array([[True, True, True, False]]), 3)
+    >>> idx.numpy().tolist(), mask.numpy().tolist()
+    ([[1, 2, 0]], [[True, True, True]])
+    """
+    scores = ops.where(eligible, ops.cast(scores, "float32"), _NEG)
+    n = ops.shape(scores)[-1]
+    short = ops.maximum(k - n, 0)
+    pad = [[0, 0]] * (len(scores.shape) - 1) + [[short, 0]]  # padding goes before position 0
+    padded = ops.pad(scores, pad, constant_values=2 * _NEG)
+    values, flipped = ops.top_k(ops.flip(padded, axis=-1), k=k, sorted=True)
+    mask = values > _NEG / 2
+    indices = ops.cast(n - 1, "int32") - ops.cast(flipped, "int32")  # back to history positions
+    return ops.where(mask, indices, 0), mask
+
+
+def l2_normalize(x, epsilon=1e-12):
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class MultiRouteRetrieval(keras.layers.Layer):
+    """Select, per SID-prefix route, the behaviours relevant to the target.
+
+    Args:
+        route_levels: list of int or None. SID prefix length of each route,
+            coarse to fine, each in `1..L`. None = `[1, ..., L]`.
+        top_k: int or list of int (one per route). Behaviours kept per route.
+            Defaults to 32.
+        mix: str. How semantic and collaborative views combine (see module
+            doc): `"boost"` (default), `"filter"`, `"sum"`, `"semantic"`,
+            `"collaborative"`.
+        alpha: float in [0, 1]. Weight of the match in `mix="sum"`. Defaults to 0.5.
+        similarity: str. `"cosine"` (default) or `"dot"`.
+        candidates: int or None. None (default) ranks every route over the
+            whole history (exact). An int first shortlists that many
+            behaviours by the coarsest route's score and ranks every route
+            within the shortlist: one `top_k` over the history instead of one
+            per route. Exact whenever the coarsest route has at most
+            `candidates - max(top_k)` eligible prefix matches (every match is
+            then shortlisted, and so are the best non-matches any route can
+            need); beyond that, finer routes only see the coarse route's best
+            matches (a coarse-to-fine cascade; ours, for serving cost).
+
+    Call args (a dict):
+        history_sids: int `(batch, seq, L)`; negative = no code.
+        target_sids: int `(batch, L)`.
+        history_vectors: float `(batch, seq, dim)` collaborative embeddings.
+        target_vector: float `(batch, dim)`.
+        similarity: optional float `(batch, seq)`, the collaborative
+            similarities already computed (then the vectors are not needed;
+            with `similarity="cosine"` they must lie in [-1, 1]).
+        history_mask: bool `(batch, seq)`, True = real behaviour.
+
+    Returns:
+        `(indices, mask)`: int32 / bool `(batch, routes, max(top_k))`,
+        positions in the history, most relevant first.
+
+    Example:
+    >>> layer = MultiRouteRetrieval(top_k=2)
+    >>> idx, mask = layer({
+    ...     "history_sids": np.array([[[1, 5], [1, 6], [2, 5]]]),
+    ...     "target_sids": np.array([[1, 6]]),
+    ...     "history_vectors": np.eye(3, 4, dtype="float32")[None],
+    ...     "target_vector": np.ones((1, 4), "float32"),
+    ...     "history_mask": np.array([[True, True, True]])})
+    >>> idx.numpy().tolist()   # route 1: the two prefix-1 matches; route 2: [1, 6] then fill
+    [[[1, 0], [1, 2]]]
+    """
+
+    def __init__(self, route_levels=None, top_k=32, mix="boost", alpha=0.5, similarity="cosine", candidates=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {mix!r}.")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if route_levels is not None:
+            route_levels = [int(level) for level in route_levels]
+            if not route_levels or min(route_levels) < 1:
+                raise ValueError(f"route_levels must be a non-empty list of prefix lengths >= 1, got {route_levels}.")
+        top = [top_k] if isinstance(top_k, int) else list(top_k)
+        if not top or any(isinstance(k, bool) or int(k) != k or k < 1 for k in top):
+            raise ValueError(f"top_k must be a positive int or a list of them, got {top_k!r}.")
+        if route_levels is not None and len(top) not in (1, len(route_levels)):
+            raise ValueError(f"top_k has {len(top)} entries for {len(route_levels)} routes.")
+        if candidates is not None and (isinstance(candidates, bool) or int(candidates) != candidates
+                                       or candidates < max(top)):
+            raise ValueError(f"candidates must be None or an int >= max(top_k) = {max(top)}, got {candidates!r}.")
+        self.route_levels = route_levels
+        self.candidates = None if candidates is None else int(candidates)
+        self.top_k = int(top_k) if isinstance(top_k, int) else [int(k) for k in top_k]
+        self.mix = mix
+        self.alpha = float(alpha)
+        self.similarity = similarity
+
+    def build(self, input_shape):
+        num_levels = input_shape["history_sids"][-1]
+        if num_levels is None:
+            raise ValueError("MultiRouteRetrieval needs a known number of SID levels (last dim of history_sids).")
+        levels = self.route_levels or list(range(1, num_levels + 1))
+        if max(levels) > num_levels:
+            raise ValueError(f"route_levels {levels} exceed the {num_levels} SID levels of the inputs.")
+        top = [self.top_k] * len(levels) if isinstance(self.top_k, int) else self.top_k
+        if len(top) != len(levels):
+            raise ValueError(f"top_k has {len(top)} entries for {len(levels)} routes.")
+        self.levels = levels
+        self.route_top_k = top
+        self.built = True
+
+    @property
+    def num_routes(self):
+        return len(self.levels) if self.built else (len(self.route_levels) if self.route_levels else None)
+
+    def route_scores(self, inputs):
+        """`(scores, eligible)`, float `(batch, routes, seq)` / bool broadcastable to it."""
+        history_sids = ops.cast(inputs["history_sids"], "int32")  # (B, H, L)
+        target_sids = ops.cast(inputs["target_sids"], "int32")  # (B, L)
+        valid = ops.cast(inputs["history_mask"], "bool")[:, None, :]  # (B, 1, H)
+        prefix, routes = None, []
+        for level in range(max(self.levels)):  # prefix of length level + 1 matches, level by level
+            equal = (history_sids[..., level] == target_sids[:, level, None]) & (target_sids[:, level, None] >= 0)
+            prefix = equal if prefix is None else prefix & equal  # (B, H)
+            if level + 1 in self.levels:
+                routes.append(prefix)
+        match = ops.stack([routes[sorted(set(self.levels)).index(level)] for level in self.levels], axis=1)
+
+        if "similarity" in inputs:
+            sim = ops.cast(inputs["similarity"], "float32")  # (B, H)
+        else:
+            h = ops.cast(inputs["history_vectors"], "float32")  # (B, H, d)
+            t = ops.cast(inputs["target_vector"], "float32")  # (B, d)
+            if self.similarity == "cosine":
+                h, t = l2_normalize(h), l2_normalize(t)
+            sim = ops.einsum("bhd,bd->bh", h, t)
+        sim = sim[:, None, :]  # (B, 1, H)
+        if self.mix == "boost":
+            if self.similarity == "cosine":  # similarities lie in [-1, 1]
+                offset = 3.0
+            else:  # lift matches above every non-match by the row's similarity range + 1
+                hi = ops.max(ops.where(valid, sim, _NEG), axis=-1, keepdims=True)
+                lo = ops.min(ops.where(valid, sim, -_NEG), axis=-1, keepdims=True)
+                offset = ops.maximum(hi - lo, 0.0) + 1.0
+            return sim + ops.cast(match, "float32") * offset, valid
+        if self.mix == "filter":
+            return ops.broadcast_to(sim, ops.shape(match)), valid & match
+        if self.mix == "sum":
+            return self.alpha * ops.cast(match, "float32") + (1.0 - self.alpha) * sim, valid
+        if self.mix == "semantic":
+            return ops.zeros(ops.shape(match), "float32"), valid & match
+        return ops.broadcast_to(sim, ops.shape(match)), valid  # collaborative
+
+    def call(self, inputs):
+        scores, eligible = self.route_scores(inputs)  # (B, R, H), broadcastable bool
+        k = max(self.route_top_k)
+        if self.candidates is None:
+            indices, mask = recency_top_k(scores, eligible, k)  # (B, R, k)
+        else:
+            # Shortlist by the coarsest route, back in chronological order, then rank every route in it.
+            eligible = ops.broadcast_to(eligible, ops.shape(scores))
+            coarse = self.levels.index(min(self.levels))
+            short, short_mask = recency_top_k(scores[:, coarse], eligible[:, coarse], self.candidates)  # (B, C)
+            short = ops.sort(ops.where(short_mask, short, -1), axis=-1)
+            short_mask, short = short >= 0, ops.maximum(short, 0)
+            take = ops.broadcast_to(short[:, None, :], ops.shape(scores)[:2] + (self.candidates,))
+            local, mask = recency_top_k(ops.take_along_axis(scores, take, axis=-1),
+                                        ops.take_along_axis(eligible, take, axis=-1) & short_mask[:, None, :], k)
+            indices = ops.where(mask, ops.take_along_axis(take, local, axis=-1), 0)  # (B, R, k)
+        if min(self.route_top_k) < k:  # per-route budgets: mask the slots beyond each route's k
+            allowed = ops.arange(k)[None, :] < ops.convert_to_tensor(self.route_top_k)[:, None]  # (R, k)
+            mask = mask & allowed[None]
+            indices = ops.where(mask, indices, 0)
+        return indices, mask
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape["history_sids"][:1]) + (self.num_routes, max(self.route_top_k))
+        return shape, shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "route_levels": self.route_levels,
+                "top_k": self.top_k,
+                "mix": self.mix,
+                "alpha": self.alpha,
+                "similarity": self.similarity,
+                "candidates": self.candidates,
+            }
+        )
+        return config

@@ -1,0 +1,333 @@
+"""Lifelong-sequence CTR models: one shared skeleton, baselines that differ only in
+which behaviours reach the target attention.
+
+`CTRModel` is the skeleton every CTR model here shares (R2LED included): item ID
+embedding -> user interest from the history (the part subclasses define) ->
+MLP over `[target, interest, target * interest]` -> sigmoid, trained with log
+loss (`compile()` defaults to `binary_crossentropy`).
+
+Inputs: `{"history_ids": (batch, seq) int, "target_id": (batch,) int}`,
+right-padded with 0 (0 = padding, 1 = OOV); the label is `(batch,)` 0/1, as
+`tfrec.data.lifelong.lifelong_dataset` yields them. `predict` returns click
+probabilities `(batch,)`. `score(history_ids, candidate_ids)` scores several
+candidates per history at once: the inference function export wraps.
+
+`TargetAttentionCTR` is the baselines' model; `selector` picks the behaviours
+(every selector keeps `top_k`, ties -> more recent, padding never selected):
+
+| preset | selector | behaviours kept | attention |
+| --- | --- | --- | --- |
+| `din` | `"recent"` | the last `top_k` behaviours | `"mlp"` (DIN activation unit) |
+| `sim-hard` | `"genre"` | most recent behaviours sharing a genre with the target (`item_genres`) | `"dot"` |
+| `sim-soft` | `"semantic"` | highest inner product of frozen semantic vectors (`item_semantic`) | `"dot"` |
+| `eta` | `"simhash"` | fewest differing SimHash bits of the current item embeddings (fixed random hyperplanes, `simhash_bits`) | `"dot"` |
+| `twin` | `"attention"` | highest logits of the model's own target attention (keys projected once for the item table, as TWIN's pre-computed projections) | `"dot"` |
+| `full` | `"full"` | every behaviour (cost and quality reference) | `"dot"` |
+
+Static item tables (`item_genres (V, G)`, `item_semantic (V, d)`, R2LED's
+`item_sids (V, L)`) are non-trainable weights: they are saved with the weights
+and `get_config` records only their shape (`{"shape": [V, ...]}`), which the
+constructor also accepts when the values will come from a weights file.
+
+References: DIN (Zhou et al., KDD 2018), SIM (Pi et al., CIKM 2020), ETA (Chen et
+al., 2021), TWIN (Chang et al., KDD 2023).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfrec.layers.item_encoder import IdItemEncoder
+from tfrec.layers.multi_route_retrieval import l2_normalize, recency_top_k
+from tfrec.layers.target_attention import TargetAttention
+from tfrec.metrics import auc, gauc, logloss
+
+SELECTORS = ("recent", "genre", "semantic", "simhash", "attention", "full")
+CTR_BASELINES = {
+    "din": {"selector": "recent", "attention_form": "mlp"},
+    "sim-hard": {"selector": "genre"},
+    "sim-soft": {"selector": "semantic"},
+    "eta": {"selector": "simhash"},
+    "twin": {"selector": "attention"},
+    "full": {"selector": "full"},
+}
+
+
+def table_argument(value, name, vocab_size, dtype, ndim=2):
+    """`(values or None, shape)` of a static item table given as an array or `{"shape": [...]}`."""
+    if value is None:
+        return None, None
+    if isinstance(value, dict):
+        if set(value) != {"shape"}:
+            raise ValueError(f"{name} given as a dict must be {{'shape': [...]}}, got keys {sorted(value)}.")
+        shape = tuple(int(s) for s in value["shape"])
+        values = None
+    else:
+        values = np.asarray(value)
+        if values.dtype == object or not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"{name} must be a numeric array, got dtype {values.dtype}.")
+        values = values.astype(dtype)
+        shape = values.shape
+    if len(shape) != ndim or shape[0] != vocab_size:
+        raise ValueError(f"{name} must have shape ({vocab_size}, ...) with {ndim} dims "
+                         f"(one row per item id), got {shape}.")
+    return values, shape
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class CTRModel(keras.Model):
+    """Skeleton of the lifelong CTR models (see module doc); subclasses define `user_interest`.
+
+    Args:
+        vocab_size: int. Item ids including padding (0) and OOV (1).
+        embedding_dim: int. Item embedding size. Defaults to 32.
+        mlp_units: tuple of int. Hidden layers of the prediction MLP. Defaults to (64, 32).
+        dropout: float. Dropout in the MLP. Defaults to 0.
+    """
+
+    def __init__(self, vocab_size, embedding_dim=32, mlp_units=(64, 32), dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if any(int(u) < 1 for u in mlp_units):
+            raise ValueError(f"mlp_units must be positive ints, got {mlp_units}.")
+        self.vocab_size = int(vocab_size)
+        self.embedding_dim = int(embedding_dim)
+        self.mlp_units = tuple(int(u) for u in mlp_units)
+        self.dropout = float(dropout)
+        self.item_encoder = IdItemEncoder(self.vocab_size, self.embedding_dim, name="item_encoder")
+        self.mlp = [keras.layers.Dense(u, activation="relu", name=f"mlp_{i}") for i, u in enumerate(self.mlp_units)]
+        self.mlp_dropout = keras.layers.Dropout(self.dropout)
+        self.logit = keras.layers.Dense(1, name="logit")
+
+    def _static_table(self, name, values, shape, dtype):
+        weight = self.add_weight(shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name)
+        if values is not None:
+            weight.assign(values)
+        return weight
+
+    def compile(self, optimizer="adam", loss="binary_crossentropy", **kwargs):
+        """`keras.Model.compile` with log loss as the default loss."""
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
+    def compile_from_config(self, config):  # what keras does for a non-overridden compile
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # --- forward ---------------------------------------------------------
+    def user_interest(self, history_ids, target_ids, training=False):
+        """`(target_vector (B, d), interest (B, d'))` for `history_ids (B, H)`, `target_ids (B,)`."""
+        raise NotImplementedError
+
+    def _unpack(self, inputs):
+        if not isinstance(inputs, dict):
+            raise ValueError(f"inputs must be a dict with 'history_ids' and 'target_id', got {type(inputs).__name__}.")
+        missing = [k for k in ("history_ids", "target_id") if k not in inputs]
+        if missing:
+            raise KeyError(f"inputs lack {missing}; got keys {sorted(inputs)}.")
+        history_ids = ops.cast(inputs["history_ids"], "int32")
+        target_ids = ops.cast(inputs["target_id"], "int32")
+        if len(history_ids.shape) != 2:
+            raise ValueError(f"history_ids must be (batch, seq), got shape {history_ids.shape}.")
+        if len(target_ids.shape) == 2 and target_ids.shape[1] == 1:
+            target_ids = target_ids[:, 0]
+        if len(target_ids.shape) != 1:
+            raise ValueError(f"target_id must be (batch,) or (batch, 1), got shape {target_ids.shape}.")
+        return history_ids, target_ids
+
+    def call(self, inputs, training=False):
+        history_ids, target_ids = self._unpack(inputs)
+        target, interest = self.user_interest(history_ids, target_ids, training=training)
+        parts = [target, interest]
+        if interest.shape[-1] == target.shape[-1]:
+            parts.append(target * interest)
+        h = ops.concatenate(parts, axis=-1)
+        for dense in self.mlp:
+            h = self.mlp_dropout(dense(h), training=training)
+        return ops.sigmoid(self.logit(h)[:, 0])  # (B,)
+
+    def score(self, history_ids, candidate_ids):
+        """Click probabilities `(B, C)` of `C` candidates per history.
+
+        Args:
+            history_ids: int `(B, H)`, right-padded with 0.
+            candidate_ids: int `(B, C)` (or `(B,)` for one candidate each).
+
+        Traceable (export wraps it in a `tf.function`); numpy inputs are
+        checked first: ids outside `[0, vocab_size)` raise `ValueError`.
+        """
+        for name, value in (("history_ids", history_ids), ("candidate_ids", candidate_ids)):
+            if isinstance(value, (np.ndarray, list)):
+                arr = np.asarray(value)
+                if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0
+                                 or arr.max() >= self.vocab_size):
+                    raise ValueError(f"{name} must be integer ids in [0, {self.vocab_size}), "
+                                     f"got dtype {arr.dtype}, range [{arr.min()}, {arr.max()}].")
+        history_ids = ops.cast(history_ids, "int32")
+        candidate_ids = ops.cast(candidate_ids, "int32")
+        if len(candidate_ids.shape) == 1:
+            candidate_ids = candidate_ids[:, None]
+        num_candidates = ops.shape(candidate_ids)[1]
+        repeated = ops.repeat(history_ids, num_candidates, axis=0)  # (B * C, H)
+        probs = self({"history_ids": repeated, "target_id": ops.reshape(candidate_ids, (-1,))})
+        return ops.reshape(probs, ops.shape(candidate_ids))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocab_size": self.vocab_size,
+                "embedding_dim": self.embedding_dim,
+                "mlp_units": list(self.mlp_units),
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class TargetAttentionCTR(CTRModel):
+    """A CTR baseline: select behaviours, then target attention over them.
+
+    Args:
+        vocab_size, embedding_dim, mlp_units, dropout: see `CTRModel`.
+        selector: str. One of `SELECTORS` (see module doc). Defaults to `"recent"`.
+        top_k: int. Behaviours kept by the selector (ignored by `"full"`). Defaults to 64.
+        attention_form: str. `"dot"` (default) or `"mlp"` (see `TargetAttention`).
+        num_heads: int. Heads of the `"dot"` attention. Defaults to 2.
+        item_genres: int `(V, G)` genre ids (0 = none), needed by `"genre"`.
+        item_semantic: float `(V, d_s)` frozen semantic vectors, needed by `"semantic"`.
+        simhash_bits: int. Signature length of `"simhash"`. Defaults to 32.
+        seed: int. Seed of the SimHash hyperplanes. Defaults to 0.
+
+    Example:
+    >>> model = TargetAttentionCTR(vocab_size=20, embedding_dim=8, selector="recent", top_k=4)
+    >>> model.compile()
+    >>> x = {"history_ids": np.array([[2, 3, 4, 0]]), "target_id": np.array([5])}
+    >>> model.predict(x, verbose=0).shape
+    (1,)
+    """
+
+    def __init__(self, vocab_size, embedding_dim=32, mlp_units=(64, 32), dropout=0.0, selector="recent", top_k=64,
+                 attention_form="dot", num_heads=2, item_genres=None, item_semantic=None, simhash_bits=32, seed=0,
+                 **kwargs):
+        super().__init__(vocab_size, embedding_dim, mlp_units, dropout, **kwargs)
+        if selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}.")
+        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
+        if selector == "attention" and attention_form != "dot":
+            raise ValueError("selector='attention' (TWIN) needs attention_form='dot'.")
+        if int(simhash_bits) < 1:
+            raise ValueError(f"simhash_bits must be positive, got {simhash_bits}.")
+        self.selector = selector
+        self.top_k = int(top_k)
+        self.attention_form = attention_form
+        self.num_heads = int(num_heads)
+        self.simhash_bits = int(simhash_bits)
+        self.seed = int(seed)
+        genres, self.genres_shape = table_argument(item_genres, "item_genres", self.vocab_size, "int32")
+        semantic, self.semantic_shape = table_argument(item_semantic, "item_semantic", self.vocab_size, "float32")
+        needs = {"genre": ("item_genres", self.genres_shape), "semantic": ("item_semantic", self.semantic_shape)}
+        if selector in needs and needs[selector][1] is None:
+            raise ValueError(f"selector={selector!r} needs {needs[selector][0]}=.")
+        self.item_genres = self._static_table("item_genres", genres, self.genres_shape, "int32") \
+            if self.genres_shape else None
+        self.item_semantic = self._static_table("item_semantic", semantic, self.semantic_shape, "float32") \
+            if self.semantic_shape else None
+        self.simhash_planes = None
+        if selector == "simhash":
+            planes = np.random.default_rng(self.seed).standard_normal((self.embedding_dim, self.simhash_bits))
+            self.simhash_planes = self._static_table("simhash_planes", planes.astype("float32"),
+                                                     planes.shape, "float32")
+        self.attention = TargetAttention(form=attention_form, num_heads=num_heads, name="target_attention")
+
+    def select(self, history_ids, target_ids):
+        """`(indices, mask)` `(B, k)` of the selected behaviours (`"full"`: all, `(B, H)`)."""
+        valid = history_ids > 0  # (B, H)
+        if self.selector == "full":
+            return ops.broadcast_to(ops.arange(ops.shape(history_ids)[1], dtype="int32")[None],
+                                    ops.shape(history_ids)), valid
+        if self.selector == "recent":
+            scores = ops.zeros(ops.shape(history_ids), "float32")  # ties -> most recent
+        elif self.selector == "genre":
+            hist = ops.take(self.item_genres, history_ids, axis=0)[..., :, None]  # (B, H, G, 1)
+            target = ops.take(self.item_genres, target_ids, axis=0)[:, None, None, :]  # (B, 1, 1, G)
+            shared = ops.any((hist == target) & (hist > 0), axis=(-2, -1))  # (B, H)
+            valid = valid & shared
+            scores = ops.zeros(ops.shape(history_ids), "float32")
+        elif self.selector == "semantic":
+            hist = ops.take(self.item_semantic, history_ids, axis=0)  # (B, H, ds)
+            target = ops.take(self.item_semantic, target_ids, axis=0)  # (B, ds)
+            scores = ops.einsum("bhd,bd->bh", hist, target)
+        elif self.selector == "simhash":
+            table = ops.stop_gradient(self.item_encoder.all_items())  # (V, d)
+            signs = ops.sign(ops.matmul(table, self.simhash_planes))  # (V, bits), +-1 (0 if on a plane)
+            scores = ops.einsum("bhm,bm->bh", ops.take(signs, history_ids, axis=0),
+                                ops.take(signs, target_ids, axis=0))  # bits agreeing - differing
+        else:  # "attention": TWIN's consistent target attention, keys projected per item once
+            keys = self.attention.project_keys(ops.stop_gradient(self.item_encoder.all_items()))  # (V, h, hd)
+            target = self.item_encoder(target_ids)
+            scores = self.attention.logits(target, projected_keys=ops.take(keys, history_ids, axis=0))
+            scores = ops.stop_gradient(scores)
+        return recency_top_k(scores, valid, self.top_k)
+
+    def user_interest(self, history_ids, target_ids, training=False):
+        if not self.attention.built:
+            self.attention.build((None, self.embedding_dim), (None, None, self.embedding_dim))
+        target = self.item_encoder(target_ids)  # (B, d)
+        indices, mask = self.select(history_ids, target_ids)
+        selected = history_ids if self.selector == "full" else ops.take_along_axis(history_ids, indices, axis=1)
+        behaviours = self.item_encoder(selected)  # (B, k, d)
+        return target, self.attention(target, behaviours, mask, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "selector": self.selector,
+                "top_k": self.top_k,
+                "attention_form": self.attention_form,
+                "num_heads": self.num_heads,
+                "item_genres": {"shape": list(self.genres_shape)} if self.genres_shape else None,
+                "item_semantic": {"shape": list(self.semantic_shape)} if self.semantic_shape else None,
+                "simhash_bits": self.simhash_bits,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def build_ctr_baseline(name, vocab_size, **kwargs):
+    """A `TargetAttentionCTR` from a preset name of `CTR_BASELINES` plus overrides.
+
+    >>> build_ctr_baseline("din", vocab_size=20, embedding_dim=8).selector
+    'recent'
+    """
+    if name not in CTR_BASELINES:
+        raise ValueError(f"unknown CTR baseline {name!r}; known: {', '.join(CTR_BASELINES)}.")
+    return TargetAttentionCTR(vocab_size, **{**CTR_BASELINES[name], **kwargs}, name=name.replace("-", "_"))
+
+
+def evaluate_ctr(model, dataset, groups=None):
+    """AUC, LogLoss (and GAUC when `groups` is given) of `model` on `dataset`.
+
+    Args:
+        model: a CTR model (`predict` -> probabilities).
+        dataset: `tf.data` of `(features, label)` batches in a fixed order
+            (`lifelong_dataset(..., shuffle=False)`).
+        groups: optional `(n,)` group of each sample in dataset order (e.g.
+            `samples.user`) for GAUC.
+
+    Returns:
+        `{"auc", "logloss", "num_samples"[, "gauc"]}`.
+    """
+    predictions = np.asarray(model.predict(dataset.map(lambda x, y: x), verbose=0), np.float64).reshape(-1)
+    labels = np.concatenate([np.asarray(y).reshape(-1) for _, y in dataset])
+    if len(labels) != len(predictions):
+        raise ValueError(f"dataset gave {len(labels)} labels but {len(predictions)} predictions.")
+    out = {"auc": auc(labels, predictions), "logloss": logloss(labels, predictions), "num_samples": len(labels)}
+    if groups is not None:
+        out["gauc"] = gauc(labels, predictions, np.asarray(groups))
+    return out

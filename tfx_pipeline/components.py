@@ -1,0 +1,113 @@
+"""Custom pipeline components (Python-function components).
+
+- `AnomalyGate`: reads ExampleValidator's anomalies and fails the run when any
+  split has one, naming split, feature and problem. Transform depends on it,
+  so corrupted data stops the pipeline before anything is trained or pushed
+  (ExampleValidator itself only records anomalies).
+- `ItemSemantics`: item text -> a versioned semantic store
+  (`tfrec.semantics.encode.encode_items`), aligned with the Transform
+  vocabulary (ids = line + 2, tfrec's layout).
+- `SemanticIds`: residual-quantizer semantic IDs of the store's item vectors
+  (`tfrec.semantics.sids.sids_from_store`).
+
+The semantic components import tfrec.semantics lazily inside the function, so
+this module imports without them; the pipeline adds them only when
+`pipeline.item_semantics` / `pipeline.semantic_ids` are set.
+"""
+
+import os
+import tempfile
+
+from tfx import v1 as tfx
+from tfx.types import artifact_utils, standard_artifacts
+from tfx.types.artifact import Artifact
+
+InputArtifact = tfx.dsl.components.InputArtifact
+OutputArtifact = tfx.dsl.components.OutputArtifact
+Parameter = tfx.dsl.components.Parameter
+ANOMALIES_FILE = "SchemaDiff.pb"
+
+
+class SemanticStoreArtifact(Artifact):
+    """A versioned `tfrec.semantics.store` folder (`v<N>/`, `LATEST`)."""
+
+    TYPE_NAME = "tfrec.SemanticStore"
+
+
+class SemanticIdsArtifact(Artifact):
+    """A `tfrec.semantics.sids` folder (`sids.npy`, codebooks, metadata)."""
+
+    TYPE_NAME = "tfrec.SemanticIds"
+
+
+class DataAnomaliesError(ValueError):
+    """ExampleValidator found anomalies; the message lists them."""
+
+
+def describe_anomalies(anomalies_artifact):
+    """`["split 'train': feature 'x': <problem>", ...]` for an ExampleAnomalies artifact."""
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+    problems = []
+    for split in artifact_utils.decode_split_names(anomalies_artifact.split_names):
+        path = os.path.join(artifact_utils.get_split_uri([anomalies_artifact], split), ANOMALIES_FILE)
+        with tfx.dsl.io.fileio.open(path, "rb") as f:
+            anomalies = anomalies_pb2.Anomalies.FromString(f.read())
+        for feature, info in sorted(anomalies.anomaly_info.items()):
+            reasons = "; ".join(r.description or r.short_description for r in info.reason)
+            if info.short_description and not reasons.startswith(info.short_description):
+                reasons = f"{info.short_description}: {reasons}" if reasons else info.short_description
+            problems.append(f"split {split!r}: feature {feature!r}: {reasons}")
+        if anomalies.HasField("dataset_anomaly_info"):
+            info = anomalies.dataset_anomaly_info
+            problems.append(f"split {split!r}: dataset: {info.short_description} ({info.description})")
+    return problems
+
+
+@tfx.dsl.components.component
+def AnomalyGate(anomalies: InputArtifact[standard_artifacts.ExampleAnomalies]) -> None:
+    """Fail the run when ExampleValidator found any anomaly (see the module doc)."""
+    problems = describe_anomalies(anomalies)
+    if problems:
+        raise DataAnomaliesError(
+            "ExampleValidator found anomalies in the input data, nothing is trained or pushed: "
+            + " | ".join(problems)
+        )
+
+
+@tfx.dsl.components.component
+def ItemSemantics(
+    transform_graph: InputArtifact[standard_artifacts.TransformGraph],
+    semantic_store: OutputArtifact[SemanticStoreArtifact],
+    dataset: Parameter[str] = "",
+    items_path: Parameter[str] = "",
+    max_tokens: Parameter[int] = 32,
+) -> None:
+    """Encode the item texts of the Transform vocabulary into a semantic store."""
+    import tensorflow_transform as tft
+
+    from tfrec.data.vocab import Vocabulary
+    from tfrec.semantics.encode import encode_items
+    from tfx_pipeline.preprocessing import ITEM_VOCAB
+
+    vocab_file = tft.TFTransformOutput(transform_graph.uri).vocabulary_file_by_name(ITEM_VOCAB)
+    with tempfile.TemporaryDirectory() as prepared:  # encode_items reads <dir>/item_vocab.txt
+        Vocabulary.load(vocab_file).save(os.path.join(prepared, "item_vocab.txt"))
+        encode_items(prepared, items_path or None, semantic_store.uri, dataset=dataset or None, max_tokens=max_tokens)
+
+
+@tfx.dsl.components.component
+def SemanticIds(
+    semantic_store: InputArtifact[SemanticStoreArtifact],
+    semantic_ids: OutputArtifact[SemanticIdsArtifact],
+    view: Parameter[str] = "title",
+    mode: Parameter[str] = "rqkmeans",
+    num_levels: Parameter[int] = 3,
+    codebook_size: Parameter[int] = 256,
+    seed: Parameter[int] = 0,
+) -> None:
+    """Fit semantic IDs on the pooled `view` of the semantic store."""
+    from tfrec.semantics.sids import SidsConfig, sids_from_store
+
+    config = SidsConfig(mode=mode, num_levels=num_levels, codebook_size=codebook_size, seed=seed)
+    sids_from_store(semantic_store.uri, semantic_ids.uri, view=view, config=config)

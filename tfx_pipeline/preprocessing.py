@@ -1,0 +1,42 @@
+"""Transform's `preprocessing_fn`: item tokens -> tfrec item ids with a `tft` vocabulary.
+
+One vocabulary (`item_vocab`) covers every item token of the analysed split
+(`train`: histories and targets, i.e. every training item; eval/test targets
+never leak into it). `tft.vocabulary` orders tokens by frequency and writes one
+token per line, which is exactly tfrec's `Vocabulary` file layout, so the ids
+follow tfrec's convention (`tfrec.data.vocab`):
+
+- `tft.apply_vocabulary(..., default_value=-1)` gives line numbers `0..V-1`
+  and `-1` for unknown tokens;
+- adding `NUM_RESERVED` (2) gives items `2..V+1`, unknown -> `1` (OOV), and
+  `0` is never produced, so padding (0) can never collide with an item.
+
+Outputs: `history_ids` (int64, variable length, same positions as `history`)
+and `target_id` (int64 scalar). The transform graph is saved with the model
+(`tfx_pipeline.serving`), so clients send raw tokens; at serving time only
+`history` is fed and TFT prunes the `target` branch.
+"""
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from tfrec.data.vocab import NUM_RESERVED
+from tfx_pipeline.data import HISTORY, TARGET
+
+ITEM_VOCAB = "item_vocab"
+HISTORY_IDS, TARGET_ID = "history_ids", "target_id"
+
+
+def _ids(tokens, vocab):
+    return tft.apply_vocabulary(tokens, vocab, default_value=-1) + NUM_RESERVED
+
+
+def preprocessing_fn(inputs):
+    """`{history: Sparse str (B, None), target: Sparse str (B, 1)}` -> `{history_ids, target_id}`."""
+    history = inputs[HISTORY]  # SparseTensor (batch, None) of item tokens
+    target = tf.squeeze(tft.sparse_tensor_to_dense_with_shape(inputs[TARGET], [None, 1], default_value=""), 1)
+    vocab = tft.vocabulary(tf.concat([history.values, target], axis=0), vocab_filename=ITEM_VOCAB)
+    return {
+        HISTORY_IDS: tf.SparseTensor(history.indices, _ids(history.values, vocab), history.dense_shape),
+        TARGET_ID: _ids(target, vocab),  # (batch,)
+    }

@@ -1,0 +1,130 @@
+"""The Trainer's module: `run_fn` builds the tfrec model from the config and fits it.
+
+Hyper-parameters come from `fn_args.custom_config[CONFIG_KEY]` (the
+experiment config plus the pipeline's `train_steps` and `top_k`, see
+`tfx_pipeline.pipeline.trainer_config`). `run_fn`:
+
+1. reads the transformed `train` and `eval` splits (`history_ids`, `target_id`);
+   a training sequence is `history_ids + [target_id]`;
+2. builds the `NextItemRecommender` with `tfrec.training.build_model`, with the
+   item vocabulary size of the Transform output;
+3. trains with `model.fit` on tfrec's `training_dataset` (all positions at
+   once), with tfrec's `BestEpochTracker`: validation NDCG@10 (full ranking) on
+   the `eval` split after every epoch, early stopping, best weights restored.
+   With `train_steps` set it runs exactly that many steps (one epoch);
+4. saves `RecommenderServable` (`tfx_pipeline.serving`) to
+   `fn_args.serving_model_dir` and, beside the TensorBoard logs in
+   `fn_args.model_run_dir`, `model.keras` and `training.json`.
+
+Validation pairs whose target is out of vocabulary (an item seen only as a
+validation target) cannot be ranked and are left out of early stopping.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from tfrec.data.pipelines import training_dataset
+from tfrec.data.vocab import NUM_RESERVED
+from tfrec.evaluation import SequentialEvaluator
+from tfrec.training import BestEpochTracker, _optimizer, build_model
+from tfx_pipeline.config import experiment_from_dict
+from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
+from tfx_pipeline.serving import RecommenderServable
+
+CONFIG_KEY = "tfrec"
+MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
+
+
+def read_pairs(file_patterns):
+    """`(histories: list of int64 arrays, targets: int64 (n,))` from transformed examples."""
+    files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64)}
+    histories, targets = [], []
+    for path in files:
+        compression = "GZIP" if path.endswith(".gz") else ""
+        for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
+            parsed = tf.io.parse_example(batch, spec)
+            histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
+            targets.append(parsed[TARGET_ID].numpy())
+    return histories, np.concatenate(targets).astype(np.int64)
+
+
+def _known(ids):
+    return ids[ids >= NUM_RESERVED]
+
+
+def train_model(experiment, train_files, eval_files, vocab_size, train_steps=None, log_dir=None):
+    """Fit a model from transformed examples; returns `(model, report dict)`."""
+    mc, tc, ec = experiment.model, experiment.train, experiment.eval
+    histories, targets = read_pairs(train_files)
+    sequences = [np.append(h, t) for h, t in zip(histories, targets)]
+    valid_histories, valid_targets = read_pairs(eval_files)
+    valid = [(_known(h), t) for h, t in zip(valid_histories, valid_targets) if t >= NUM_RESERVED and len(_known(h))]
+    if not valid:
+        raise ValueError("no validation example has a target and a history inside the training vocabulary")
+
+    keras.utils.set_random_seed(tc.seed)
+    model = build_model(mc, vocab_size, seed=tc.seed)
+    model.set_item_counts(np.bincount(np.concatenate(sequences), minlength=vocab_size))
+    model.compile(optimizer=_optimizer(tc), jit_compile=False)
+    dataset = training_dataset(
+        sequences, mc.max_length, tc.batch_size, objective=model.objective, mask_prob=mc.mask_prob,
+        mask_token_id=model.mask_token_id, seed=tc.seed, bucket_batches=tc.bucket_batches, scheme=tc.scheme,
+    )
+    tracker = BestEpochTracker(
+        SequentialEvaluator(
+            [h for h, _ in valid], np.array([t for _, t in valid]), vocab_size=vocab_size,
+            max_length=mc.max_length, protocols=("full",), ks=ec.ks, exclude_history=ec.exclude_history,
+            seed=ec.seed, batch_size=ec.batch_size,
+        ),
+        monitor=tc.monitor, patience=tc.patience, max_seconds=tc.max_train_seconds,
+    )
+    callbacks = [tracker]
+    if log_dir:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False))
+    start = time.perf_counter()
+    if train_steps:
+        history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=int(train_steps), callbacks=callbacks, verbose=2)
+    else:
+        history = model.fit(dataset, epochs=tc.epochs, callbacks=callbacks, verbose=2)
+    report = {
+        "train_examples": len(sequences),
+        "valid_examples": len(valid),
+        "vocab_size": int(vocab_size),
+        "epochs": len(history.history.get("loss", [])),
+        "train_steps": train_steps,
+        "best_epoch": tracker.best_epoch,
+        "train_seconds": time.perf_counter() - start,
+        "validation_curve": tracker.history,
+        "loss_curve": [float(v) for v in history.history.get("loss", [])],
+    }
+    return model, report
+
+
+def run_fn(fn_args):
+    """TFX Trainer entry point (`Trainer(run_fn="tfx_pipeline.trainer.run_fn", ...)`)."""
+    settings = dict(fn_args.custom_config[CONFIG_KEY])
+    options = settings.pop("pipeline")
+    experiment = experiment_from_dict(settings)
+    tft_output = tft.TFTransformOutput(fn_args.transform_output)
+    vocab_size = tft_output.vocabulary_size_by_name(ITEM_VOCAB) + NUM_RESERVED
+    model, report = train_model(
+        experiment, fn_args.train_files, fn_args.eval_files, vocab_size,
+        train_steps=options.get("train_steps"), log_dir=os.path.join(fn_args.model_run_dir, "logs"),
+    )
+    servable = RecommenderServable(
+        model, tft_output, top_k=options["top_k"], exclude_history=experiment.eval.exclude_history
+    )
+    tf.saved_model.save(servable, fn_args.serving_model_dir, signatures=servable.signatures())
+    tf.io.gfile.makedirs(fn_args.model_run_dir)
+    model.save(os.path.join(fn_args.model_run_dir, MODEL_FILE))
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, REPORT_FILE), "w") as f:
+        f.write(json.dumps(report, indent=2))
