@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec.data.pipelines import causal_training_arrays, pad_right, training_dataset
+from tfrec.data.pipelines import causal_training_arrays, pad_right, prefix_training_arrays, training_dataset
 
 MASK = 999
 
@@ -269,3 +269,16 @@ def test_dataset_element_spec():
     assert set(x_spec) == {"item_ids"}
     assert x_spec["item_ids"].dtype == y_spec.dtype == tf.int32
     assert x_spec["item_ids"].shape.as_list() == [None, None]
+
+
+def test_prefix_scheme_has_the_same_targets_one_per_row():
+    seqs = [np.arange(2, 9), np.array([3, 4]), np.array([5])]
+    inputs, targets = prefix_training_arrays(seqs, max_length=3)
+    assert (targets > 0).sum(axis=1).tolist() == [1] * 7  # one target per row
+    _, position_targets = causal_training_arrays(seqs, max_length=3)
+    assert sorted(targets[targets > 0]) == sorted(position_targets[position_targets > 0])
+    # the target of s[t] sees the last 3 items before it, right-padded
+    assert inputs[0].tolist() == [2, 0, 0] and targets[0].tolist() == [3, 0, 0]
+    assert inputs[5].tolist() == [5, 6, 7] and targets[5].tolist() == [0, 0, 8]
+    batch = next(iter(training_dataset(seqs, 3, 16, scheme="prefixes", shuffle=False, bucket_batches=1)))
+    assert batch[0]["item_ids"].shape[0] == 7
