@@ -112,48 +112,35 @@ def _join_fields(first: pd.Series, second: pd.Series, use_second: pd.Series) -> 
 
 
 def read_mllm_outputs(path) -> dict:
-    """Read MLLM enrichment outputs: JSONL of `{"item_id", "view", "text"}`.
+    """Read MLLM enrichment outputs (the JSONL that `tfrec enrich` writes).
 
     Returns `{view name: {item_id: text}}` with view names from `MLLM_VIEWS`
-    (`image` -> `mllm_image` ...). Blank lines are skipped. Malformed JSON, a
-    missing/mistyped key, an unknown view or a repeated (item_id, view) raise
-    `DataFormatError` naming the file and line."""
+    (`image` -> `mllm_image` ...). Blank lines are skipped. Lines are parsed by
+    the enrichment job's own `parse_output_line`; a malformed line or a repeated
+    (item_id, view) raises `DataFormatError` naming the file and line."""
+    from tfrec.semantics.mllm_backends import parse_output_line
+
     path = Path(path)
     out = {name: {} for name in MLLM_VIEWS.values()}
     seen = {}
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise DataFormatError(path, "file not found") from None
     with handle:
-        try:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(path, f"invalid JSON at column {e.colno}: {e.msg}", line_no) from None
-                if not isinstance(record, dict):
-                    raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line_no)
-                missing = [k for k in ("item_id", "view", "text") if k not in record]
-                if missing:
-                    raise DataFormatError(path, f"missing key(s) {missing}", line_no)
-                item, view, text = record["item_id"], record["view"], record["text"]
-                if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item).strip():
-                    raise DataFormatError(path, f"item_id must be a non-empty string or integer, got {item!r}", line_no)
-                if view not in MLLM_VIEWS:
-                    raise DataFormatError(path, f"unknown view {view!r}; expected one of {list(MLLM_VIEWS)}", line_no)
-                if not isinstance(text, str):
-                    raise DataFormatError(path, f"text must be a string, got {type(text).__name__}", line_no)
-                key = (str(item).strip(), view)
-                if key in seen:
-                    raise DataFormatError(path, f"duplicate output for item_id {key[0]!r}, view {view!r} "
-                                                f"(first at line {seen[key]})", line_no)
-                seen[key] = line_no
-                out[MLLM_VIEWS[view]][key[0]] = text
-        except UnicodeDecodeError as e:
-            raise DataFormatError(path, f"not valid UTF-8 ({e.reason})") from None
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = parse_output_line(raw)
+            except ValueError as err:
+                raise DataFormatError(path, str(err), line_no) from None
+            key = (record["item_id"].strip(), record["view"])
+            if key in seen:
+                raise DataFormatError(path, f"duplicate output for item_id {key[0]!r}, view {key[1]!r} "
+                                            f"(first at line {seen[key]})", line_no)
+            seen[key] = line_no
+            out[MLLM_VIEWS[key[1]]][key[0]] = record["text"]
     return out
 
 
