@@ -81,11 +81,9 @@ def test_catalog_vocabulary_and_item_tables():
     assert data.splits["valid"].target_id.tolist() == [data.item_vocab.lookup("e")]
     assert data.genre_vocab.tokens == ["X", "Y", "Z"]  # ids X=2, Y=3, Z=4
     assert data.item_genres.tolist() == [[0, 0], [0, 0], [2, 3], [3, 0], [0, 0], [4, 0], [2, 0], [3, 4], [2, 0]]
-    assert data.item_texts[:4] == ["", "", "Ta | X, Y", "Tb | Y"]
-    assert data.item_texts[4] == "Tc"  # no genres: the title alone
     # With the default vocabulary, items unseen in training have no row of their own.
     default = build_lifelong_data(hand_log(), items, valid_fraction=0.2, test_fraction=0.2)
-    assert default.item_genres.shape == (6, 2) and default.item_texts[1] == ""
+    assert default.item_genres.shape == (6, 2)
 
 
 def test_item_click_prior_uses_training_targets_only(hand):
@@ -175,7 +173,6 @@ def test_ml1m_split_has_no_leakage(ml1m):
 
 def test_ml1m_item_side(ml1m):
     toy_story = int(ml1m.item_vocab.lookup("1"))
-    assert ml1m.item_texts[toy_story] == "Toy Story (1995) | Animation, Children's, Comedy"
     genres = ml1m.genre_vocab.to_tokens(ml1m.item_genres[toy_story][ml1m.item_genres[toy_story] > 0])
     assert genres == ["Animation", "Children's", "Comedy"]
     assert len(ml1m.genre_vocab.tokens) == 18 and ml1m.item_genres.shape[0] == ml1m.item_vocab.size

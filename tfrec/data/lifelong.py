@@ -39,9 +39,10 @@ recent ``max_history`` events of each history on the fly and right-pads them wit
 0 (position 0 = oldest kept event, like ``tfrec.data.pipelines.pad_right``).
 
 Item side: ``item_genres (V, G)`` int32 genre ids (genre vocabulary ids >= 2, 0 =
-padding; rows 0/1 and items without genres are all 0) for SIM-hard, and
-``item_texts`` (V strings, ``"<title> | <genre>, <genre>"``, "" for rows 0/1 and
-items absent from the item table) for the text encoder.
+padding; rows 0/1 and items without genres are all 0) for SIM-hard. Item
+semantics come from the semantic store (`tfrec encode`, text "Title (Year).
+Genres: A, B", built by `tfrec.semantics.encode.item_texts`), aligned with
+``item_vocab``.
 
 Example::
 
@@ -116,7 +117,6 @@ class LifelongData:
         splits: ``{"train" | "valid" | "test": LifelongSamples}``.
         cutoffs: ``{"valid": t_valid, "test": t_test}`` (int timestamps).
         genre_vocab: ``Vocabulary`` of genres or None; item_genres: ``(V, G)`` int32 or None.
-        item_texts: list of ``V`` strings or None.
         metadata: counts, cut-offs, options and the interactions fingerprint.
     """
 
@@ -132,7 +132,6 @@ class LifelongData:
     cutoffs: dict
     genre_vocab: Optional[Vocabulary]
     item_genres: Optional[np.ndarray]
-    item_texts: Optional[list]
     metadata: dict
 
     def history(self, samples: LifelongSamples, max_history: Optional[int] = None) -> list:
@@ -186,14 +185,12 @@ def time_cutoffs(timestamps: np.ndarray, valid_fraction: float, test_fraction: f
 
 
 def _item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
-    """Genre vocabulary, ``(V, G)`` genre ids and ``V`` texts from an item table."""
+    """Genre vocabulary and ``(V, G)`` genre ids from an item table."""
     if items is None:
-        return None, None, None
+        return None, None
     if "item_id" not in items.columns:
         raise KeyError(f"item table needs an 'item_id' column, found {list(items.columns)}")
     ids = item_vocab.lookup(items["item_id"].astype(str).to_numpy())
-    known = ids >= NUM_RESERVED
-    titles = items["title"].astype(str).to_numpy() if "title" in items.columns else np.full(len(items), "")
     raw = items["genres"].astype(str).to_numpy() if "genres" in items.columns else np.full(len(items), "")
     genres = [[g.strip() for g in s.split("|") if g.strip()] for s in raw]
     counts = pd.Series([g for gs in genres for g in gs], dtype=object).value_counts().to_dict()
@@ -206,10 +203,7 @@ def _item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
     flat_ids = genre_vocab.lookup(np.array([g for gs in genres for g in gs], dtype=object))
     keep = rows >= NUM_RESERVED
     item_genres[rows[keep], cols[keep]] = flat_ids[keep]
-    texts = [""] * item_vocab.size
-    for row in np.flatnonzero(known).tolist():
-        texts[ids[row]] = f"{titles[row]} | {', '.join(genres[row])}" if genres[row] else titles[row]
-    return genre_vocab, item_genres, texts
+    return genre_vocab, item_genres
 
 
 def build_lifelong_data(
@@ -285,7 +279,7 @@ def build_lifelong_data(
             event=event, user=user_codes[event].astype(np.int64), history_start=history_start[event],
             history_end=history_end[event], target_id=event_items[event],
             label=frame["label"].to_numpy(np.float32)[event], timestamp=ts[event])
-    genre_vocab, item_genres, item_texts = _item_tables(items, item_vocab)
+    genre_vocab, item_genres = _item_tables(items, item_vocab)
     metadata = {
         "num_users": int(len(users)), "num_items": int(len(item_vocab.tokens)), "num_events": int(n),
         "num_samples": {name: int(len(s)) for name, s in splits.items()},
@@ -298,7 +292,7 @@ def build_lifelong_data(
         item_vocab=item_vocab, users=np.asarray(users, dtype=object), user_offsets=user_offsets,
         event_items=event_items, event_timestamps=ts, event_labels=frame["label"].to_numpy(np.float32),
         event_ratings=frame["rating"].to_numpy(np.float32), event_split=split, splits=splits, cutoffs=cutoffs,
-        genre_vocab=genre_vocab, item_genres=item_genres, item_texts=item_texts, metadata=metadata)
+        genre_vocab=genre_vocab, item_genres=item_genres, metadata=metadata)
 
 
 def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, **kwargs) -> LifelongData:
