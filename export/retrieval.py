@@ -33,10 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec.data.vocab import Vocabulary
+from tfrec.serving import EXCLUDED_SCORE
 
 RETRIEVE_SIGNATURE = "retrieve"
 # Score of an empty slot (no item found or every remaining item excluded).
-EXCLUDED_SCORE = float(np.finfo(np.float32).min)
 
 
 def _check_table(item_table, item_tokens, k):

@@ -3,7 +3,8 @@
 `export_sequential(model, item_vocab, base_dir)` writes a trained
 `NextItemRecommender` as a `tf.Module` SavedModel whose graph is
 `vocabulary lookup -> backbone -> dot product with the item table -> top-K -> tokens`,
-stock TF ops only. Signatures:
+stock TF ops only. Signatures (the contract of `tfrec.serving`, shared with the
+TFX Trainer's SavedModel):
 
 - `recommend` (also `serving_default`):
   `history: string (batch, None)`, right- or left-padded with `""`;
@@ -54,14 +55,27 @@ import numpy as np
 import tensorflow as tf
 
 import tfrec
-from export.retrieval import EXCLUDED_SCORE, BruteForceIndex, RETRIEVE_SIGNATURE, build_indexes
+from export.retrieval import BruteForceIndex, RETRIEVE_SIGNATURE
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary
+from tfrec.serving import (
+    EXCLUDE_SPEC,
+    EXCLUDED_SCORE,
+    HISTORY_SPEC,
+    RECOMMEND,
+    RECOMMEND_EXAMPLES,
+    SERIALIZED_SPEC,
+    SERVING_DEFAULT,
+    USER_EMBEDDING,
+    checked_exclude_flags,
+    compact_known_ids,
+    parse_history_examples,
+    signature_variables,
+)
 
 __all__ = [
     "EXCLUDED_SCORE",
     "METADATA_FILE",
     "SequentialServable",
-    "add_commands",
     "catalog_table",
     "export_index",
     "export_sequential",
@@ -72,8 +86,6 @@ __all__ = [
 
 METADATA_FILE = "export_metadata.json"
 VOCAB_ASSET = "item_vocab.txt"
-RECOMMEND, USER_EMBEDDING, RECOMMEND_EXAMPLES = "recommend", "user_embedding", "recommend_examples"
-SERVING_DEFAULT = "serving_default"
 
 
 # --- versioned SavedModel writing ------------------------------------------
@@ -229,21 +241,13 @@ class SequentialServable(tf.Module):
             ),
             default_value=-1,
         )
-        history = tf.TensorSpec((None, None), tf.string, name="history")
-        exclude = tf.TensorSpec((None,), tf.bool, name="exclude_history")
-
         # The Keras model stays out of the object graph (its optimizer state is
         # not needed to serve); the variables its calls read are tracked below.
         def user_embedding(history):
             return {"embedding": model.user_embedding(self._history_ids(history))}  # (batch, dim)
 
         def recommend(history, exclude_history):
-            check = tf.debugging.assert_equal(
-                tf.shape(exclude_history)[0], tf.shape(history)[0],
-                message="exclude_history needs one flag per history row",
-            )
-            with tf.control_dependencies([check]):
-                exclude_history = tf.identity(exclude_history)
+            exclude_history = checked_exclude_flags(history, exclude_history)
             ids = self._history_ids(history)  # (batch, seq) int32
             user = model.user_embedding(ids)  # (batch, dim)
             exclude_rows = tf.where(exclude_history[:, None] & (ids >= NUM_RESERVED), ids - NUM_RESERVED, -1)
@@ -251,42 +255,19 @@ class SequentialServable(tf.Module):
             return {"item_ids": self.index.tokens_of(rows), "scores": scores}
 
         def recommend_examples(serialized):
-            features = tf.io.parse_example(
-                serialized,
-                {
-                    "history": tf.io.VarLenFeature(tf.string),
-                    "exclude_history": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-                },
-            )
-            history = tf.sparse.to_dense(features["history"], default_value="")  # (batch, longest)
-            return self.recommend(history, features["exclude_history"] > 0)
+            return self.recommend(*parse_history_examples(serialized))
 
-        self.user_embedding = tf.function(user_embedding, input_signature=[history])
-        self.recommend = tf.function(recommend, input_signature=[history, exclude])
-        self.recommend_examples = tf.function(
-            recommend_examples, input_signature=[tf.TensorSpec((None,), tf.string, name="serialized")]
+        self.user_embedding = tf.function(user_embedding, input_signature=[HISTORY_SPEC])
+        self.recommend = tf.function(recommend, input_signature=[HISTORY_SPEC, EXCLUDE_SPEC])
+        self.recommend_examples = tf.function(recommend_examples, input_signature=[SERIALIZED_SPEC])
+        self.model_variables = signature_variables(
+            (self.user_embedding, self.recommend, self.recommend_examples), model
         )
-        captured = {}  # the variables the signatures read (not the optimizer's)
-        for fn in (self.user_embedding, self.recommend, self.recommend_examples):
-            for variable in fn.get_concrete_function().variables:
-                captured.setdefault(id(variable), variable)
-        position = {id(weight.value): i for i, weight in enumerate(model.weights)}  # stable checkpoint order
-        self.model_variables = sorted(captured.values(), key=lambda v: position.get(id(v), len(position)))
 
     def _history_ids(self, history):
         """Item ids `(batch, seq)` int32: known items first, in order, then 0 padding."""
         ids = self.item_lookup.lookup(history) + NUM_RESERVED  # (batch, seq); "" and unknown -> OOV (1)
-        known = ids >= NUM_RESERVED
-        lengths = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)  # (batch,)
-        check = tf.debugging.assert_positive(
-            lengths,
-            message='history has no known item token (only "" padding or tokens missing from the vocabulary)',
-        )
-        with tf.control_dependencies([check]):  # fail on the check, before the model runs
-            known = tf.identity(known)
-        order = tf.argsort(tf.cast(~known, tf.int32), axis=1, stable=True)  # known positions first
-        ids = tf.gather(tf.where(known, ids, 0), order, batch_dims=1)
-        return tf.cast(ids, tf.int32)
+        return compact_known_ids(ids, require_known=True)[0]
 
     def signatures(self):
         return {
@@ -369,85 +350,3 @@ def export_index(index, base_dir, version=None, source=None):
 
 
 # --- `tfrec export` -----------------------------------------------------------
-def _load_trained(args):
-    """`(config, model, item_vocab, data_fingerprint)` as `tfrec evaluate` finds them."""
-    import keras
-
-    import tfrec.layers  # noqa: F401  (registers the serialisable layers and models
-    import tfrec.models  # noqa: F401   that `load_model` must find)
-    from tfrec.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    model_path = Path(args.model or config.run_dir / "model.keras")
-    if not model_path.is_file():
-        raise FileNotFoundError(f"no trained model at {model_path}; run `tfrec train` first or pass --model")
-    model = keras.saving.load_model(model_path)
-    vocab_path = model_path.parent / "item_vocab.txt"
-    fingerprint = None
-    for results_name in ("results.json", "evaluation.json"):
-        results = model_path.parent / results_name
-        if fingerprint is None and results.is_file():
-            fingerprint = json.loads(results.read_text()).get("data", {}).get("fingerprint")
-    if vocab_path.is_file():
-        item_vocab = Vocabulary.load(vocab_path)
-    else:  # rebuild it from the configured data, as `tfrec evaluate` does
-        from tfrec.training import prepare_split
-
-        data, _ = prepare_split(config)
-        item_vocab, fingerprint = data.item_vocab, data.metadata.get("fingerprint")
-    return config, model, item_vocab, fingerprint
-
-
-def _cmd_export(args):
-    scann_options = {
-        key: value
-        for key, value in (
-            ("num_leaves", args.scann_num_leaves),
-            ("num_leaves_to_search", args.scann_leaves_to_search),
-            ("reorder", args.scann_reorder),
-        )
-        if value is not None
-    }
-    if scann_options and not args.scann:
-        raise ValueError("--scann-* options need --scann")
-    out = Path(args.out)
-    kinds = ("bruteforce", "scann") if args.scann else ("bruteforce",)
-    for name in ("recommender", *(f"retrieval_{kind}" for kind in kinds)):
-        version_dir(out / name, args.version)  # fail before writing anything
-    config, model, item_vocab, fingerprint = _load_trained(args)
-    recommender = export_sequential(
-        model, item_vocab, out / "recommender", k=args.k, version=args.version,
-        data_fingerprint=fingerprint, experiment_config=config.to_dict(),
-    )
-    print(f"recommender (stock ops): {recommender}")
-    table, tokens = catalog_table(model, item_vocab)
-    source = {
-        "recommender": str(recommender),
-        "model_config": model.get_config(),
-        "vocab_fingerprint": vocab_fingerprint(item_vocab),
-        "data_fingerprint": fingerprint,
-        "query": f"{USER_EMBEDDING} signature of the recommender",
-    }
-    for kind, index in build_indexes(table, tokens, k=args.k, kinds=kinds, scann_options=scann_options).items():
-        path = export_index(index, out / f"retrieval_{kind}", version=args.version, source=source)
-        note = "needs `import scann` in the server" if index.save_namespace_whitelist else "stock ops"
-        print(f"retrieval_{kind} ({note}): {path}")
-
-
-def add_commands(subparsers):
-    """Register `tfrec export` on the `tfrec` argument parser."""
-    cmd = subparsers.add_parser(
-        "export",
-        help="export a trained model as TF Serving SavedModels (recommender + retrieval indexes)",
-    )
-    cmd.add_argument("--config", help="YAML experiment config (see configs/)")
-    cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
-    cmd.add_argument("--out", required=True, help="output folder: <out>/recommender/<v>, <out>/retrieval_*/<v>")
-    cmd.add_argument("--k", type=int, default=10, help="items per answer (default 10)")
-    cmd.add_argument("--version", type=int, help="version number (default: next free per servable)")
-    cmd.add_argument("--scann", action="store_true", help="also export a ScaNN retrieval servable")
-    cmd.add_argument("--scann-num-leaves", type=int, help="ScaNN tree leaves (default sqrt(items))")
-    cmd.add_argument("--scann-leaves-to-search", type=int, help="ScaNN leaves searched per query")
-    cmd.add_argument("--scann-reorder", type=int, help="ScaNN candidates re-scored exactly (0 = none)")
-    cmd.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. name=my-run")
-    cmd.set_defaults(func=_cmd_export)

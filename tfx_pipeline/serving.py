@@ -2,17 +2,11 @@
 
 `RecommenderServable(model, tft_output, top_k)` wraps a trained
 `NextItemRecommender` and the Transform output in a `tf.Module` saved with
-`tf.saved_model.save`. Its signatures follow the contract of
-`export.saved_model` (so the same model server and clients serve both):
+`tf.saved_model.save`. Its signatures follow the serving contract of
+`tfrec.serving` (`recommend` = `serving_default`, `user_embedding`,
+`recommend_examples`), as `export.saved_model` does, so the same model server
+and clients serve both, plus one for TFMA:
 
-- `recommend` (also `serving_default`): `history: string (batch, None)` item
-  tokens, oldest first, padded with `""`; `exclude_history: bool (batch,)` ->
-  `item_ids: string (batch, top_k)`, `scores: float32 (batch, top_k)`, best
-  first. Unknown tokens are dropped; a row left with no known item fails the
-  request with INVALID_ARGUMENT.
-- `user_embedding`: `history` -> `embedding: float32 (batch, dim)`.
-- `recommend_examples`: `serialized: string (batch,)` `tf.Example`s with a bytes
-  feature `history` (and an optional int `exclude_history`) -> as `recommend`.
 - `evaluate`: `examples: string (batch,)` raw pipeline examples (`history`,
   `target`, see `tfx_pipeline.data`) -> `rank: float32 (batch,)`, the 0-based
   pessimistic rank of the target among all catalog items (ties count against
@@ -31,28 +25,25 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec.data.vocab import NUM_RESERVED, OOV_TOKEN, PAD_TOKEN
+from tfrec.serving import (
+    EXCLUDE_SPEC,
+    EXCLUDED_SCORE,
+    HISTORY_SPEC,
+    RECOMMEND,
+    RECOMMEND_EXAMPLES,
+    SERIALIZED_SPEC,
+    SERVING_DEFAULT,
+    USER_EMBEDDING,
+    checked_exclude_flags,
+    compact_known_ids,
+    parse_history_examples,
+    signature_variables,
+)
 from tfx_pipeline.data import HISTORY, TARGET
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 
-RECOMMEND, USER_EMBEDDING, RECOMMEND_EXAMPLES, EVALUATE = "recommend", "user_embedding", "recommend_examples", "evaluate"
-SERVING_DEFAULT = "serving_default"
+EVALUATE = "evaluate"
 RANK_OUTPUT = "rank"
-EXCLUDED_SCORE = -1e9
-
-
-def compact_ids(ids):
-    """Known ids (>= 2) of each row first, in order, then 0 padding; OOV (1) and padding dropped.
-
-    Args:
-        ids: int `(batch, seq)`.
-
-    Returns:
-        `(ids int32 (batch, seq), lengths int32 (batch,))`.
-    """
-    known = ids >= NUM_RESERVED
-    order = tf.argsort(tf.cast(~known, tf.int32), axis=1, stable=True)  # known positions first
-    ids = tf.gather(tf.where(known, ids, tf.zeros_like(ids)), order, batch_dims=1)
-    return tf.cast(ids, tf.int32), tf.reduce_sum(tf.cast(known, tf.int32), axis=1)
 
 
 def read_vocabulary(tft_output):
@@ -87,81 +78,58 @@ class RecommenderServable(tf.Module):
         self.top_k = int(min(top_k, self.num_items))
         self.exclude_history = bool(exclude_history)
         self.item_tokens = tf.Variable(np.array([PAD_TOKEN, OOV_TOKEN, *tokens], dtype=object), trainable=False)
+        self._catalog = tf.range(model.vocab_size) >= NUM_RESERVED  # (vocab,) real items
         self.tft_layer = tft_output.transform_features_layer()
         raw_spec = tft_output.raw_feature_spec()
         self._eval_spec = {HISTORY: raw_spec[HISTORY], TARGET: raw_spec[TARGET]}
 
-        history = tf.TensorSpec((None, None), tf.string, name="history")
-        exclude = tf.TensorSpec((None,), tf.bool, name="exclude_history")
-
         def user_embedding(history):
-            ids, lengths = self._history_ids(history)
-            self._assert_known(lengths)
+            ids = self._history_ids(history, require_known=True)
             return {"embedding": model.user_embedding(ids)}  # (batch, dim)
 
         def recommend(history, exclude_history):
-            tf.debugging.assert_equal(
-                tf.shape(exclude_history)[0], tf.shape(history)[0],
-                message="exclude_history needs one flag per history row",
-            )
-            ids, lengths = self._history_ids(history)  # (batch, seq)
-            self._assert_known(lengths)
-            scores = model.score_items(ids)  # (batch, vocab), reserved ids at -1e9
+            exclude_history = checked_exclude_flags(history, exclude_history)
+            ids = self._history_ids(history, require_known=True)  # (batch, seq)
+            scores = model.score_items(ids)  # (batch, vocab)
+            scores = tf.where(self._catalog[None, :], scores, EXCLUDED_SCORE)  # reserved ids never rank
             scores = self._mask_history(scores, ids, exclude_history)
             top_scores, top_ids = tf.math.top_k(scores, k=self.top_k)  # (batch, k)
             item_ids = tf.gather(self.item_tokens, top_ids)
-            item_ids = tf.where(top_scores > EXCLUDED_SCORE / 2, item_ids, "")
+            item_ids = tf.where(top_scores > EXCLUDED_SCORE, item_ids, "")
             return {"item_ids": item_ids, "scores": top_scores}
 
         def recommend_examples(serialized):
-            features = tf.io.parse_example(serialized, {
-                HISTORY: tf.io.VarLenFeature(tf.string),
-                "exclude_history": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-            })
-            history = tf.sparse.to_dense(features[HISTORY], default_value="")  # (batch, longest)
-            return self.recommend(history, features["exclude_history"] > 0)
+            return self.recommend(*parse_history_examples(serialized))
 
         def evaluate(examples):
             raw = tf.io.parse_example(examples, self._eval_spec)
             transformed = self.tft_layer(raw)
-            ids, _ = compact_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]))  # (batch, seq)
+            ids, _ = compact_known_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]))  # (batch, seq)
             target = tf.cast(transformed[TARGET_ID], tf.int32)  # (batch,)
             scores = model.score_items(ids)  # (batch, vocab)
             if self.exclude_history:
                 scores = self._mask_history(scores, ids, tf.fill(tf.shape(target), True), keep=target)
             target_score = tf.gather(scores, target, batch_dims=1)[:, None]  # (batch, 1)
-            catalog = tf.range(tf.shape(scores)[1]) >= NUM_RESERVED  # (vocab,)
-            beats = (scores >= target_score) & catalog[None, :] & (scores > EXCLUDED_SCORE / 2)
+            beats = (scores >= target_score) & self._catalog[None, :] & (scores > EXCLUDED_SCORE)
             rank = tf.reduce_sum(tf.cast(beats, tf.int32), axis=1) - 1  # minus the target itself
             rank = tf.where(target >= NUM_RESERVED, rank, self.num_items)
             return {RANK_OUTPUT: tf.cast(rank, tf.float32)}
 
-        self.user_embedding = tf.function(user_embedding, input_signature=[history])
-        self.recommend = tf.function(recommend, input_signature=[history, exclude])
-        self.recommend_examples = tf.function(
-            recommend_examples, input_signature=[tf.TensorSpec((None,), tf.string, name="serialized")]
-        )
+        self.user_embedding = tf.function(user_embedding, input_signature=[HISTORY_SPEC])
+        self.recommend = tf.function(recommend, input_signature=[HISTORY_SPEC, EXCLUDE_SPEC])
+        self.recommend_examples = tf.function(recommend_examples, input_signature=[SERIALIZED_SPEC])
         self.evaluate = tf.function(evaluate, input_signature=[tf.TensorSpec((None,), tf.string, name="examples")])
         # The Keras model stays out of the object graph (its optimizer state is not
         # served); the variables the signatures read are tracked here.
-        captured = {}
-        for fn in (self.user_embedding, self.recommend, self.recommend_examples, self.evaluate):
-            for variable in fn.get_concrete_function().variables:
-                captured.setdefault(id(variable), variable)
-        self.model_variables = list(captured.values())
+        self.model_variables = signature_variables(
+            (self.user_embedding, self.recommend, self.recommend_examples, self.evaluate)
+        )
 
-    def _history_ids(self, history):
-        """Dense `""`-padded tokens `(batch, seq)` -> compacted ids `(batch, seq)` and lengths."""
+    def _history_ids(self, history, require_known=False):
+        """Dense `""`-padded tokens `(batch, seq)` -> compacted ids `(batch, seq)` int32."""
         sparse = tf.sparse.from_dense(history)  # drops "" padding
         transformed = self.tft_layer({HISTORY: sparse})
-        return compact_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]))
-
-    @staticmethod
-    def _assert_known(lengths):
-        tf.debugging.assert_positive(
-            lengths,
-            message='history has no known item token (only "" padding or tokens missing from the vocabulary)',
-        )
+        return compact_known_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]), require_known)[0]
 
     @staticmethod
     def _mask_history(scores, ids, exclude, keep=None):
