@@ -82,16 +82,11 @@ def _cmd_train(args):
 
 
 def _cmd_evaluate(args):
-    import keras
-
     from tfrec.config import load_config
-    from tfrec.training import evaluate_saved_model
+    from tfrec.training import evaluate_saved_model, load_trained_model
 
     config = load_config(args.config, args.overrides)
-    model_path = Path(args.model or config.run_dir / "model.keras")
-    if not model_path.is_file():
-        raise FileNotFoundError(f"no trained model at {model_path}; run `tfrec train` first or pass --model")
-    model = keras.saving.load_model(model_path)
+    model, model_path = load_trained_model(config, args.model)
     results = evaluate_saved_model(config, model)
     print(_tables(results))
     out = model_path.parent / "evaluation.json"
@@ -137,7 +132,7 @@ COMMAND_MODULES = (
     "tfrec.semantics.encode",
     "tfrec.semantics.enrich",
     "tfrec.semantics.sids",
-    "export.saved_model",
+    "export.export_cli",
     "export.commands",
     "tfx_pipeline.commands",
 )

@@ -173,13 +173,11 @@ def _apply_override(values, override):
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path=None, overrides=()):
-    """Load an `ExperimentConfig` from a YAML file (or defaults) plus overrides.
+def load_config_values(path=None, overrides=()):
+    """The raw mapping of a YAML config file (or `{}`) with dotted overrides applied.
 
-    Example:
-    >>> cfg = load_config(None, ["train.epochs=3", "model.backbone=gru4rec"])
-    >>> cfg.train.epochs, cfg.model.backbone
-    (3, 'gru4rec')
+    The one YAML reader for every config kind (`load_config`, the TFX pipeline's
+    config); build typed dataclasses from it with `build_config`.
     """
     values = {}
     if path is not None:
@@ -190,6 +188,27 @@ def load_config(path=None, overrides=()):
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping, got {type(values).__name__}")
     for override in overrides:
         _apply_override(values, override)
-    return _build(ExperimentConfig, values, "")
+    return values
+
+
+def build_config(cls, values, where=""):
+    """A config dataclass `cls` from a mapping, typed and checked (unknown keys are errors).
+
+    `where` prefixes key names in error messages (e.g. `"pipeline."`).
+    """
+    return _build(cls, values, where)
+
+
+def load_config(path=None, overrides=()):
+    """Load an `ExperimentConfig` from a YAML file (or defaults) plus overrides.
+
+    Example:
+    >>> cfg = load_config(None, ["train.epochs=3", "model.backbone=gru4rec"])
+    >>> cfg.train.epochs, cfg.model.backbone
+    (3, 'gru4rec')
+    """
+    return build_config(ExperimentConfig, load_config_values(path, overrides))

@@ -17,6 +17,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -122,7 +123,8 @@ class BestEpochTracker(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
-def _optimizer(train_config):
+def build_optimizer(train_config):
+    """Adam (AdamW when `weight_decay` is set) from a `TrainConfig`."""
     tc = train_config
     if tc.weight_decay:
         return keras.optimizers.AdamW(tc.learning_rate, weight_decay=tc.weight_decay, clipnorm=tc.clipnorm)
@@ -166,6 +168,18 @@ def evaluate_splits(config, model, data, split):
     }
 
 
+def load_trained_model(config, model_path=None):
+    """`(model, path)`: the model `tfrec train` saved for `config` (or `model_path`).
+
+    Importing this module registers every tfrec layer and model with Keras, so
+    any saved tfrec model (ID-only or DMESR) restores.
+    """
+    path = Path(model_path or config.run_dir / "model.keras")
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path}; run `tfrec train` first or pass --model")
+    return keras.saving.load_model(path), path
+
+
 def evaluate_saved_model(config, model):
     """Re-evaluate a trained model on the data its config names."""
     data, split = prepare_split(config)
@@ -192,7 +206,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
     model = build_model(mc, data.item_vocab.size, seed=tc.seed)
     # Popularity for sampled-softmax proposals: training items only (no leak of targets).
     model.set_item_counts(np.bincount(np.concatenate(split.train), minlength=data.item_vocab.size))
-    model.compile(optimizer=_optimizer(tc), jit_compile=False)
+    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
     train_ds = training_dataset(
         split.train,
         mc.max_length,

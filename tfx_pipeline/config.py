@@ -25,11 +25,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-# `_build` / `_apply_override` are tfrec.config's dataclass builder and dotted
-# override parser (type coercion, unknown-key errors); reused, not copied.
-from tfrec.config import ExperimentConfig, _apply_override, _build
+from tfrec.config import ExperimentConfig, build_config, load_config_values
 
 CURATED_SCHEMA = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
 SCHEMA_INFER = "infer"
@@ -165,7 +161,7 @@ def _check(config):
 
 def experiment_from_dict(values):
     """An `ExperimentConfig` from a dict shaped like its YAML file (unknown keys are errors)."""
-    return _build(ExperimentConfig, values, "")
+    return build_config(ExperimentConfig, values)
 
 
 def config_from_dict(values):
@@ -174,7 +170,7 @@ def config_from_dict(values):
         raise ValueError(f"a pipeline config must be a mapping, got {values!r}")
     values = dict(values)
     pipeline = values.pop("pipeline", None) or {}
-    return _check(PipelineConfig(experiment_from_dict(values), _build(PipelineOptions, pipeline, "pipeline.")))
+    return _check(PipelineConfig(experiment_from_dict(values), build_config(PipelineOptions, pipeline, "pipeline.")))
 
 
 def load_pipeline_config(path=None, overrides=()):
@@ -185,17 +181,4 @@ def load_pipeline_config(path=None, overrides=()):
     >>> cfg.experiment.data.dataset, cfg.pipeline.train_steps
     ('movielens-100k', 1)
     """
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping, got {type(values).__name__}")
-    for override in overrides:
-        _apply_override(values, override)
-    return config_from_dict(values)
+    return config_from_dict(load_config_values(path, overrides))

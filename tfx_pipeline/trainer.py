@@ -32,7 +32,7 @@ import tensorflow_transform as tft
 from tfrec.data.pipelines import training_dataset
 from tfrec.data.vocab import NUM_RESERVED
 from tfrec.evaluation import SequentialEvaluator
-from tfrec.training import BestEpochTracker, _optimizer, build_model
+from tfrec.training import BestEpochTracker, build_optimizer, build_model
 from tfx_pipeline.config import experiment_from_dict
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 from tfx_pipeline.serving import RecommenderServable
@@ -74,7 +74,7 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
     keras.utils.set_random_seed(tc.seed)
     model = build_model(mc, vocab_size, seed=tc.seed)
     model.set_item_counts(np.bincount(np.concatenate(sequences), minlength=vocab_size))
-    model.compile(optimizer=_optimizer(tc), jit_compile=False)
+    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
     dataset = training_dataset(
         sequences, mc.max_length, tc.batch_size, objective=model.objective, mask_prob=mc.mask_prob,
         mask_token_id=model.mask_token_id, seed=tc.seed, bucket_batches=tc.bucket_batches, scheme=tc.scheme,
