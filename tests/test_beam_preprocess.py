@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-beam = pytest.importorskip("apache_beam")
+import apache_beam as beam  # noqa: F401
 
 from tfrec.data.beam_preprocess import DEFAULT_BEAM_ARGS, build_prepare_pipeline, run_prepare_beam  # noqa: E402
 from tfrec.data.preprocess import (  # noqa: E402

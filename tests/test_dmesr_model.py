@@ -300,7 +300,7 @@ def test_builder_errors(config, tables, match):
 
 # ------------------------------------------------------------------------- semantic store
 def test_load_tables_from_semantic_store(tmp_path):
-    store_mod = pytest.importorskip("tfrec.semantics.store")
+    from tfrec.semantics import store as store_mod
     vocab = Vocabulary([f"i{k}" for k in range(VOCAB - NUM_RESERVED)])
     t = random_tables()
     views = []

@@ -266,7 +266,7 @@ def test_save_load_35k_users_fast(tmp_path):
 
 
 def test_prepare_movielens_100k():
-    readers = pytest.importorskip("tfrec.data.readers")
+    from tfrec.data import readers
     ds = readers.load_dataset("movielens-100k")
     data = prepare(ds.interactions, PrepareConfig(user_core=5, item_core=5))
     m = data.metadata

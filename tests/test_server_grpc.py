@@ -356,7 +356,7 @@ def test_batching_variable_length_histories(toy_base, pad, timeout_micros, expec
 
 
 def test_scann_servable(tmp_path, toy_base):
-    scann_ops = pytest.importorskip("scann.scann_ops.py.scann_ops")
+    from scann.scann_ops.py import scann_ops
     database = np.eye(4, dtype=np.float32)
     searcher = scann_ops.builder(database, 2, "dot_product").score_brute_force().build()
 

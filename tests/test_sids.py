@@ -159,7 +159,7 @@ def test_cli_with_embeddings_file(tmp_path, capsys):
 
 
 def test_cli_with_semantic_store(tmp_path, capsys):
-    store_module = pytest.importorskip("tfrec.semantics.store")
+    from tfrec.semantics import store as store_module
     from tfrec.data.vocab import Vocabulary
 
     table = item_table()
