@@ -338,3 +338,51 @@ def test_load_tables_from_semantic_store(tmp_path):
         load_dmesr_tables(tmp_path / "nowhere", DMESRConfig())
     with pytest.raises(ValueError, match="dmesr.store_path"):
         load_dmesr_tables(None, DMESRConfig())
+
+
+# ------------------------------------------------------------------------- train_sequential
+def test_train_sequential_with_dmesr_item_encoder(tmp_path):
+    """`model.item_encoder=dmesr` trains through `tfrec train`'s path, saves, reloads and scores alike."""
+    from tfrec.config import load_config
+    from tfrec.semantics import store as store_mod
+    from tfrec.semantics.store import VocabularyMismatchError
+    from tfrec.training import load_trained_model, prepare_split, train_sequential
+
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{(u + t) % 20}", t) for u in range(40) for t in range(int(rng.integers(5, 9)))]
+    interactions = tmp_path / "interactions.tsv"
+    interactions.write_text("user_id\titem_id\ttimestamp\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    overrides = [
+        f"data.interactions_path={interactions}", f"output_dir={tmp_path / 'runs'}", "name=dmesr",
+        "model.max_length=6", "model.embedding_dim=8", "model.num_layers=1", "model.num_heads=1",
+        "train.epochs=2", "train.batch_size=8", "eval.protocols=[full]",
+        "model.item_encoder=dmesr", "dmesr.view_pca_dim=8", "dmesr.token_pca_dim=6", "dmesr.max_tokens=4",
+    ]
+    with pytest.raises(ValueError, match="needs dmesr.store_path"):
+        train_sequential(load_config(None, overrides), verbose=0, save=False)
+
+    data, _ = prepare_split(load_config(None, overrides))
+    size = data.item_vocab.size
+    pooled = rng.normal(size=(size, 12)).astype(np.float32)
+    mask = np.arange(size) >= NUM_RESERVED
+    tokens = (rng.normal(size=(size, 5, 12)) * mask[:, None, None]).astype(np.float16)
+    token_mask = np.broadcast_to(mask[:, None], (size, 5)).copy()
+    view = store_mod.SemanticView("title", pooled * mask[:, None], mask, tokens, token_mask)
+    mllm = rng.normal(size=(size, 12)).astype(np.float32) * mask[:, None]
+    mllm_view = store_mod.SemanticView("mllm_text", mllm, mask)  # a second view, so alignment has a pair
+    store_mod.save_version(tmp_path / "store", store_mod.SemanticStore(data.item_vocab, [view, mllm_view]))
+    config = load_config(None, overrides + [f"dmesr.store_path={tmp_path / 'store'}", "dmesr.use_attributes=false"])
+
+    results, model, _ = train_sequential(config, verbose=0, save=True)
+    assert isinstance(model.item_encoder, DMESRItemEncoder)
+    assert results["config"]["model"]["item_encoder"] == "dmesr" and results["epochs"] == 2
+    assert np.isfinite(results["loss_curve"]).all() and 0.0 <= results["splits"]["test"]["full"]["ndcg@10"] <= 1.0
+    restored, _ = load_trained_model(config)
+    history = np.array([[2, 3, 4, 0, 0, 0]])
+    np.testing.assert_allclose(np_(restored.score_items(history)), np_(model.score_items(history)), atol=1e-5)
+
+    other = Vocabulary([f"x{k}" for k in range(size - NUM_RESERVED)])
+    store_mod.save_version(tmp_path / "other", store_mod.SemanticStore(other, [view, mllm_view]))
+    with pytest.raises(VocabularyMismatchError):
+        train_sequential(load_config(None, overrides + [f"dmesr.store_path={tmp_path / 'other'}",
+                                                         "dmesr.use_attributes=false"]), verbose=0, save=False)

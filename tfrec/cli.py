@@ -132,6 +132,7 @@ COMMAND_MODULES = (
     "tfrec.semantics.encode",
     "tfrec.semantics.enrich",
     "tfrec.semantics.sids",
+    "tfrec.ctr_training",
     "export.export_cli",
     "export.commands",
     "tfx_pipeline.commands",

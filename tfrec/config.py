@@ -39,9 +39,16 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Backbone and loss. `backbone` in {sasrec, bert4rec, gru4rec}."""
+    """Backbone, item encoder and loss.
+
+    `backbone` in {sasrec, bert4rec, gru4rec}; `item_encoder` in {id, dmesr}:
+    `id` is a plain ID embedding table, `dmesr` the DMESR multimodal encoder
+    configured by the `dmesr:` section (its `store_path` names the semantic
+    store written by `tfrec encode`).
+    """
 
     backbone: str = "sasrec"
+    item_encoder: str = "id"
     embedding_dim: int = 64
     max_length: int = 50
     num_layers: int = 2
@@ -87,6 +94,52 @@ class EvalConfig:
     seed: int = 2024
 
 
+DMESR_VARIANTS = {
+    "dmesr": {},
+    "dmesr-no-align": {"align": False},
+    "dmesr-no-fusion": {"fuse": False},
+    "dmesr-no-text-tokens": {"use_tokens": False},
+}
+
+
+@dataclasses.dataclass
+class DMESRConfig:
+    """Every DMESR option (YAML section `dmesr:`); defaults and their origins are
+    tabled in `tfrec.models.dmesr`. Used when `model.item_encoder=dmesr`."""
+
+    store_path: Optional[str] = None
+    views: tuple = ()
+    token_view: str = "title"
+    use_attributes: bool = True
+    use_tokens: bool = True
+    max_tokens: int = 32
+    view_pca_dim: Optional[int] = 128
+    token_pca_dim: Optional[int] = 64
+    trainable_semantics: bool = False
+    shared_view_projection: bool = False
+    align: bool = True
+    alignment_weight: float = 0.1
+    temperature: float = 0.1
+    learnable_temperature: bool = False
+    align_pairs: tuple = ()
+    projection_dim: Optional[int] = None
+    head_layers: int = 0
+    fuse: bool = True
+    fusion_heads: int = 2
+    fusion_key_dim: Optional[int] = None
+    fusion_dropout: float = 0.0
+    combine: str = "gate"
+    dropout: float = 0.1
+    catalog_refresh_steps: int = 50
+
+    @classmethod
+    def variant(cls, name, **overrides):
+        """The config of a benchmark variant (`DMESR_VARIANTS`), plus overrides."""
+        if name not in DMESR_VARIANTS:
+            raise ValueError(f"unknown DMESR variant {name!r}; choose one of {sorted(DMESR_VARIANTS)}")
+        return cls(**{**DMESR_VARIANTS[name], **overrides})
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
@@ -95,6 +148,7 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dmesr: DMESRConfig = dataclasses.field(default_factory=DMESRConfig)
 
     @property
     def run_dir(self):

@@ -108,6 +108,17 @@ class SequentialEvaluator:
 
     def evaluate(self, model):
         """`{protocol: metrics}` for `model` (anything with `score_items(history_ids)`)."""
+        return {
+            protocol: metrics.ranking_metrics_from_ranks(ranks, self.ks)
+            for protocol, ranks in self.ranks(model).items()
+        }
+
+    def ranks(self, model):
+        """`{protocol: ranks}`: the 0-based rank of each target, aligned with `self.targets`.
+
+        `self.targets` is in evaluation order (users sorted by history length),
+        so per-user breakdowns (e.g. by target popularity) index both alike.
+        """
         score = self._score_fns.get(model)
         if score is None:
             score = self._score_fns[model] = tf.function(model.score_items, reduce_retracing=True)
@@ -128,7 +139,4 @@ class SequentialEvaluator:
                 else:
                     negatives = self.negatives[protocol][start:stop]
                     ranks[protocol].append(metrics.sampled_target_ranks(scores, targets, negatives))
-        return {
-            protocol: metrics.ranking_metrics_from_ranks(np.concatenate(r), self.ks)
-            for protocol, r in ranks.items()
-        }
+        return {protocol: np.concatenate(r) for protocol, r in ranks.items()}

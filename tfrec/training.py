@@ -31,6 +31,7 @@ from tfrec.layers import BERT4RecBackbone, GRU4RecBackbone, IdItemEncoder, SASRe
 from tfrec.models import NextItemRecommender
 
 BACKBONES = ("sasrec", "bert4rec", "gru4rec")
+ITEM_ENCODERS = ("id", "dmesr")
 
 
 def build_backbone(model_config):
@@ -69,6 +70,28 @@ def build_model(model_config, vocab_size, item_encoder=None, seed=None):
     )
 
 
+def build_item_encoder(config: ExperimentConfig, item_vocab):
+    """The item encoder `config.model.item_encoder` names, over `item_vocab`.
+
+    `"dmesr"` reads the semantic store `config.dmesr.store_path` (its vocabulary
+    must be `item_vocab`: `VocabularyMismatchError` otherwise) and builds a
+    `DMESRItemEncoder`; `"id"` gives `IdItemEncoder`.
+    """
+    mc = config.model
+    if mc.item_encoder == "id":
+        return IdItemEncoder(item_vocab.size, mc.embedding_dim)
+    if mc.item_encoder == "dmesr":
+        from tfrec.models.dmesr import build_dmesr_item_encoder, load_dmesr_tables
+
+        if not config.dmesr.store_path:
+            raise ValueError(
+                "model.item_encoder=dmesr needs dmesr.store_path: the semantic store written by `tfrec encode`."
+            )
+        tables = load_dmesr_tables(config.dmesr.store_path, config.dmesr, item_vocab=item_vocab)
+        return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim)
+    raise ValueError(f"unknown model.item_encoder {mc.item_encoder!r}; choose one of {ITEM_ENCODERS}")
+
+
 def load_interactions(data_config):
     """The interactions DataFrame named by a `DataConfig`, plus a source label."""
     if data_config.interactions_path:
@@ -80,19 +103,24 @@ def load_interactions(data_config):
 class BestEpochTracker(keras.callbacks.Callback):
     """Validation after every epoch; keeps the best weights; stops early.
 
-    Adds `val_<metric>` (full ranking) to the epoch logs, so the History,
-    progress bar and TensorBoard callbacks placed after it record them.
+    Adds `val_<metric>` to the epoch logs, so the History, progress bar and
+    TensorBoard callbacks placed after it record them.
 
     Args:
-        evaluator: a `SequentialEvaluator` with protocol "full".
-        monitor: metric name, e.g. "ndcg@10" (higher is better).
+        evaluator: an object whose `evaluate(model)` returns metrics: a
+            `SequentialEvaluator` with protocol "full" (`{protocol: {metric:
+            value}}`), or any evaluator returning `{metric: value}` directly
+            with `protocol=None` (e.g. the CTR evaluator of `tfrec.ctr_training`).
+        monitor: metric name, e.g. "ndcg@10" or "auc" (higher is better).
         patience: epochs without improvement before stopping.
-        max_seconds: optional wall-time budget for training.
+        max_seconds: optional wall-time budget for training (checked at epoch ends).
+        protocol: the key of `evaluate()`'s result holding the metrics, or None.
     """
 
-    def __init__(self, evaluator, monitor="ndcg@10", patience=10, max_seconds=None):
+    def __init__(self, evaluator, monitor="ndcg@10", patience=10, max_seconds=None, protocol="full"):
         super().__init__()
         self.evaluator = evaluator
+        self.protocol = protocol
         self.monitor = monitor
         self.patience = patience
         self.max_seconds = max_seconds
@@ -104,7 +132,9 @@ class BestEpochTracker(keras.callbacks.Callback):
         self.best_seconds = 0.0
 
     def on_epoch_end(self, epoch, logs=None):
-        result = self.evaluator.evaluate(self.model)["full"]
+        result = self.evaluator.evaluate(self.model)
+        if self.protocol is not None:
+            result = result[self.protocol]
         elapsed = time.perf_counter() - self.start
         self.history.append({"epoch": epoch + 1, "seconds": elapsed, **result})
         if logs is not None:
@@ -203,7 +233,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
     data, split = prepare_split(config)
     mc, tc = config.model, config.train
 
-    model = build_model(mc, data.item_vocab.size, seed=tc.seed)
+    model = build_model(mc, data.item_vocab.size, item_encoder=build_item_encoder(config, data.item_vocab), seed=tc.seed)
     # Popularity for sampled-softmax proposals: training items only (no leak of targets).
     model.set_item_counts(np.bincount(np.concatenate(split.train), minlength=data.item_vocab.size))
     model.compile(optimizer=build_optimizer(tc), jit_compile=False)

@@ -57,56 +57,12 @@ from typing import Optional
 
 import numpy as np
 
+from tfrec.config import DMESR_VARIANTS, DMESRConfig  # noqa: F401  (re-exported)
 from tfrec.data.vocab import NUM_RESERVED
 from tfrec.layers.dmesr_encoder import COMBINES, DMESRItemEncoder
 
 ATTRIBUTE_VIEW = "attributes"
 PCA_FIT_ROWS = 65536
-
-DMESR_VARIANTS = {
-    "dmesr": {},
-    "dmesr-no-align": {"align": False},
-    "dmesr-no-fusion": {"fuse": False},
-    "dmesr-no-text-tokens": {"use_tokens": False},
-}
-
-
-@dataclasses.dataclass
-class DMESRConfig:
-    """Every DMESR option (see the module docstring for defaults and origins)."""
-
-    store_path: Optional[str] = None
-    views: tuple = ()
-    token_view: str = "title"
-    use_attributes: bool = True
-    use_tokens: bool = True
-    max_tokens: int = 32
-    view_pca_dim: Optional[int] = 128
-    token_pca_dim: Optional[int] = 64
-    trainable_semantics: bool = False
-    shared_view_projection: bool = False
-    align: bool = True
-    alignment_weight: float = 0.1
-    temperature: float = 0.1
-    learnable_temperature: bool = False
-    align_pairs: tuple = ()
-    projection_dim: Optional[int] = None
-    head_layers: int = 0
-    fuse: bool = True
-    fusion_heads: int = 2
-    fusion_key_dim: Optional[int] = None
-    fusion_dropout: float = 0.0
-    combine: str = "gate"
-    dropout: float = 0.1
-    catalog_refresh_steps: int = 50
-
-    @classmethod
-    def variant(cls, name, **overrides):
-        """The config of a benchmark variant (`DMESR_VARIANTS`), plus overrides."""
-        if name not in DMESR_VARIANTS:
-            raise ValueError(f"unknown DMESR variant {name!r}; choose one of {sorted(DMESR_VARIANTS)}")
-        return cls(**{**DMESR_VARIANTS[name], **overrides})
-
 
 @dataclasses.dataclass
 class DMESRTables:

@@ -1,0 +1,566 @@
+"""Training of the lifelong CTR models (R2LED and its baselines): config, item semantics, fit, evaluate.
+
+`train_ctr(config)` is what `tfrec ctr train` runs:
+
+1. lifelong CTR samples (`tfrec.data.lifelong`: rating >= 4 = click, global time
+   split, item vocabulary from training events), optionally restricted to a random
+   subset of users (`data.max_train_samples`, for quick runs);
+2. item semantics (`prepare_item_semantics`): the semantic store whose rows follow
+   that item vocabulary (`sids.store_path`; written by `tfrec ctr encode`: MiniLM
+   over "Title (Year). Genres: A, B"), semantic IDs fitted on its pooled `view`
+   (RQ-KMeans or RQ-VAE, `tfrec.semantics.sids.fit_sids`), and the pooled vectors
+   (SIM-soft's frozen semantic table);
+3. the model `model.name` names: `r2led` or an ablation of `R2LED_VARIANTS`, or a
+   baseline of `CTR_BASELINES` (`din`, `sim-hard`, `sim-soft`, `eta`, `twin`, `full`);
+4. `model.fit` with log loss; after every epoch (one pass over the training
+   samples, or `train.steps_per_epoch` batches) the validation AUC is computed and
+   the best weights kept (`tfrec.training.BestEpochTracker`); training stops after
+   `patience` epochs without a new best or once `max_train_seconds` are spent
+   (checked at epoch ends), and the best weights are restored;
+5. validation and test AUC, GAUC (by user) and LogLoss (`evaluate_ctr`), next to
+   the item-popularity reference (smoothed training click rate of the target);
+6. the run directory gets `model.keras`, `results.json` and the fitted SIDs (`sids/`).
+
+Budget matching (ours): R2LED attends `top_k` behaviours per route; a baseline keeps
+`baseline_top_k` behaviours, by default as many as R2LED attends in total
+(routes x `top_k`), so both see the same number of behaviours. SIDs are fitted once
+per run with `sids.seed` (not the training seed) and without the de-duplication
+level by default: R2LED's routes use SID prefixes, an extra "which duplicate" level
+would only add a route matching the target itself.
+
+CLI: `tfrec ctr train --config configs/r2led_ml1m.yaml [key=value ...]`,
+`tfrec ctr evaluate --config ... [--model run/model.keras]`, `tfrec ctr encode --config ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tfrec.config import build_config, load_config_values
+
+STORE_COMMAND = "tfrec ctr encode --config CONFIG"
+QUANTIZERS = ("rqkmeans", "rqvae")
+MONITORS = ("auc", "gauc")
+
+
+# ------------------------------------------------------------------ config
+@dataclasses.dataclass
+class CTRDataConfig:
+    """Lifelong CTR data (`tfrec.data.lifelong.load_lifelong_dataset` arguments).
+
+    `max_train_samples`: keep a random subset of users (fixed by `subsample_seed`)
+    whose training samples add up to at most this many; their validation and test
+    samples are kept, the others dropped (the item vocabulary is unchanged)."""
+
+    dataset: str = "movielens-1m-subset"
+    data_root: Optional[str] = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    vocabulary: str = "train"
+    min_history: int = 1
+    max_train_samples: Optional[int] = None
+    subsample_seed: int = 0
+
+
+@dataclasses.dataclass
+class CTRModelConfig:
+    """Model name and options. R2LED options as in `tfrec.models.r2led.R2LED`
+    (`route_levels: []` = every level); a variant name's overrides win over them.
+    `top_k` is R2LED's per-route budget; `baseline_top_k` the baselines' (None =
+    routes x `top_k`: the same number of behaviours as R2LED attends)."""
+
+    name: str = "r2led"
+    embedding_dim: int = 32
+    mlp_units: tuple = (64, 32)
+    dropout: float = 0.0
+    max_history: int = 1024
+    top_k: int = 32
+    baseline_top_k: Optional[int] = None
+    route_levels: tuple = ()
+    mix: str = "boost"
+    alpha: float = 0.5
+    similarity: str = "cosine"
+    candidates: Optional[int] = None
+    gate: str = "vector"
+    route_fusion: str = "attention"
+    attention_form: str = "dot"
+    num_heads: int = 2
+    fuse_table: bool = True
+    simhash_bits: int = 32
+
+
+@dataclasses.dataclass
+class CTRSidsConfig:
+    """Item semantics: the store (`tfrec ctr encode`) and the SIDs fitted on its `view`.
+    `codebook_size`: one size per level, or one for all. Other keys as `SidsConfig`."""
+
+    store_path: str = "artifacts/semantics/movielens-1m-subset"
+    view: str = "title"
+    quantizer: str = "rqkmeans"
+    levels: int = 3
+    codebook_size: tuple = (32, 32, 32)
+    deduplicate: bool = False
+    seed: int = 0
+    iterations: int = 20
+    epochs: int = 50
+    latent_dim: int = 32
+
+
+@dataclasses.dataclass
+class CTRTrainConfig:
+    """Optimisation (`tfrec.training.build_optimizer`), early stopping on validation
+    `monitor` (`auc` or `gauc`), budget."""
+
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    clipnorm: Optional[float] = None
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None
+    patience: int = 2
+    monitor: str = "auc"
+    seed: int = 42
+    max_train_seconds: Optional[float] = None
+
+
+@dataclasses.dataclass
+class CTRConfig:
+    name: str = "r2led-ml1m"
+    output_dir: str = "runs"
+    data: CTRDataConfig = dataclasses.field(default_factory=CTRDataConfig)
+    model: CTRModelConfig = dataclasses.field(default_factory=CTRModelConfig)
+    sids: CTRSidsConfig = dataclasses.field(default_factory=CTRSidsConfig)
+    train: CTRTrainConfig = dataclasses.field(default_factory=CTRTrainConfig)
+
+    @property
+    def run_dir(self):
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def model_names():
+    from tfrec.models.ctr_baselines import CTR_BASELINES
+    from tfrec.models.r2led import R2LED_VARIANTS
+
+    return (*R2LED_VARIANTS, *CTR_BASELINES)
+
+
+def check_ctr_config(config: CTRConfig) -> CTRConfig:
+    """Value checks that name the offending key (types are checked by `build_config`)."""
+    from tfrec.data.lifelong import VOCABULARIES
+
+    choices = {"model.name": (config.model.name, model_names()),
+               "sids.quantizer": (config.sids.quantizer, QUANTIZERS),
+               "train.monitor": (config.train.monitor, MONITORS),
+               "data.vocabulary": (config.data.vocabulary, VOCABULARIES)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"config key {key} must be one of {', '.join(allowed)}; got {value!r}")
+    positive = {"model.max_history": config.model.max_history, "model.top_k": config.model.top_k,
+                "model.embedding_dim": config.model.embedding_dim, "sids.levels": config.sids.levels,
+                "train.batch_size": config.train.batch_size, "train.eval_batch_size": config.train.eval_batch_size,
+                "train.epochs": config.train.epochs, "train.patience": config.train.patience,
+                "model.baseline_top_k": config.model.baseline_top_k,
+                "train.steps_per_epoch": config.train.steps_per_epoch,
+                "data.max_train_samples": config.data.max_train_samples}
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"config key {key} must be >= 1, got {value!r}")
+    if len(config.sids.codebook_size) not in (1, config.sids.levels):
+        raise ValueError(f"config key sids.codebook_size must have 1 or sids.levels={config.sids.levels} entries, "
+                         f"got {list(config.sids.codebook_size)}")
+    return config
+
+
+def load_ctr_config(path=None, overrides=()) -> CTRConfig:
+    """A checked `CTRConfig` from a YAML file (or defaults) plus dotted overrides.
+
+    >>> load_ctr_config(None, ["model.name=din", "train.epochs=3"]).model.name
+    'din'
+    """
+    return check_ctr_config(build_config(CTRConfig, load_config_values(path, overrides)))
+
+
+# -------------------------------------------------------------------- data
+def subsample_users(data, max_train_samples: int, seed: int = 0):
+    """`data` restricted to random users whose training samples total <= `max_train_samples`
+    (at least one user); every split keeps only those users' samples."""
+    from tfrec.data.lifelong import LifelongSamples
+
+    counts = np.bincount(data.splits["train"].user, minlength=len(data.users))
+    order = np.random.default_rng(seed).permutation(len(data.users))
+    within = np.cumsum(counts[order]) <= max_train_samples
+    within[0] = True
+    keep = np.zeros(len(data.users), bool)
+    keep[order[within]] = True
+    splits = {}
+    for name, samples in data.splits.items():
+        rows = keep[samples.user]
+        splits[name] = LifelongSamples(**{f.name: getattr(samples, f.name)[rows]
+                                          for f in dataclasses.fields(LifelongSamples)})
+    metadata = {**data.metadata, "num_samples": {n: int(len(s)) for n, s in splits.items()},
+                "subsample": {"max_train_samples": int(max_train_samples), "seed": int(seed),
+                              "users_kept": int(keep.sum())}}
+    return dataclasses.replace(data, splits=splits, metadata=metadata)
+
+
+def load_ctr_data(data_config: CTRDataConfig):
+    """The `LifelongData` a `CTRDataConfig` names."""
+    from tfrec.data.lifelong import load_lifelong_dataset
+
+    dc = data_config
+    data = load_lifelong_dataset(dc.dataset, dc.data_root, valid_fraction=dc.valid_fraction,
+                                 test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
+                                 min_history=dc.min_history)
+    if dc.max_train_samples is not None:
+        data = subsample_users(data, dc.max_train_samples, dc.subsample_seed)
+    return data
+
+
+# --------------------------------------------------------------- semantics
+@dataclasses.dataclass
+class ItemSemantics:
+    """What the CTR models read from item semantics, rows = item ids.
+
+    Attributes:
+        pooled: `(V, d)` float32 pooled text vectors of the store view (zeros = none).
+        store_path: the store version folder; store_fingerprint: its fingerprint.
+        item_sids: `(V, L)` int32 semantic IDs, -1 = none (padding, OOV, no text),
+            or None when not fitted.
+        codebook_sizes: list of int per SID level (None without SIDs).
+        sids: the `SemanticIds`; quantizer: the fitted `ResidualQuantizer` (or None).
+    """
+
+    pooled: np.ndarray
+    store_path: Path
+    store_fingerprint: str
+    item_sids: Optional[np.ndarray] = None
+    codebook_sizes: Optional[list] = None
+    sids: object = None
+    quantizer: object = None
+
+    def describe(self) -> dict:
+        out = {"store": str(self.store_path), "store_fingerprint": self.store_fingerprint}
+        if self.sids is not None:
+            meta = self.sids.metadata
+            out.update(sids_fingerprint=meta["fingerprint"], mode=meta["mode"], codebook_sizes=self.codebook_sizes,
+                       deduplicated=meta["deduplicated"], diagnostics=meta["diagnostics"],
+                       fit_seconds=meta["fit_seconds"])
+        return out
+
+
+def load_store_for(store_path, item_vocab):
+    """The semantic store under `store_path` whose rows follow `item_vocab`.
+
+    `store_path` is a store folder or a versions root; in a root, `LATEST` is tried
+    first, then the newest version built for this vocabulary (one root can hold the
+    stores of several vocabularies). Raises `FileNotFoundError` when there is no
+    store and `VocabularyMismatchError` when none matches, both naming the command
+    that builds it."""
+    from tfrec.semantics.store import (
+        METADATA_FILE, SemanticStore, VocabularyMismatchError, list_versions, vocabulary_fingerprint)
+
+    root = Path(store_path)
+    if not root.exists():
+        raise FileNotFoundError(f"semantic store not found: {root}; build it for this data with `{STORE_COMMAND}`")
+    try:
+        return SemanticStore.load(root, item_vocab=item_vocab)
+    except VocabularyMismatchError as err:
+        wanted = vocabulary_fingerprint(item_vocab)
+        for version in reversed(list_versions(root)):
+            try:
+                meta = json.loads((version / METADATA_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("item_vocab", {}).get("fingerprint") == wanted:
+                return SemanticStore.load(version, item_vocab=item_vocab)
+        raise VocabularyMismatchError(f"{err}. No version under {root} follows this item vocabulary "
+                                      f"(size {item_vocab.size}); build one with `{STORE_COMMAND}`") from None
+
+
+def sids_config(section: CTRSidsConfig):
+    """The `tfrec.semantics.sids.SidsConfig` of a `sids:` config section."""
+    from tfrec.semantics.sids import SidsConfig
+
+    sizes = list(section.codebook_size) * (section.levels if len(section.codebook_size) == 1 else 1)
+    return SidsConfig(mode=section.quantizer, num_levels=section.levels, codebook_size=[int(s) for s in sizes],
+                      deduplicate=section.deduplicate, seed=section.seed, iterations=section.iterations,
+                      epochs=section.epochs, latent_dim=section.latent_dim)
+
+
+def prepare_item_semantics(data, store_path, section: Optional[CTRSidsConfig] = None,
+                           fit: bool = True) -> ItemSemantics:
+    """SIDs and pooled vectors for the item vocabulary of lifelong `data`.
+
+    Args:
+        data: `LifelongData`; its `item_vocab` must be the store's vocabulary.
+        store_path: semantic store folder or versions root (see `load_store_for`).
+        section: a `CTRSidsConfig` (view, quantizer, levels, codebook sizes, seed).
+        fit: fit the SIDs (False: pooled vectors only, e.g. for SIM-soft).
+    """
+    from tfrec.semantics.sids import fit_sids
+
+    section = section or CTRSidsConfig()
+    store = load_store_for(store_path, data.item_vocab)
+    view = store.view(section.view)
+    pooled = np.asarray(view.pooled, np.float32)
+    if not fit:
+        return ItemSemantics(pooled, store.path, store.fingerprint)
+    sids, quantizer = fit_sids(pooled, store.fingerprint, sids_config(section), mask=np.asarray(view.mask, bool),
+                               item_vocab=data.item_vocab, source={"store": str(store.path), "view": section.view})
+    codes = sids.codes
+    sizes = list(sids.metadata["codebook_sizes"])
+    if sids.metadata["deduplicated"]:
+        sizes.append(int(sids.metadata["dedup_level_size"]))
+    return ItemSemantics(pooled, store.path, store.fingerprint, codes, sizes, sids, quantizer)
+
+
+def encode_lifelong_store(data, out_dir, dataset: str = "movielens-1m-subset", data_root=None, **encode_kwargs):
+    """Encode "title + genres" of exactly `data.item_vocab` into the store root `out_dir`.
+
+    The vocabulary is written as a prepared-data folder holding `item_vocab.txt`
+    (all `tfrec.semantics.encode.encode_items` reads from one) and encoded from the
+    dataset's item table; an identical existing version is reused."""
+    from tfrec.data.preprocess import ITEM_VOCAB_FILE
+    from tfrec.semantics.encode import encode_items
+
+    with tempfile.TemporaryDirectory(prefix="tfrec-ctr-vocab-") as folder:
+        data.item_vocab.save(Path(folder) / ITEM_VOCAB_FILE)
+        return encode_items(folder, out_dir=out_dir, dataset=dataset, data_root=data_root, **encode_kwargs)
+
+
+# ------------------------------------------------------------------- model
+def build_ctr_model(config: CTRConfig, data, semantics: Optional[ItemSemantics], seed: int = 0):
+    """The model `config.model.name` names, over the item tables of `data` / `semantics`."""
+    from tfrec.models.ctr_baselines import CTR_BASELINES, build_ctr_baseline
+    from tfrec.models.r2led import R2LED, R2LED_VARIANTS, r2led_variant
+
+    mc = config.model
+    common = dict(embedding_dim=mc.embedding_dim, mlp_units=tuple(mc.mlp_units), dropout=mc.dropout)
+    vocab_size = data.item_vocab.size
+    if mc.name in R2LED_VARIANTS:
+        if semantics is None or semantics.item_sids is None:
+            raise ValueError(f"model {mc.name!r} needs item semantic IDs (sids.store_path)")
+        levels = semantics.item_sids.shape[1]
+        options = dict(route_levels=list(mc.route_levels) or None, top_k=mc.top_k, mix=mc.mix, alpha=mc.alpha,
+                       similarity=mc.similarity, candidates=mc.candidates, gate=mc.gate,
+                       route_fusion=mc.route_fusion, attention_form=mc.attention_form, num_heads=mc.num_heads,
+                       fuse_table=mc.fuse_table)
+        options.update(r2led_variant(mc.name, levels))
+        return R2LED(vocab_size, semantics.item_sids, sid_codebook_sizes=semantics.codebook_sizes,
+                     **common, **options, name=mc.name.replace("-", "_"))
+    if mc.name not in CTR_BASELINES:
+        raise ValueError(f"config key model.name must be one of {', '.join(model_names())}; got {mc.name!r}")
+    routes = len(mc.route_levels) or config.sids.levels + int(config.sids.deduplicate)  # R2LED's route count
+    extra = {}
+    if mc.name == "sim-hard":
+        if data.item_genres is None:
+            raise ValueError("model sim-hard needs item genres: the dataset has no item table")
+        extra["item_genres"] = data.item_genres
+    if mc.name == "sim-soft":
+        if semantics is None:
+            raise ValueError("model sim-soft needs the semantic store's pooled vectors (sids.store_path)")
+        extra["item_semantic"] = semantics.pooled
+    return build_ctr_baseline(mc.name, vocab_size, **common, top_k=mc.baseline_top_k or routes * mc.top_k,
+                              num_heads=mc.num_heads, simhash_bits=mc.simhash_bits, seed=seed, **extra)
+
+
+def needs_semantics(name: str):
+    """What model `name` reads from the store: "sids", "pooled" or None."""
+    from tfrec.models.r2led import R2LED_VARIANTS
+
+    return "sids" if name in R2LED_VARIANTS else "pooled" if name == "sim-soft" else None
+
+
+# -------------------------------------------------------------- evaluation
+class CTREvaluator:
+    """`evaluate(model)` -> `{"auc", "gauc", "logloss"}` on one split (GAUC by user),
+    for `BestEpochTracker(..., protocol=None)` and the final evaluation."""
+
+    def __init__(self, data, split, batch_size=512, max_history=1024):
+        from tfrec.data.lifelong import lifelong_dataset
+
+        self.samples = data.splits[split]
+        self.dataset = lifelong_dataset(data, split, batch_size=batch_size, max_history=max_history)
+
+    def evaluate(self, model):
+        from tfrec.models.ctr_baselines import evaluate_ctr
+
+        result = evaluate_ctr(model, self.dataset, groups=self.samples.user)
+        return {k: result[k] for k in ("auc", "gauc", "logloss")}
+
+
+def popularity_metrics(data, split) -> dict:
+    """AUC / GAUC / LogLoss of the item-popularity reference (training click rate of the target)."""
+    from tfrec.metrics import auc, gauc, logloss
+
+    samples = data.splits[split]
+    predictions = data.item_click_prior()[samples.target_id]
+    return {"auc": auc(samples.label, predictions), "gauc": gauc(samples.label, predictions, samples.user),
+            "logloss": logloss(samples.label, predictions)}
+
+
+def evaluate_ctr_splits(config: CTRConfig, model, data) -> dict:
+    return {split: CTREvaluator(data, split, config.train.eval_batch_size, config.model.max_history).evaluate(model)
+            for split in ("valid", "test")}
+
+
+# ---------------------------------------------------------------- training
+def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None):
+    """Train, evaluate and (optionally) save one lifelong CTR model.
+
+    Args:
+        config: a `CTRConfig` (`load_ctr_config`).
+        verbose: Keras `fit` verbosity.
+        save: write `model.keras`, `results.json` and `sids/` under `config.run_dir`.
+        data: optional `LifelongData` (default: `load_ctr_data(config.data)`).
+        semantics: optional `ItemSemantics` for `data` (default: `prepare_item_semantics`
+            from `config.sids` when the model needs them).
+
+    Returns:
+        `(results, model, data)`.
+    """
+    import keras
+
+    from tfrec.data.lifelong import lifelong_dataset
+    from tfrec.training import BestEpochTracker, build_optimizer
+
+    check_ctr_config(config)
+    mc, tc = config.model, config.train
+    data = data if data is not None else load_ctr_data(config.data)
+    if semantics is None and needs_semantics(mc.name):
+        semantics = prepare_item_semantics(data, config.sids.store_path, config.sids,
+                                           fit=needs_semantics(mc.name) == "sids")
+    keras.utils.set_random_seed(tc.seed)
+    model = build_ctr_model(config, data, semantics, seed=tc.seed)
+    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
+    train_ds = lifelong_dataset(data, "train", batch_size=tc.batch_size, max_history=mc.max_history,
+                                shuffle=True, seed=tc.seed)
+    if tc.steps_per_epoch is not None:
+        train_ds = train_ds.repeat()
+    tracker = BestEpochTracker(CTREvaluator(data, "valid", tc.eval_batch_size, mc.max_history), monitor=tc.monitor,
+                               patience=tc.patience, max_seconds=tc.max_train_seconds, protocol=None)
+    start = time.perf_counter()
+    history = model.fit(train_ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch, callbacks=[tracker],
+                        verbose=verbose)
+    train_seconds = time.perf_counter() - start
+    epochs_run = len(history.history.get("loss", []))
+    steps = tc.steps_per_epoch or -(-len(data.splits["train"]) // tc.batch_size)
+    results = {
+        "config": config.to_dict(),
+        "data": data.metadata,
+        "semantics": semantics.describe() if semantics is not None else None,
+        "model": {"class": type(model).__name__, "parameters": int(model.count_params())},
+        "splits": evaluate_ctr_splits(config, model, data),
+        "reference": {"popularity": {s: popularity_metrics(data, s) for s in ("valid", "test")}},
+        "epochs": epochs_run,
+        "best_epoch": tracker.best_epoch,
+        "train_seconds": train_seconds,
+        "seconds_to_best": tracker.best_seconds,
+        "samples_per_second": epochs_run * steps * tc.batch_size / max(train_seconds, 1e-9),
+        "validation_curve": tracker.history,
+        "loss_curve": [float(v) for v in history.history.get("loss", [])],
+    }
+    if save:
+        run_dir = config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model.save(run_dir / "model.keras")
+        if semantics is not None and semantics.quantizer is not None and needs_semantics(mc.name) == "sids":
+            from tfrec.semantics.sids import save_sids
+
+            save_sids(semantics.sids, semantics.quantizer, run_dir / "sids")
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results, model, data
+
+
+def load_ctr_model(config: CTRConfig, model_path=None):
+    """`(model, path)`: the model `tfrec ctr train` saved for `config` (or `model_path`)."""
+    import keras
+
+    import tfrec.models.ctr_baselines  # noqa: F401  (registers the classes)
+    import tfrec.models.r2led  # noqa: F401
+
+    path = Path(model_path or config.run_dir / "model.keras")
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path}; run `tfrec ctr train` first or pass --model")
+    return keras.saving.load_model(path), path
+
+
+def evaluate_saved_ctr(config: CTRConfig, model, data=None) -> dict:
+    """Validation and test metrics of a saved model on the data `config` names."""
+    data = data if data is not None else load_ctr_data(config.data)
+    if model.vocab_size != data.item_vocab.size:
+        raise ValueError(f"model has {model.vocab_size} item ids but the configured data has "
+                         f"{data.item_vocab.size}: was it trained with other data settings?")
+    return {"config": config.to_dict(), "data": data.metadata, "splits": evaluate_ctr_splits(config, model, data),
+            "reference": {"popularity": {s: popularity_metrics(data, s) for s in ("valid", "test")}}}
+
+
+# --------------------------------------------------------------------- CLI
+def format_ctr_results(results) -> str:
+    from tfrec.metrics import format_metrics_table
+
+    rows = [{"split": split, "model": results["config"]["model"]["name"], **metrics}
+            for split, metrics in results["splits"].items()]
+    rows += [{"split": split, "model": "popularity", **metrics}
+             for split, metrics in results["reference"]["popularity"].items()]
+    return format_metrics_table(rows)
+
+
+def _cmd_train(args):
+    config = load_ctr_config(args.config, args.overrides)
+    results, _, _ = train_ctr(config, verbose="auto" if sys.stdout.isatty() else 2)
+    print()
+    print(format_ctr_results(results))
+    print(f"\nepochs {results['epochs']} (best {results['best_epoch']}), train {results['train_seconds']:.0f}s, "
+          f"{results['samples_per_second']:.0f} samples/s")
+    print(f"model, SIDs and results.json in {config.run_dir}")
+
+
+def _cmd_evaluate(args):
+    config = load_ctr_config(args.config, args.overrides)
+    model, path = load_ctr_model(config, args.model)
+    results = evaluate_saved_ctr(config, model)
+    print(format_ctr_results(results))
+    out = path.parent / "evaluation.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+def _cmd_encode(args):
+    config = load_ctr_config(args.config, args.overrides)
+    data = load_ctr_data(config.data)
+    store = encode_lifelong_store(data, args.out or config.sids.store_path, dataset=config.data.dataset,
+                                  data_root=config.data.data_root, force=args.force)
+    print(f"semantic store {store.path}: {store.item_vocab.size} rows (the lifelong item vocabulary)")
+
+
+def add_commands(subparsers) -> None:
+    """Register `tfrec ctr train | evaluate | encode`."""
+    ctr = subparsers.add_parser("ctr", help="lifelong CTR models (R2LED and baselines)")
+    sub = ctr.add_subparsers(dest="ctr_command", required=True)
+    for name, func, text in (
+        ("train", _cmd_train, "train, evaluate and save a CTR model"),
+        ("evaluate", _cmd_evaluate, "evaluate a saved CTR model on the validation and test splits"),
+        ("encode", _cmd_encode, "encode the semantic store for the lifelong item vocabulary (MiniLM)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML CTR config (see configs/r2led_ml1m.yaml)")
+        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=din train.epochs=3")
+        if name == "evaluate":
+            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
+        if name == "encode":
+            cmd.add_argument("--out", help="store root (default: sids.store_path)")
+            cmd.add_argument("--force", action="store_true", help="re-encode even if an identical version exists")
+        cmd.set_defaults(func=func)
