@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 from tfrec.config import load_config  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from tfrec.training import train_sequential  # noqa: E402
+from _records import sequential_records  # noqa: E402
 
 DATASETS = ("amazon-beauty", "amazon-sports", "amazon-toys")
 MODELS = ("sasrec", "bert4rec", "gru4rec")
-REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
 TARGET_VAL_NDCG10 = 0.05  # the RecBole reference's validation milestone on Beauty
 
 
@@ -53,29 +53,9 @@ def run_one(dataset, model, max_seconds, overrides):
     )
     print(f"== {dataset} / {model}", flush=True)
     results, _, _ = train_sequential(config, verbose=0, save=False)
-    records = []
-    for protocol, metrics in results["splits"]["test"].items():
-        records.append(
-            {
-                "dataset": dataset,
-                "model": model,
-                "variant": "id",
-                "protocol": protocol,
-                "metrics": {k: metrics[k] for k in REPORTED},
-                "epochs": results["epochs"],
-                "train_seconds": results["train_seconds"],
-                "examples_per_second": results["examples_per_second"],
-                "best_epoch": results["best_epoch"],
-                "seconds_to_best": results["seconds_to_best"],
-                "seconds_to_val_ndcg10_0.05": first_time_reaching(results["validation_curve"], TARGET_VAL_NDCG10),
-                "valid_metrics": {k: results["splits"]["valid"][protocol][k] for k in REPORTED},
-                "validation_curve": [
-                    {"epoch": p["epoch"], "seconds": p["seconds"], "ndcg@10": p["ndcg@10"]}
-                    for p in results["validation_curve"]
-                ],
-                "config": results["config"],
-            }
-        )
+    reached = first_time_reaching(results["validation_curve"], TARGET_VAL_NDCG10)
+    records = sequential_records(results, dataset, model, "id",
+                                 extra=lambda protocol: {"seconds_to_val_ndcg10_0.05": reached})
     print(
         f"   test full ndcg@10 {results['splits']['test']['full']['ndcg@10']:.4f}, "
         f"{results['epochs']} epochs, {results['train_seconds']:.0f}s",

@@ -43,10 +43,10 @@ from tfrec.data.preprocess import save_prepared  # noqa: E402
 from tfrec.evaluation import SequentialEvaluator  # noqa: E402
 from tfrec.metrics import format_metrics_table, ranking_metrics_from_ranks  # noqa: E402
 from tfrec.training import _evaluator_args, prepare_split, train_sequential  # noqa: E402
+from _records import sequential_records  # noqa: E402
 
 MODELS = ("sasrec", "bert4rec", "gru4rec")
 VARIANTS = ("id", *DMESR_VARIANTS)
-REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
 # Items ranked by training interactions: the head is the most popular 20% of
 # items, the tail the least popular 50% (cold items included), torso between.
 BUCKETS = (("head", 0.0, 0.2), ("torso", 0.2, 0.5), ("tail", 0.5, 1.0))
@@ -119,7 +119,6 @@ def run_one(model_name, variant, store_path, max_seconds, overrides):
     results, model, data = train_sequential(config, verbose=0, save=False)
     _, split = prepare_split(config)
     seconds, users = scoring_seconds(model, split, config.model.max_length)
-    curve = results["validation_curve"]
     epoch_seconds = results["train_seconds"] / max(results["epochs"], 1)
     cost = {
         "epoch_seconds": epoch_seconds,
@@ -128,29 +127,10 @@ def run_one(model_name, variant, store_path, max_seconds, overrides):
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
     }
     buckets = bucket_metrics(model, config, data, split)
-    records = []
-    for protocol, metrics in results["splits"]["test"].items():
-        records.append(
-            {
-                "dataset": config.data.dataset,
-                "model": model_name,
-                "variant": variant,
-                "protocol": protocol,
-                "metrics": {k: metrics[k] for k in REPORTED},
-                "epochs": results["epochs"],
-                "train_seconds": results["train_seconds"],
-                "examples_per_second": results["examples_per_second"],
-                "best_epoch": results["best_epoch"],
-                "seconds_to_best": results["seconds_to_best"],
-                "valid_metrics": {k: results["splits"]["valid"][protocol][k] for k in REPORTED},
-                "popularity_buckets": buckets if protocol == "full" else None,
-                "cost": cost,
-                "validation_curve": [
-                    {"epoch": p["epoch"], "seconds": p["seconds"], "ndcg@10": p["ndcg@10"]} for p in curve
-                ],
-                "config": results["config"],
-            }
-        )
+    records = sequential_records(
+        results, config.data.dataset, model_name, variant,
+        extra=lambda protocol: {"popularity_buckets": buckets if protocol == "full" else None, "cost": cost},
+    )
     print(
         f"   test full ndcg@10 {results['splits']['test']['full']['ndcg@10']:.4f}, "
         f"{results['epochs']} epochs ({epoch_seconds:.0f}s each), best epoch {results['best_epoch']}",

@@ -92,13 +92,15 @@ def test_config_errors_name_the_key(override, key):
         load_ctr_config(None, [override])
 
 
-def test_repository_config_loads_and_cli_reports_bad_keys(monkeypatch, capsys):
+def test_repository_config_loads_and_cli_reports_bad_input(tmp_path, capsys):
     config = load_ctr_config("configs/r2led_ml1m.yaml")
     assert isinstance(config, CTRConfig) and config.model.max_history == 1024
     assert config.data.dataset == "movielens-1m-subset"
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "tfrec.ctr_training"))
     assert cli.main(["ctr", "train", "--config", "configs/r2led_ml1m.yaml", "train.lr=0.1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "model.keras"
+    assert cli.main(["ctr", "evaluate", "--config", "configs/r2led_ml1m.yaml", "--model", str(missing)]) == 2
+    assert "no trained model" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ semantics

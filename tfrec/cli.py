@@ -87,9 +87,28 @@ def _cmd_evaluate(args):
 
     config = load_config(args.config, args.overrides)
     model, model_path = load_trained_model(config, args.model)
-    results = evaluate_saved_model(config, model)
-    print(_tables(results))
-    out = model_path.parent / "evaluation.json"
+    report_evaluation(evaluate_saved_model(config, model), _tables, model_path)
+
+
+def add_config_commands(subparsers, commands, config_help, override_example):
+    """Sub-commands `(name, func, help)` taking `--config` plus dotted overrides
+    (`evaluate` also `--model`); returns `{name: parser}` for extra arguments."""
+    parsers = {}
+    for name, func, text in commands:
+        cmd = subparsers.add_parser(name, help=text)
+        cmd.add_argument("--config", help=config_help)
+        cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
+        if name == "evaluate":
+            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
+        cmd.set_defaults(func=func)
+        parsers[name] = cmd
+    return parsers
+
+
+def report_evaluation(results, format_tables, model_path):
+    """Print an `evaluate` command's tables and write `evaluation.json` beside the model."""
+    print(format_tables(results))
+    out = Path(model_path).parent / "evaluation.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {out}")
 
@@ -109,16 +128,10 @@ def build_parser():
     prep.add_argument("--beam-args", nargs="*", help="Beam pipeline options, e.g. --runner=DirectRunner")
     prep.set_defaults(func=_cmd_prepare)
 
-    for name, func, text in (
+    add_config_commands(sub, (
         ("train", _cmd_train, "train, evaluate and save a next-item model"),
         ("evaluate", _cmd_evaluate, "evaluate a saved model on the validation and test splits"),
-    ):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", help="YAML experiment config (see configs/)")
-        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
-        if name == "evaluate":
-            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
-        cmd.set_defaults(func=func)
+    ), "YAML experiment config (see configs/)", "train.epochs=3")
     for module_name in COMMAND_MODULES:
         _add_module_commands(sub, module_name)
     return parser

@@ -140,15 +140,8 @@ class DMESRConfig:
         return cls(**{**DMESR_VARIANTS[name], **overrides})
 
 
-@dataclasses.dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    output_dir: str = "runs"
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    dmesr: DMESRConfig = dataclasses.field(default_factory=DMESRConfig)
+class RunConfig:
+    """What every top-level run config (dataclass with `name`, `output_dir`) offers."""
 
     @property
     def run_dir(self):
@@ -156,6 +149,17 @@ class ExperimentConfig:
 
     def to_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass
+class ExperimentConfig(RunConfig):
+    name: str = "experiment"
+    output_dir: str = "runs"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dmesr: DMESRConfig = dataclasses.field(default_factory=DMESRConfig)
 
 
 def _coerce(value, default, field_type, key):

@@ -44,7 +44,7 @@ from typing import Optional
 
 import numpy as np
 
-from tfrec.config import build_config, load_config_values
+from tfrec.config import RunConfig, build_config, load_config_values
 
 STORE_COMMAND = "tfrec ctr encode --config CONFIG"
 QUANTIZERS = ("rqkmeans", "rqvae")
@@ -133,20 +133,13 @@ class CTRTrainConfig:
 
 
 @dataclasses.dataclass
-class CTRConfig:
+class CTRConfig(RunConfig):
     name: str = "r2led-ml1m"
     output_dir: str = "runs"
     data: CTRDataConfig = dataclasses.field(default_factory=CTRDataConfig)
     model: CTRModelConfig = dataclasses.field(default_factory=CTRModelConfig)
     sids: CTRSidsConfig = dataclasses.field(default_factory=CTRSidsConfig)
     train: CTRTrainConfig = dataclasses.field(default_factory=CTRTrainConfig)
-
-    @property
-    def run_dir(self):
-        return Path(self.output_dir) / self.name
-
-    def to_dict(self):
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def model_names():
@@ -530,12 +523,10 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     config = load_ctr_config(args.config, args.overrides)
+    from tfrec.cli import report_evaluation
+
     model, path = load_ctr_model(config, args.model)
-    results = evaluate_saved_ctr(config, model)
-    print(format_ctr_results(results))
-    out = path.parent / "evaluation.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten {out}")
+    report_evaluation(evaluate_saved_ctr(config, model), format_ctr_results, path)
 
 
 def _cmd_encode(args):
@@ -548,19 +539,15 @@ def _cmd_encode(args):
 
 def add_commands(subparsers) -> None:
     """Register `tfrec ctr train | evaluate | encode`."""
+    from tfrec.cli import add_config_commands
+
     ctr = subparsers.add_parser("ctr", help="lifelong CTR models (R2LED and baselines)")
     sub = ctr.add_subparsers(dest="ctr_command", required=True)
-    for name, func, text in (
+    parsers = add_config_commands(sub, (
         ("train", _cmd_train, "train, evaluate and save a CTR model"),
         ("evaluate", _cmd_evaluate, "evaluate a saved CTR model on the validation and test splits"),
         ("encode", _cmd_encode, "encode the semantic store for the lifelong item vocabulary (MiniLM)"),
-    ):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", help="YAML CTR config (see configs/r2led_ml1m.yaml)")
-        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=din train.epochs=3")
-        if name == "evaluate":
-            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
-        if name == "encode":
-            cmd.add_argument("--out", help="store root (default: sids.store_path)")
-            cmd.add_argument("--force", action="store_true", help="re-encode even if an identical version exists")
-        cmd.set_defaults(func=func)
+    ), "YAML CTR config (see configs/r2led_ml1m.yaml)", "model.name=din train.epochs=3")
+    parsers["encode"].add_argument("--out", help="store root (default: sids.store_path)")
+    parsers["encode"].add_argument("--force", action="store_true",
+                                   help="re-encode even if an identical version exists")

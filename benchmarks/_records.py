@@ -1,0 +1,34 @@
+"""The record schema shared by the sequential benchmarks (`backbones.py`, `dmesr.py`).
+
+One record per test protocol: `{"dataset", "model", "variant", "protocol",
+"metrics": {REPORTED}, "epochs", "train_seconds", "examples_per_second",
+"best_epoch", "seconds_to_best", "valid_metrics", "validation_curve", "config"}`,
+plus whatever `extra(protocol)` adds. Field names are a contract other tools read.
+"""
+
+REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
+
+
+def sequential_records(results, dataset, model, variant, extra=lambda protocol: {}):
+    """Records of one `train_sequential` result, one per test protocol."""
+    curve = [{"epoch": p["epoch"], "seconds": p["seconds"], "ndcg@10": p["ndcg@10"]}
+             for p in results["validation_curve"]]
+    return [
+        {
+            "dataset": dataset,
+            "model": model,
+            "variant": variant,
+            "protocol": protocol,
+            "metrics": {k: metrics[k] for k in REPORTED},
+            "epochs": results["epochs"],
+            "train_seconds": results["train_seconds"],
+            "examples_per_second": results["examples_per_second"],
+            "best_epoch": results["best_epoch"],
+            "seconds_to_best": results["seconds_to_best"],
+            "valid_metrics": {k: results["splits"]["valid"][protocol][k] for k in REPORTED},
+            **extra(protocol),
+            "validation_curve": curve,
+            "config": results["config"],
+        }
+        for protocol, metrics in results["splits"]["test"].items()
+    ]
