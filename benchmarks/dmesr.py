@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 from tfrec.config import DMESR_VARIANTS, load_config  # noqa: E402
 from tfrec.data.pipelines import pad_right  # noqa: E402
-from tfrec.data.preprocess import save_prepared  # noqa: E402
+from tfrec.data.preprocess import leave_one_out, save_prepared  # noqa: E402
 from tfrec.evaluation import SequentialEvaluator  # noqa: E402
 from tfrec.metrics import format_metrics_table, ranking_metrics_from_ranks  # noqa: E402
 from tfrec.training import _evaluator_args, prepare_split, train_sequential  # noqa: E402
@@ -117,7 +117,7 @@ def run_one(model_name, variant, store_path, max_seconds, overrides):
     )
     print(f"== {config.data.dataset} / {model_name} / {variant}", flush=True)
     results, model, data = train_sequential(config, verbose=0, save=False)
-    _, split = prepare_split(config)
+    split = leave_one_out(data.sequences, min_length=config.data.min_length)  # the split it trained on
     seconds, users = scoring_seconds(model, split, config.model.max_length)
     epoch_seconds = results["train_seconds"] / max(results["epochs"], 1)
     cost = {

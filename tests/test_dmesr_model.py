@@ -358,7 +358,7 @@ def test_train_sequential_with_dmesr_item_encoder(tmp_path):
         "train.epochs=2", "train.batch_size=8", "eval.protocols=[full]",
         "model.item_encoder=dmesr", "dmesr.view_pca_dim=8", "dmesr.token_pca_dim=6", "dmesr.max_tokens=4",
     ]
-    with pytest.raises(ValueError, match="needs dmesr.store_path"):
+    with pytest.raises(ValueError, match="dmesr.store_path"):
         train_sequential(load_config(None, overrides), verbose=0, save=False)
 
     data, _ = prepare_split(load_config(None, overrides))

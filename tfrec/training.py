@@ -83,11 +83,7 @@ def build_item_encoder(config: ExperimentConfig, item_vocab):
     if mc.item_encoder == "dmesr":
         from tfrec.models.dmesr import build_dmesr_item_encoder, load_dmesr_tables
 
-        if not config.dmesr.store_path:
-            raise ValueError(
-                "model.item_encoder=dmesr needs dmesr.store_path: the semantic store written by `tfrec encode`."
-            )
-        tables = load_dmesr_tables(config.dmesr.store_path, config.dmesr, item_vocab=item_vocab)
+        tables = load_dmesr_tables(None, config.dmesr, item_vocab=item_vocab)  # reads dmesr.store_path
         return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim)
     raise ValueError(f"unknown model.item_encoder {mc.item_encoder!r}; choose one of {ITEM_ENCODERS}")
 
