@@ -386,3 +386,29 @@ def test_train_sequential_with_dmesr_item_encoder(tmp_path):
     with pytest.raises(VocabularyMismatchError):
         train_sequential(load_config(None, overrides + [f"dmesr.store_path={tmp_path / 'other'}",
                                                          "dmesr.use_attributes=false"]), verbose=0, save=False)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_item_table_copy_and_export_serve_the_model_scores(trained, name, tmp_path):
+    """`with_item_table()` drops the semantic inputs but keeps every score; the exported
+    SavedModel of a DMESR model answers like `score_items`."""
+    import tensorflow as tf
+
+    from export.saved_model import export_sequential
+    from tfrec.data.vocab import Vocabulary
+
+    model, _ = trained[name]
+    copy = model.with_item_table()
+    assert copy is not model and type(copy.item_encoder).__name__ == "IdItemEncoder"
+    histories = np.array([[2, 3, 4, 0], [11, 12, 13, 14], [5, 0, 0, 0]])
+    want = np_(model.score_items(histories))
+    np.testing.assert_allclose(np_(copy.score_items(histories)), want, rtol=1e-4, atol=1e-4)
+    vocab = Vocabulary([f"i{k}" for k in range(NUM_ITEMS)])
+    path = export_sequential(model, vocab, tmp_path / "recommender", k=3)
+    loaded = tf.saved_model.load(str(path))
+    tokens = np.array([[f"i{k - NUM_RESERVED}" if k else "" for k in row] for row in histories])
+    out = loaded.signatures["recommend"](history=tf.constant(tokens), exclude_history=tf.constant([False] * 3))
+    top = np.argsort(-want[:, NUM_RESERVED:], axis=1, kind="stable")[:, :3]
+    got = np.array([[int(t.decode()[1:]) for t in row] for row in out["item_ids"].numpy()])
+    np.testing.assert_array_equal(got, top)
+    assert not list(path.rglob("*.npy")) and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 2e6

@@ -113,6 +113,16 @@ def report_evaluation(results, format_tables, model_path):
     print(f"\nwritten {out}")
 
 
+def recorded_data_fingerprint(run_dir):
+    """The training data fingerprint a run recorded (`results.json`, else `evaluation.json`), or None."""
+    for name in ("results.json", "evaluation.json"):
+        path = Path(run_dir) / name
+        fingerprint = json.loads(path.read_text()).get("data", {}).get("fingerprint") if path.is_file() else None
+        if fingerprint is not None:
+            return fingerprint
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tfrec", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +158,7 @@ COMMAND_MODULES = (
     "tfrec.ctr_training",
     "export.export_cli",
     "export.commands",
+    "export.demo",
     "tfx_pipeline.commands",
 )
 

@@ -157,6 +157,42 @@ class NextItemRecommender(keras.Model):
         with np.errstate(divide="ignore"):
             self.sampling_log_probs.assign(np.log(probs).astype("float32"))
 
+    def with_item_table(self):
+        """An inference copy whose item encoder is the materialised catalog.
+
+        Every item encoder maps an id to one vector that does not depend on
+        the sequence, so for inference any encoder equals an `IdItemEncoder`
+        holding `all_items()`. The copy shares the backbone (same weights) and
+        gives the same `user_embedding` / `score_items` as this model, without
+        the encoder's inputs (e.g. DMESR's semantic store and token states) or
+        its per-item compute: what a serving graph needs. An `IdItemEncoder`
+        model is returned as is.
+
+        Example:
+        >>> from tfrec.layers import IdItemEncoder, SASRecBackbone
+        >>> model = NextItemRecommender(IdItemEncoder(12, 8), SASRecBackbone(5, num_layers=1), max_length=5)
+        >>> model.with_item_table() is model
+        True
+        """
+        from tfrec.layers.item_encoder import IdItemEncoder
+
+        if type(self.item_encoder) is IdItemEncoder:
+            return self
+        materialize = getattr(self.item_encoder, "materialize", None)  # batched, if the encoder has it
+        table = materialize() if materialize else np.asarray(self.item_encoder.all_items(), dtype="float32")
+        encoder = IdItemEncoder(self.vocab_size, table.shape[1], name="item_table")
+        encoder.build()
+        encoder.embedding.embeddings.assign(table)
+        copy = NextItemRecommender(
+            encoder, self.backbone, self.max_length, objective=self.objective, loss=self.loss_name,
+            num_negatives=self.num_negatives, sampling=self.sampling, temperature=self.temperature, seed=self.seed,
+            name=f"{self.name}_item_table",
+        )
+        copy.sampling_log_probs.assign(self.sampling_log_probs)
+        if self.objective == "cloze":
+            copy.mask_embedding.assign(self.mask_embedding)
+        return copy
+
     # --- forward -------------------------------------------------------
     def _embed(self, item_ids):
         item_ids = ops.cast(item_ids, "int32")
