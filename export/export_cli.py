@@ -8,12 +8,12 @@ Kept apart from `export.saved_model` so that registering the command does not
 import TensorFlow.
 """
 
-import json
 from pathlib import Path
 
 
 def _load_trained(args):
     """`(config, model, item_vocab, data_fingerprint)` as `tfrec evaluate` finds them."""
+    from tfrec.cli import recorded_data_fingerprint
     from tfrec.config import load_config
     from tfrec.data.vocab import Vocabulary
     from tfrec.training import load_trained_model
@@ -21,11 +21,7 @@ def _load_trained(args):
     config = load_config(args.config, args.overrides)
     model, model_path = load_trained_model(config, args.model)
     vocab_path = model_path.parent / "item_vocab.txt"
-    fingerprint = None
-    for results_name in ("results.json", "evaluation.json"):
-        results = model_path.parent / results_name
-        if fingerprint is None and results.is_file():
-            fingerprint = json.loads(results.read_text()).get("data", {}).get("fingerprint")
+    fingerprint = recorded_data_fingerprint(model_path.parent)
     if vocab_path.is_file():
         item_vocab = Vocabulary.load(vocab_path)
     else:  # rebuild it from the configured data, as `tfrec evaluate` does

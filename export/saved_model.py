@@ -1,4 +1,4 @@
-"""SavedModel export: sequential recommenders and retrieval indexes, raw tokens in and out.
+"""SavedModel export: sequential recommenders, CTR rankers and retrieval indexes, raw tokens in and out.
 
 `export_sequential(model, item_vocab, base_dir)` writes a trained
 `NextItemRecommender` as a `tf.Module` SavedModel whose graph is
@@ -28,6 +28,31 @@ A row left with no known item fails the request with INVALID_ARGUMENT
 `k` is fixed at export (the output shape). When a user's unseen items are fewer
 than `k`, the empty slots hold `""` with score `EXCLUDED_SCORE`.
 
+`export_ctr(model, item_vocab, base_dir)` writes a trained lifelong CTR model
+(`tfrec.models.ctr_baselines.CTRModel`: R2LED or a baseline) as a ranker, graph
+`vocabulary lookup -> most recent max_history known items -> model.score`, stock
+TF ops only. Signatures:
+
+- `score` (also `serving_default`): `history: string (batch, None)` (the
+  user's item tokens, oldest first, padded with `""`), `candidates: string
+  (batch, None)` (items to score, padded with `""`) ->
+  `probabilities: float32 (batch, num_candidates)` (click probabilities, equal to
+  `model.predict` on the mapped ids) and `valid: bool (batch, num_candidates)`.
+  A `""` candidate slot is padding: `valid` False, probability
+  `PADDING_PROBABILITY` (0). A candidate token missing from the vocabulary is
+  scored as the OOV id 1, `valid` True — exactly how `tfrec ctr evaluate`
+  scores a target first seen after training.
+- `score_examples`: `serialized: string (batch,)` `tf.Example`s with a bytes list
+  `history` and a bytes `target` -> `probabilities: float32 (batch,)` (for the
+  TFX Evaluator). A missing or `""` target fails with INVALID_ARGUMENT.
+
+History handling of the ranker: `""` and unknown tokens are dropped (as for the
+sequential servable), the remaining items keep their order and only the most
+recent `max_history` are read (the export argument; None = all). A history with
+no known item is not an error here: it is scored as an empty history (the
+model's answer from the candidate alone; training never shows one, as
+`data.min_history >= 1`).
+
 Directory layout (TF Serving): `<base_dir>/<version>/saved_model.pb` with the
 version the next integer (or given); the version directory is written under a
 temporary name and renamed when complete, so a server watching `base_dir` never
@@ -40,6 +65,9 @@ Example:
 >>> served = tf.saved_model.load(str(path))  # doctest: +SKIP
 >>> served.signatures["recommend"](history=tf.constant([["a", "b"]]),
 ...                                exclude_history=tf.constant([True]))["item_ids"]  # doctest: +SKIP
+>>> ranker = tf.saved_model.load(str(export_ctr(ctr_model, item_vocab, "/tmp/servables/ranker")))  # doctest: +SKIP
+>>> ranker.signatures["score"](history=tf.constant([["a", "b"]]),
+...                            candidates=tf.constant([["c", "d", ""]]))["probabilities"]  # doctest: +SKIP
 """
 
 import datetime
@@ -56,27 +84,38 @@ import tensorflow as tf
 
 import tfrec
 from export.retrieval import BruteForceIndex, RETRIEVE_SIGNATURE
-from tfrec.data.vocab import NUM_RESERVED, Vocabulary
+from tfrec.data.vocab import NUM_RESERVED, PAD_ID, Vocabulary
 from tfrec.serving import (
+    CANDIDATES_SPEC,
     EXCLUDE_SPEC,
     EXCLUDED_SCORE,
     HISTORY_SPEC,
+    PADDING_PROBABILITY,
     RECOMMEND,
     RECOMMEND_EXAMPLES,
+    SCORE,
+    SCORE_EXAMPLES,
     SERIALIZED_SPEC,
     SERVING_DEFAULT,
     USER_EMBEDDING,
     checked_exclude_flags,
+    checked_same_rows,
     compact_known_ids,
+    parse_ctr_examples,
     parse_history_examples,
+    recent_known_ids,
     signature_variables,
 )
 
 __all__ = [
     "EXCLUDED_SCORE",
     "METADATA_FILE",
+    "PADDING_PROBABILITY",
+    "CTRServable",
+    "ItemLookup",
     "SequentialServable",
     "catalog_table",
+    "export_ctr",
     "export_index",
     "export_sequential",
     "next_version",
@@ -171,12 +210,81 @@ def write_saved_model(module, base_dir, signatures, version=None, metadata=None,
     return final
 
 
-# --- sequential recommender servable ---------------------------------------
+# --- the item vocabulary inside the graph ------------------------------------
 def vocab_fingerprint(item_vocab):
     """sha256 of the vocabulary file contents (`Vocabulary.to_text`)."""
     return hashlib.sha256(item_vocab.to_text().encode("utf-8")).hexdigest()
 
 
+def vocab_metadata(item_vocab):
+    """The `vocab` entry of `export_metadata.json`."""
+    return {"size": item_vocab.size, "num_items": len(item_vocab.tokens),
+            "fingerprint": vocab_fingerprint(item_vocab), "asset": f"assets/{VOCAB_ASSET}"}
+
+
+def check_model_vocab(model, item_vocab):
+    """ValueError unless `item_vocab` is a `Vocabulary` with `model.vocab_size` ids."""
+    if not isinstance(item_vocab, Vocabulary):
+        raise ValueError(f"item_vocab must be a tfrec Vocabulary, got {type(item_vocab).__name__}")
+    if model.vocab_size != item_vocab.size:
+        raise ValueError(
+            f"model has {model.vocab_size} item ids but the vocabulary has {item_vocab.size} "
+            "(tokens + padding + OOV): was the model trained with another vocabulary?"
+        )
+
+
+class ItemLookup(tf.Module):
+    """The item vocabulary as an in-graph table: tokens -> ids.
+
+    Args:
+        item_vocab: the `Vocabulary`.
+        vocab_file: path of `item_vocab.save(...)` output; saved as an asset
+            and read by the lookup table (must hold `item_vocab`'s tokens).
+
+    `ids(tokens)` maps `""` to padding (0), tokens missing from the vocabulary
+    to OOV (1) and the others to their ids (2..), int32, same shape.
+
+    Example:
+    >>> vocab, path = Vocabulary(["a", "b"]), os.path.join(tempfile.mkdtemp(), "item_vocab.txt")
+    >>> vocab.save(path)
+    >>> ItemLookup(vocab, path).ids(tf.constant([["b", "zz", ""]])).numpy().tolist()
+    [[3, 1, 0]]
+    """
+
+    def __init__(self, item_vocab, vocab_file, name="item_lookup"):
+        super().__init__(name=name)
+        if Vocabulary.load(vocab_file) != item_vocab:
+            raise ValueError(f"vocab_file {vocab_file} does not hold item_vocab's tokens")
+        # token -> line number = id - NUM_RESERVED; unknown tokens -> -1 (OOV once shifted).
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                str(vocab_file), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+            ),
+            default_value=-1,
+        )
+
+    def ids(self, tokens):
+        ids = tf.cast(self.table.lookup(tokens) + NUM_RESERVED, tf.int32)
+        return tf.where(tokens == "", tf.constant(PAD_ID, tf.int32), ids)
+
+
+def _export_with_vocab(item_vocab, base_dir, version, build, metadata):
+    """Write the servable `build(vocab_file)` returns, its vocabulary shipped as an asset.
+
+    `metadata(servable)` gives the servable's `export_metadata.json` entries
+    (the `vocab` entry is added here).
+    """
+    version_dir(base_dir, version)  # fail before the slow part
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp) / VOCAB_ASSET
+        item_vocab.save(vocab_file)
+        servable = build(vocab_file)
+        meta = {**metadata(servable), "vocab": vocab_metadata(item_vocab)}
+        return write_saved_model(servable, base_dir, servable.signatures(), version=version, metadata=meta)
+
+
+# --- sequential recommender servable ---------------------------------------
 def catalog_table(model, item_vocab):
     """The scoring table of a trained model, materialised once.
 
@@ -193,13 +301,7 @@ def catalog_table(model, item_vocab):
     missing = [a for a in ("item_encoder", "user_embedding", "vocab_size", "temperature") if not hasattr(model, a)]
     if missing:
         raise ValueError(f"expected a NextItemRecommender-like model, got {type(model).__name__} without {missing}")
-    if not isinstance(item_vocab, Vocabulary):
-        raise ValueError(f"item_vocab must be a tfrec Vocabulary, got {type(item_vocab).__name__}")
-    if model.vocab_size != item_vocab.size:
-        raise ValueError(
-            f"model has {model.vocab_size} item ids but the vocabulary has {item_vocab.size} "
-            "(tokens + padding + OOV): was the model trained with another vocabulary?"
-        )
+    check_model_vocab(model, item_vocab)
     items = np.asarray(model.item_encoder.all_items(), dtype="float32")  # (vocab, dim)
     if items.shape[0] != item_vocab.size:
         raise ValueError(f"item_encoder.all_items() has {items.shape[0]} rows, expected {item_vocab.size}")
@@ -229,18 +331,10 @@ class SequentialServable(tf.Module):
     def __init__(self, model, item_vocab, vocab_file, k=10):
         super().__init__(name="sequential_servable")
         table, tokens = catalog_table(model, item_vocab)
+        model = model.with_item_table()  # a semantic encoder (DMESR) is served as its materialised table
         self.index = BruteForceIndex(table, tokens, k=k, name="catalog")
         self.k = self.index.k
-        if Vocabulary.load(vocab_file) != item_vocab:
-            raise ValueError(f"vocab_file {vocab_file} does not hold item_vocab's tokens")
-        # token -> line number; "" and unknown tokens -> -1 (dropped below).
-        self.item_lookup = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(
-                str(vocab_file), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
-                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
-            ),
-            default_value=-1,
-        )
+        self.item_lookup = ItemLookup(item_vocab, vocab_file)
         # The Keras model stays out of the object graph (its optimizer state is
         # not needed to serve); the variables its calls read are tracked below.
         def user_embedding(history):
@@ -266,8 +360,7 @@ class SequentialServable(tf.Module):
 
     def _history_ids(self, history):
         """Item ids `(batch, seq)` int32: known items first, in order, then 0 padding."""
-        ids = self.item_lookup.lookup(history) + NUM_RESERVED  # (batch, seq); "" and unknown -> OOV (1)
-        return compact_known_ids(ids, require_known=True)[0]
+        return compact_known_ids(self.item_lookup.ids(history), require_known=True)[0]
 
     def signatures(self):
         return {
@@ -294,12 +387,8 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
     Returns:
         `Path` of the version directory.
     """
-    version_dir(base_dir, version)  # fail before the slow part
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = Path(tmp) / VOCAB_ASSET
-        item_vocab.save(vocab_file)
-        servable = SequentialServable(model, item_vocab, vocab_file, k=k)
-        metadata = {
+    def metadata(servable):
+        return {
             "kind": "sequential",
             "k": servable.k,
             "model_class": type(model).__name__,
@@ -307,15 +396,114 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
             "max_length": model.max_length,
             "temperature": model.temperature,
             "embedding_dim": servable.index.dim,
-            "vocab": {"size": item_vocab.size, "num_items": len(item_vocab.tokens),
-                      "fingerprint": vocab_fingerprint(item_vocab), "asset": f"assets/{VOCAB_ASSET}"},
             "data_fingerprint": data_fingerprint,
             "experiment_config": experiment_config,
             "stock_ops_only": True,
             "empty_history": "INVALID_ARGUMENT",
             "unknown_tokens": "dropped",
         }
-        return write_saved_model(servable, base_dir, servable.signatures(), version=version, metadata=metadata)
+
+    return _export_with_vocab(
+        item_vocab, base_dir, version, lambda vocab_file: SequentialServable(model, item_vocab, vocab_file, k=k),
+        metadata,
+    )
+
+
+# --- CTR ranker servable --------------------------------------------------------
+class CTRServable(tf.Module):
+    """The serving graph of a lifelong CTR model: raw tokens in, click probabilities out.
+
+    Args:
+        model: a trained `CTRModel` (R2LED or a baseline).
+        item_vocab: its item `Vocabulary` (size must equal `model.vocab_size`).
+        vocab_file: path of `item_vocab.save(...)` output (see `ItemLookup`).
+        max_history: int or None. Most recent known history items read (None = all).
+
+    Attributes:
+        score, score_examples: the signature functions (see the module docstring).
+
+    Example:
+    >>> item_vocab.save("/tmp/vocab.txt")  # doctest: +SKIP
+    >>> servable = CTRServable(model, item_vocab, "/tmp/vocab.txt", max_history=1024)  # doctest: +SKIP
+    >>> servable.score(tf.constant([["a", "b"]]), tf.constant([["c", ""]]))["probabilities"]  # doctest: +SKIP
+    """
+
+    def __init__(self, model, item_vocab, vocab_file, max_history=None):
+        super().__init__(name="ctr_servable")
+        missing = [a for a in ("score", "vocab_size") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"expected a CTRModel (R2LED or a baseline), got {type(model).__name__} without {missing}")
+        check_model_vocab(model, item_vocab)
+        if max_history is not None and (
+            isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1
+        ):
+            raise ValueError(f"max_history must be a positive int or None, got {max_history!r}")
+        self.max_history = None if max_history is None else int(max_history)
+        self.item_lookup = ItemLookup(item_vocab, vocab_file)
+
+        def score(history, candidates):
+            candidates = checked_same_rows(history, candidates, "candidates needs one row per history row")
+            history_ids = recent_known_ids(self.item_lookup.ids(history), self.max_history)  # (batch, width)
+            candidate_ids = self.item_lookup.ids(candidates)  # (batch, C): "" -> 0, unknown -> OOV (1)
+            valid = candidate_ids != PAD_ID
+            probabilities = tf.cast(model.score(history_ids, candidate_ids), tf.float32)  # (batch, C)
+            probabilities = tf.where(valid, probabilities, tf.constant(PADDING_PROBABILITY, tf.float32))
+            return {"probabilities": probabilities, "valid": valid}
+
+        def score_examples(serialized):
+            history, target = parse_ctr_examples(serialized)
+            check = tf.debugging.assert_greater(
+                tf.strings.length(target), 0,
+                message="every tf.Example needs a non-empty target item token (bytes feature target)",
+            )
+            with tf.control_dependencies([check]):
+                target = tf.identity(target)
+            return {"probabilities": self.score(history, target[:, None])["probabilities"][:, 0]}
+
+        self.score = tf.function(score, input_signature=[HISTORY_SPEC, CANDIDATES_SPEC])
+        self.score_examples = tf.function(score_examples, input_signature=[SERIALIZED_SPEC])
+        self.model_variables = signature_variables((self.score, self.score_examples), model)
+
+    def signatures(self):
+        return {SERVING_DEFAULT: self.score, SCORE: self.score, SCORE_EXAMPLES: self.score_examples}
+
+
+def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data_fingerprint=None,
+               experiment_config=None):
+    """Export a trained lifelong CTR model as a versioned ranker SavedModel.
+
+    Args:
+        model: the trained `CTRModel` (`tfrec ctr train`'s `model.keras`).
+        item_vocab: its item `Vocabulary` (`LifelongData.item_vocab`).
+        base_dir: model base directory; the SavedModel goes to `base_dir/<version>/`.
+        version: int or None (next integer).
+        max_history: int or None. Most recent known history items the ranker
+            reads (use the training `model.max_history`); None = all.
+        data_fingerprint: optional fingerprint of the training data
+            (`LifelongData.metadata["fingerprint"]`), recorded in the metadata.
+        experiment_config: optional dict (`CTRConfig.to_dict()`), recorded.
+
+    Returns:
+        `Path` of the version directory.
+    """
+    def metadata(servable):
+        return {
+            "kind": "ctr",
+            "model_class": type(model).__name__,
+            "model_config": model.get_config(),
+            "max_history": servable.max_history,
+            "data_fingerprint": data_fingerprint,
+            "experiment_config": experiment_config,
+            "stock_ops_only": True,
+            "padding_candidates": {"probability": PADDING_PROBABILITY, "valid": False},
+            "unknown_tokens": {"history": "dropped", "candidates": "scored as the OOV id"},
+            "empty_history": "scored (no behaviour)",
+        }
+
+    return _export_with_vocab(
+        item_vocab, base_dir, version,
+        lambda vocab_file: CTRServable(model, item_vocab, vocab_file, max_history=max_history), metadata,
+    )
 
 
 def export_index(index, base_dir, version=None, source=None):

@@ -3,6 +3,7 @@
 One pipeline run (module fixture, through `tfrec pipeline run`) is shared: the
 tests that follow rerun it unchanged (cache), with a one-step model (must not
 be pushed) and on a corrupted copy of its input (must stop before training).
+One more run trains DMESR on the ItemSemantics store (`configs/pipeline_dmesr_ml100k.yaml`).
 """
 
 import contextlib
@@ -25,9 +26,14 @@ from tfx_pipeline.config import load_pipeline_config
 from tfx_pipeline.data import EXAMPLES_FILE, HISTORY, SPLITS, TARGET, write_example_gen_input
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pipeline_sasrec_ml100k.yaml")
+DMESR_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pipeline_dmesr_ml100k.yaml")
 SMALL = [
     "model.embedding_dim=16", "model.max_length=20", "train.epochs=2", "train.batch_size=128",
     "pipeline.min_value=0.008",  # random ranking gives ~0.003 here
+]
+DMESR_SMALL = [  # tiny DMESR: 16-token titles, 16-d reduced views/tokens, 30 steps
+    "model.embedding_dim=16", "model.max_length=20", "train.batch_size=128", "pipeline.train_steps=30",
+    "dmesr.max_tokens=16", "dmesr.view_pca_dim=16", "dmesr.token_pca_dim=16", "pipeline.min_value=0.008",
 ]
 CACHED = ("ImportExampleGen", "StatisticsGen", "SchemaGen", "CuratedSchemaGen", "ExampleValidator",
           "AnomalyGate", "Transform", "Trainer")
@@ -45,10 +51,10 @@ def _cli(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
-def _run(root, *overrides):
+def _run(root, *overrides, config=CONFIG, small=SMALL):
     """`tfrec pipeline run` -> (exit code, stdout, stderr, report dict of this run)."""
     before = set(glob.glob(os.path.join(root, "*", "reports", "*.json")))
-    code, out, err = _cli("pipeline", "run", "--config", CONFIG, f"pipeline.root={root}", *SMALL, *overrides)
+    code, out, err = _cli("pipeline", "run", "--config", config, f"pipeline.root={root}", *small, *overrides)
     new = sorted(set(glob.glob(os.path.join(root, "*", "reports", "*.json"))) - before)
     report = json.loads(open(new[-1]).read()) if new else None
     return code, out, err, report
@@ -91,7 +97,11 @@ def test_first_run_pushes_a_savedmodel_that_answers_raw_tokens(first_run):
     assert all(c["component"] in out for c in report["components"])
     assert f"pushed model: {pushed}" in out.splitlines()[-1]
     assert report["metrics"]["ndcg@10"] >= 0.008
+    _assert_answers_raw_tokens(pushed, config)
 
+
+def _assert_answers_raw_tokens(pushed, config):
+    """The pushed SavedModel answers every signature with raw item tokens of the training catalog."""
     served = tf.saved_model.load(pushed)
     test = _examples(os.path.join(config.input_dir, "test", EXAMPLES_FILE))
     history = _tokens(test[0], HISTORY)[-5:]
@@ -266,6 +276,46 @@ def test_semantic_components_join_the_dag_only_when_configured():
     assert semantics.inputs["transform_graph"].producer_component_id == "Transform"
     assert sids.inputs["semantic_store"].producer_component_id == "ItemSemantics"
     assert semantics.exec_properties["dataset"] == "movielens-100k"
+    assert "semantic_store" not in components["Trainer"].inputs  # an ID model does not read the store
+    dmesr = ids("pipeline.item_semantics=true", "model.item_encoder=dmesr")
+    assert dmesr["Trainer"].inputs["semantic_store"].producer_component_id == "ItemSemantics"
+
+
+def test_dmesr_pipeline_trains_on_the_item_semantics_store_and_pushes(tmp_path):
+    import tensorflow_transform as tft
+
+    from tfrec.data.vocab import Vocabulary
+    from tfrec.semantics.store import SemanticStore
+    from tfx_pipeline.preprocessing import ITEM_VOCAB
+    from tfx_pipeline.trainer import REPORT_FILE
+
+    root = str(tmp_path)
+    code, out, err, report = _run(root, config=DMESR_CONFIG, small=DMESR_SMALL)
+    assert code == 0, err[-3000:]
+    states = _states(report)
+    assert set(states.values()) == {"complete"} and "ItemSemantics" in states, states
+    assert report["blessed"] is True and report["metrics"]["ndcg@10"] >= 0.008
+    config = load_pipeline_config(DMESR_CONFIG, [f"pipeline.root={root}", *DMESR_SMALL])
+    artifacts = {c["component"]: c["artifacts"] for c in report["components"]}
+
+    # The Trainer trained DMESR on the store ItemSemantics wrote (not on dmesr.store_path of the file),
+    # whose rows follow the Transform vocabulary token by token.
+    store_uri = artifacts["ItemSemantics"]["semantic_store"][0]
+    training = json.loads(open(os.path.join(artifacts["Trainer"]["model_run"][0], REPORT_FILE)).read())
+    assert training["item_encoder"] == "dmesr" and training["semantic_store"] == store_uri
+    store = SemanticStore.load(store_uri)
+    transform_vocab = Vocabulary.load(
+        tft.TFTransformOutput(artifacts["Transform"]["transform_graph"][0]).vocabulary_file_by_name(ITEM_VOCAB)
+    )
+    assert store.item_vocab == transform_vocab and training["vocab_size"] == transform_vocab.size
+    assert store.view("title").mask[2:].mean() > 0.95  # ml-100k.item gives (nearly) every item a title
+
+    # Served as its materialised item table: raw tokens in and out, no token states inside the SavedModel.
+    pushed = report["pushed_path"]
+    assert os.path.dirname(pushed) == config.serving_dir
+    _assert_answers_raw_tokens(pushed, config)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(pushed) for f in files)
+    assert size < 0.1 * store.view("title").tokens.nbytes
 
 
 def test_compile_for_kubeflow_vertex(tmp_path):
@@ -289,6 +339,7 @@ def test_compile_for_kubeflow_vertex(tmp_path):
         (["pipeline.gate_metric=ndcg@7"], "pipeline.gate_metric 'ndcg@7' must be"),
         (["pipeline.no_such_key=1"], "unknown config key(s) pipeline.no_such_key"),
         (["pipeline.semantic_ids=true"], "pipeline.semantic_ids needs pipeline.item_semantics"),
+        (["model.item_encoder=dmesr"], "model.item_encoder: dmesr needs pipeline.item_semantics: true"),
         (["pipeline.input_dir=/nonexistent-input"], "has no train, eval, test folder(s)"),
         (["pipeline.schema=/nonexistent.pbtxt"], "schema file not found"),
     ],

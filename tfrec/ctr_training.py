@@ -19,7 +19,8 @@
    (checked at epoch ends), and the best weights are restored;
 5. validation and test AUC, GAUC (by user) and LogLoss (`evaluate_ctr`), next to
    the item-popularity reference (smoothed training click rate of the target);
-6. the run directory gets `model.keras`, `results.json` and the fitted SIDs (`sids/`).
+6. the run directory gets `model.keras`, `item_vocab.txt`, `results.json` and the
+   fitted SIDs (`sids/`).
 
 Budget matching (ours): R2LED attends `top_k` behaviours per route; a baseline keeps
 `baseline_top_k` behaviours, by default as many as R2LED attends in total
@@ -29,7 +30,10 @@ level by default: R2LED's routes use SID prefixes, an extra "which duplicate" le
 would only add a route matching the target itself.
 
 CLI: `tfrec ctr train --config configs/r2led_ml1m.yaml [key=value ...]`,
-`tfrec ctr evaluate --config ... [--model run/model.keras]`, `tfrec ctr encode --config ...`.
+`tfrec ctr evaluate --config ... [--model run/model.keras]`, `tfrec ctr encode --config ...`,
+`tfrec ctr export --config ... --out DIR [--version V] [--model run/model.keras]`
+(the ranker SavedModel `<out>/ranker/<v>`, `export.saved_model.export_ctr`, reading
+the most recent `model.max_history` items).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Optional
 import numpy as np
 
 from tfrec.config import RunConfig, build_config, load_config_values
+from tfrec.data.preprocess import ITEM_VOCAB_FILE
 
 STORE_COMMAND = "tfrec ctr encode --config CONFIG"
 QUANTIZERS = ("rqkmeans", "rqvae")
@@ -325,7 +330,6 @@ def encode_lifelong_store(data, out_dir, dataset: str = "movielens-1m-subset", d
     The vocabulary is written as a prepared-data folder holding `item_vocab.txt`
     (all `tfrec.semantics.encode.encode_items` reads from one) and encoded from the
     dataset's item table; an identical existing version is reused."""
-    from tfrec.data.preprocess import ITEM_VOCAB_FILE
     from tfrec.semantics.encode import encode_items
 
     with tempfile.TemporaryDirectory(prefix="tfrec-ctr-vocab-") as folder:
@@ -469,6 +473,7 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         run_dir = config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         model.save(run_dir / "model.keras")
+        data.item_vocab.save(run_dir / ITEM_VOCAB_FILE)
         if semantics is not None and semantics.quantizer is not None and needs_semantics(mc.name) == "sids":
             from tfrec.semantics.sids import save_sids
 
@@ -529,6 +534,37 @@ def _cmd_evaluate(args):
     report_evaluation(evaluate_saved_ctr(config, model), format_ctr_results, path)
 
 
+def load_trained_ctr(config: CTRConfig, model_path=None):
+    """`(model, model_path, item_vocab, data_fingerprint)` of a trained CTR run.
+
+    The vocabulary is the run's `item_vocab.txt` (written by `train_ctr`), else
+    rebuilt from the configured data; the fingerprint is the one the run recorded."""
+    from tfrec.cli import recorded_data_fingerprint
+    from tfrec.data.vocab import Vocabulary
+
+    model, path = load_ctr_model(config, model_path)
+    fingerprint = recorded_data_fingerprint(path.parent)
+    if (path.parent / ITEM_VOCAB_FILE).is_file():
+        item_vocab = Vocabulary.load(path.parent / ITEM_VOCAB_FILE)
+    else:
+        data = load_ctr_data(config.data)
+        item_vocab, fingerprint = data.item_vocab, data.metadata.get("fingerprint")
+    return model, path, item_vocab, fingerprint
+
+
+def _cmd_export(args):
+    # The CLI reaches up to `export` (as `tfrec.cli` does for `tfrec export`); the library does not.
+    from export.saved_model import export_ctr, version_dir
+
+    config = load_ctr_config(args.config, args.overrides)
+    base = Path(args.out) / "ranker"
+    version_dir(base, args.version)  # fail before loading anything
+    model, _, item_vocab, fingerprint = load_trained_ctr(config, args.model)
+    path = export_ctr(model, item_vocab, base, version=args.version, max_history=config.model.max_history,
+                      data_fingerprint=fingerprint, experiment_config=config.to_dict())
+    print(f"ranker (stock ops, max_history {config.model.max_history}): {path}")
+
+
 def _cmd_encode(args):
     config = load_ctr_config(args.config, args.overrides)
     data = load_ctr_data(config.data)
@@ -538,7 +574,7 @@ def _cmd_encode(args):
 
 
 def add_commands(subparsers) -> None:
-    """Register `tfrec ctr train | evaluate | encode`."""
+    """Register `tfrec ctr train | evaluate | encode | export`."""
     from tfrec.cli import add_config_commands
 
     ctr = subparsers.add_parser("ctr", help="lifelong CTR models (R2LED and baselines)")
@@ -547,7 +583,12 @@ def add_commands(subparsers) -> None:
         ("train", _cmd_train, "train, evaluate and save a CTR model"),
         ("evaluate", _cmd_evaluate, "evaluate a saved CTR model on the validation and test splits"),
         ("encode", _cmd_encode, "encode the semantic store for the lifelong item vocabulary (MiniLM)"),
+        ("export", _cmd_export, "export a trained CTR model as a TF Serving ranker SavedModel (<out>/ranker/<v>)"),
     ), "YAML CTR config (see configs/r2led_ml1m.yaml)", "model.name=din train.epochs=3")
     parsers["encode"].add_argument("--out", help="store root (default: sids.store_path)")
     parsers["encode"].add_argument("--force", action="store_true",
                                    help="re-encode even if an identical version exists")
+    export = parsers["export"]
+    export.add_argument("--out", required=True, help="output folder: the ranker goes to <out>/ranker/<version>")
+    export.add_argument("--version", type=int, help="version number (default: next free)")
+    export.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")

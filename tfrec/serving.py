@@ -15,7 +15,17 @@ either:
 - `recommend_examples`: `serialized: string (batch,)` `tf.Example`s with a bytes
   feature `history` and an optional int `exclude_history` -> as `recommend`.
 
-This module holds the pieces both graphs share: names, input specs, the
+CTR rankers (`export.saved_model.export_ctr`) read the same `history` input:
+
+- `score` (also `serving_default`): `history: string (batch, None)`,
+  `candidates: string (batch, None)` padded with `""` ->
+  `probabilities: float32 (batch, num_candidates)`, `valid: bool (batch,
+  num_candidates)` (False = a `""` padding slot, whose probability is
+  `PADDING_PROBABILITY`).
+- `score_examples`: `serialized` `tf.Example`s with a bytes list `history` and
+  a bytes `target` -> `probabilities: float32 (batch,)`.
+
+This module holds the pieces every graph shares: names, input specs, the
 history-id compaction and checks, and the `tf.Example` parsing.
 """
 
@@ -26,9 +36,12 @@ from tfrec.data.vocab import NUM_RESERVED
 
 SERVING_DEFAULT = "serving_default"
 RECOMMEND, USER_EMBEDDING, RECOMMEND_EXAMPLES = "recommend", "user_embedding", "recommend_examples"
+SCORE, SCORE_EXAMPLES = "score", "score_examples"
 EXCLUDED_SCORE = float(np.finfo(np.float32).min)  # score of an excluded / empty slot
+PADDING_PROBABILITY = 0.0  # ranker output for a "" candidate slot
 
 HISTORY_SPEC = tf.TensorSpec((None, None), tf.string, name="history")
+CANDIDATES_SPEC = tf.TensorSpec((None, None), tf.string, name="candidates")
 EXCLUDE_SPEC = tf.TensorSpec((None,), tf.bool, name="exclude_history")
 SERIALIZED_SPEC = tf.TensorSpec((None,), tf.string, name="serialized")
 
@@ -65,27 +78,69 @@ def compact_known_ids(ids, require_known=False):
     return tf.cast(ids, tf.int32), lengths
 
 
+def recent_known_ids(ids, max_history=None):
+    """The most recent `max_history` known ids of each row, right-padded with 0.
+
+    The layout CTR models train on (`tfrec.data.lifelong.lifelong_dataset`):
+    padding (0) and OOV (1) positions are dropped, the known ids keep their
+    order (oldest first), and the width is the longest kept row (at least 1),
+    so the answer does not depend on how much padding a request carries.
+
+    Args:
+        ids: int `(batch, seq)`.
+        max_history: int or None (keep every known id).
+
+    Returns:
+        int32 `(batch, width)`.
+
+    Example:
+    >>> recent_known_ids(tf.constant([[1, 5, 0, 7, 8], [6, 0, 0, 0, 0]]), max_history=2).numpy().tolist()
+    [[7, 8], [6, 0]]
+    """
+    ids, lengths = compact_known_ids(ids)
+    width = tf.reduce_max(tf.concat([lengths, [1]], axis=0))  # >= 1 even for an empty batch
+    if max_history is not None:
+        width = tf.minimum(width, int(max_history))
+    ids = tf.pad(ids, [[0, 0], [0, tf.maximum(width - tf.shape(ids)[1], 0)]])  # (batch, >= width)
+    start = tf.maximum(lengths - width, 0)  # (batch,)
+    cols = start[:, None] + tf.range(width)[None, :]  # (batch, width); past a row's length: 0 padding
+    return tf.gather(ids, cols, batch_dims=1)
+
+
+def checked_same_rows(first, second, message):
+    """`second` after checking it has as many rows (dimension 0) as `first` (INVALID_ARGUMENT)."""
+    check = tf.debugging.assert_equal(tf.shape(second)[0], tf.shape(first)[0], message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(second)
+
+
 def checked_exclude_flags(history, exclude_history):
     """`exclude_history` after checking it has one flag per history row."""
-    check = tf.debugging.assert_equal(
-        tf.shape(exclude_history)[0], tf.shape(history)[0],
-        message="exclude_history needs one flag per history row",
-    )
-    with tf.control_dependencies([check]):
-        return tf.identity(exclude_history)
+    return checked_same_rows(history, exclude_history, "exclude_history needs one flag per history row")
+
+
+def _parse_history_and(serialized, features):
+    """`(history string (batch, longest) padded with "", {name: parsed})` of `tf.Example`s."""
+    parsed = tf.io.parse_example(serialized, {"history": tf.io.VarLenFeature(tf.string), **features})
+    return tf.sparse.to_dense(parsed.pop("history"), default_value=""), parsed
 
 
 def parse_history_examples(serialized):
     """`(history string (batch, longest), exclude_history bool (batch,))` from `tf.Example`s."""
-    features = tf.io.parse_example(
-        serialized,
-        {
-            "history": tf.io.VarLenFeature(tf.string),
-            "exclude_history": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-        },
+    history, parsed = _parse_history_and(
+        serialized, {"exclude_history": tf.io.FixedLenFeature([], tf.int64, default_value=0)}
     )
-    history = tf.sparse.to_dense(features["history"], default_value="")
-    return history, features["exclude_history"] > 0
+    return history, parsed["exclude_history"] > 0
+
+
+def parse_ctr_examples(serialized):
+    """`(history string (batch, longest), target string (batch,))` from `tf.Example`s.
+
+    Features: `history` (bytes list, oldest first; may be absent = empty) and
+    `target` (one bytes value, required: parsing fails with INVALID_ARGUMENT).
+    """
+    history, parsed = _parse_history_and(serialized, {"target": tf.io.FixedLenFeature([], tf.string)})
+    return history, parsed["target"]
 
 
 def signature_variables(functions, model=None):

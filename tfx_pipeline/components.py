@@ -9,6 +9,10 @@
   vocabulary (ids = line + 2, tfrec's layout).
 - `SemanticIds`: residual-quantizer semantic IDs of the store's item vectors
   (`tfrec.semantics.sids.sids_from_store`).
+- `SemanticTrainer`: the stock TFX Trainer (same executor, same `run_fn`
+  contract) with one more, optional input, `semantic_store`; its URI reaches
+  `run_fn` as `fn_args.custom_config[SEMANTIC_STORE_KEY]` (the DMESR item
+  encoder reads it, see `tfx_pipeline.trainer`).
 
 The semantic components import tfrec.semantics lazily inside the function, so
 this module imports without them; the pipeline adds them only when
@@ -19,13 +23,19 @@ import os
 import tempfile
 
 from tfx import v1 as tfx
-from tfx.types import artifact_utils, standard_artifacts
+from tfx.components.trainer import executor as trainer_executor
+from tfx.dsl.components.base import base_component, executor_spec
+from tfx.proto import trainer_pb2
+from tfx.types import Channel, artifact_utils, standard_artifacts, standard_component_specs
 from tfx.types.artifact import Artifact
+from tfx.types.component_spec import ChannelParameter
+from tfx.utils import json_utils
 
 InputArtifact = tfx.dsl.components.InputArtifact
 OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 ANOMALIES_FILE = "SchemaDiff.pb"
+SEMANTIC_STORE_KEY = "semantic_store"
 
 
 class SemanticStoreArtifact(Artifact):
@@ -111,3 +121,60 @@ def SemanticIds(
 
     config = SidsConfig(mode=mode, num_levels=num_levels, codebook_size=codebook_size, seed=seed)
     sids_from_store(semantic_store.uri, semantic_ids.uri, view=view, config=config)
+
+
+class SemanticTrainerSpec(standard_component_specs.TrainerSpec):
+    """`TrainerSpec` plus an optional `semantic_store` input."""
+
+    INPUTS = {
+        **standard_component_specs.TrainerSpec.INPUTS,
+        SEMANTIC_STORE_KEY: ChannelParameter(type=SemanticStoreArtifact, optional=True),
+    }
+
+
+class SemanticTrainerExecutor(trainer_executor.GenericExecutor):
+    """The Trainer's `GenericExecutor`; adds the semantic store URI to `fn_args.custom_config`."""
+
+    def _GetFnArgs(self, input_dict, output_dict, exec_properties):
+        fn_args = super()._GetFnArgs(input_dict, output_dict, exec_properties)
+        stores = input_dict.get(SEMANTIC_STORE_KEY)
+        if stores:
+            fn_args.custom_config = {
+                **(fn_args.custom_config or {}), SEMANTIC_STORE_KEY: artifact_utils.get_single_uri(stores)
+            }
+        return fn_args
+
+
+class SemanticTrainer(base_component.BaseComponent):
+    """The TFX Trainer with an optional `semantic_store` input (an `ItemSemantics` output).
+
+    Same outputs (`model`, `model_run`) and `run_fn` contract as
+    `tfx.components.Trainer`; with `semantic_store` wired, `run_fn` finds the
+    store's URI at `fn_args.custom_config[SEMANTIC_STORE_KEY]`. Its node id is
+    `Trainer` unless set with `with_id`.
+
+    Example:
+    >>> trainer = SemanticTrainer(  # doctest: +SKIP
+    ...     examples=transform.outputs["transformed_examples"], transform_graph=transform.outputs["transform_graph"],
+    ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={...},
+    ...     semantic_store=item_semantics.outputs["semantic_store"])
+    """
+
+    SPEC_CLASS = SemanticTrainerSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(SemanticTrainerExecutor)
+
+    def __init__(self, examples, transform_graph, run_fn, train_args=None, eval_args=None, custom_config=None,
+                 semantic_store=None):
+        spec = SemanticTrainerSpec(
+            examples=examples,
+            transform_graph=transform_graph,
+            semantic_store=semantic_store,
+            train_args=train_args or trainer_pb2.TrainArgs(),
+            eval_args=eval_args or trainer_pb2.EvalArgs(),
+            run_fn=run_fn,
+            custom_config=json_utils.dumps(custom_config),
+            model=Channel(type=standard_artifacts.Model),
+            model_run=Channel(type=standard_artifacts.ModelRun),
+        )
+        super().__init__(spec=spec)
+        self.with_id("Trainer")

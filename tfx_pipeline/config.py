@@ -58,7 +58,8 @@ class PipelineOptions:
         min_value: value threshold: the candidate's `gate_metric` must be >= this.
         max_drop: change threshold: the candidate may be at most this much (absolute)
             below the last blessed model (0 = must not be worse).
-        item_semantics: add the ItemSemantics component (item text -> semantic store).
+        item_semantics: add the ItemSemantics component (item text -> semantic store);
+            required by `model.item_encoder: dmesr`, whose Trainer reads that store.
         semantic_ids: add the SemanticIds component (RQ codes; needs item_semantics).
         items_path: item table for ItemSemantics (default: the dataset's items file).
         runner: `local` (LocalDagRunner) or `vertex` (compile with KubeflowV2DagRunner).
@@ -126,6 +127,11 @@ class PipelineConfig:
         )
 
     @property
+    def uses_semantic_store(self):
+        """The model's item encoder reads the ItemSemantics store (`model.item_encoder: dmesr`)."""
+        return self.experiment.model.item_encoder == "dmesr"
+
+    @property
     def schema_path(self):
         """The curated schema file, or None when the schema is inferred."""
         if self.pipeline.schema == SCHEMA_INFER:
@@ -153,6 +159,11 @@ def _check(config):
         raise ValueError(f"pipeline.max_drop must be >= 0, got {opts.max_drop}")
     if opts.semantic_ids and not opts.item_semantics:
         raise ValueError("pipeline.semantic_ids needs pipeline.item_semantics: the codes are fitted on item embeddings")
+    if config.uses_semantic_store and not opts.item_semantics:
+        raise ValueError(
+            "model.item_encoder: dmesr needs pipeline.item_semantics: true: the DMESR item encoder reads the "
+            "semantic store the ItemSemantics component writes (dmesr.store_path is not used in the pipeline)"
+        )
     schema = config.schema_path
     if schema is not None and "://" not in schema and not os.path.isfile(schema):
         raise FileNotFoundError(f"pipeline.schema: schema file not found: {schema}")

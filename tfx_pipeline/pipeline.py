@@ -6,7 +6,8 @@
       -> ExampleValidator -> AnomalyGate (any anomaly fails the run here)
       -> Transform (`tfx_pipeline.preprocessing`: tft item vocabulary)
       [-> ItemSemantics -> SemanticIds, when configured]
-      -> Trainer (`tfx_pipeline.trainer.run_fn`: tfrec model, `model.fit`)
+      -> Trainer (`tfx_pipeline.trainer.run_fn`: tfrec model, `model.fit`;
+         with `model.item_encoder: dmesr` it also takes ItemSemantics' store)
       -> latest blessed model resolver + Evaluator (TFMA on the test split:
          NDCG/HR/MRR@K; value threshold + change threshold vs the baseline)
       -> Pusher (`<serving_dir>/<unix time version>/`, what a model server watches)
@@ -26,7 +27,7 @@ import json
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
-from tfx_pipeline.components import AnomalyGate, ItemSemantics, SemanticIds
+from tfx_pipeline.components import AnomalyGate, ItemSemantics, SemanticIds, SemanticTrainer
 from tfx_pipeline.data import EVAL, SPLITS, TEST, TRAIN
 from tfx_pipeline.serving import EVALUATE, RANK_OUTPUT
 from tfx_pipeline.tfma_metrics import TargetRankMetric
@@ -38,8 +39,13 @@ RESOLVER_ID = "latest_blessed_model_resolver"
 
 
 def trainer_config(config):
-    """The Trainer's `custom_config`: what training depends on, nothing else (keeps its cache)."""
+    """The Trainer's `custom_config`: what training depends on, nothing else (keeps its cache).
+
+    `dmesr.store_path` is left out: a DMESR model reads the ItemSemantics store
+    wired into the Trainer (`run_fn` sets the path), whatever the file says.
+    """
     experiment = config.experiment.to_dict()
+    experiment["dmesr"]["store_path"] = None
     options = {"train_steps": config.pipeline.train_steps, "top_k": config.pipeline.top_k}
     return {CONFIG_KEY: {**experiment, "pipeline": options}}
 
@@ -113,23 +119,28 @@ def create_pipeline(config, local=True):
     transform.add_upstream_node(gate)
     components += [example_validator, gate, transform]
 
+    semantic_store = None
     if opts.item_semantics:
         semantics = ItemSemantics(
             transform_graph=transform.outputs["transform_graph"],
             dataset="" if opts.items_path or config.experiment.data.interactions_path else config.experiment.data.dataset,
             items_path=opts.items_path,
+            max_tokens=config.experiment.dmesr.max_tokens,
         )
         components.append(semantics)
         if opts.semantic_ids:
             components.append(SemanticIds(semantic_store=semantics.outputs["semantic_store"]))
+        if config.uses_semantic_store:
+            semantic_store = semantics.outputs["semantic_store"]
 
-    trainer = tfx.components.Trainer(
+    trainer = SemanticTrainer(  # the stock Trainer, plus the semantic store a DMESR model reads
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
         train_args=tfx.proto.TrainArgs(splits=[TRAIN], num_steps=opts.train_steps),
         eval_args=tfx.proto.EvalArgs(splits=[EVAL]),
         custom_config=trainer_config(config),
+        semantic_store=semantic_store,
     )
     resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,

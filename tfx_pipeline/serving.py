@@ -68,6 +68,7 @@ class RecommenderServable(tf.Module):
 
     def __init__(self, model, tft_output, top_k=10, exclude_history=False):
         super().__init__(name="recommender_servable")
+        model = model.with_item_table()  # a semantic encoder (DMESR) is served as its materialised table
         tokens = read_vocabulary(tft_output)
         if len(tokens) + NUM_RESERVED != model.vocab_size:
             raise ValueError(

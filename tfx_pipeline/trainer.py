@@ -6,13 +6,19 @@ experiment config plus the pipeline's `train_steps` and `top_k`, see
 
 1. reads the transformed `train` and `eval` splits (`history_ids`, `target_id`);
    a training sequence is `history_ids + [target_id]`;
-2. builds the `NextItemRecommender` with `tfrec.training.build_model`, with the
-   item vocabulary size of the Transform output;
+2. builds the `NextItemRecommender` with `tfrec.training.build_model` over the
+   Transform output's item vocabulary, and its item encoder with
+   `tfrec.training.build_item_encoder`: ID embeddings, or with
+   `model.item_encoder: dmesr` the DMESR encoder over the semantic store wired
+   into the Trainer (`fn_args.custom_config[SEMANTIC_STORE_KEY]`, written by
+   `ItemSemantics` over that same vocabulary: `dmesr.store_path` is set to it,
+   and the store's rows are checked to follow the vocabulary token by token);
 3. trains with `model.fit` on tfrec's `training_dataset` (all positions at
    once), with tfrec's `BestEpochTracker`: validation NDCG@10 (full ranking) on
    the `eval` split after every epoch, early stopping, best weights restored.
    With `train_steps` set it runs exactly that many steps (one epoch);
-4. saves `RecommenderServable` (`tfx_pipeline.serving`) to
+4. saves `RecommenderServable` (`tfx_pipeline.serving`; a DMESR model is
+   served as its materialised item table) to
    `fn_args.serving_model_dir` and, beside the TensorBoard logs in
    `fn_args.model_run_dir`, `model.keras` and `training.json`.
 
@@ -20,6 +26,7 @@ Validation pairs whose target is out of vocabulary (an item seen only as a
 validation target) cannot be ranked and are left out of early stopping.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -30,9 +37,10 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from tfrec.data.pipelines import training_dataset
-from tfrec.data.vocab import NUM_RESERVED
+from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 from tfrec.evaluation import SequentialEvaluator
-from tfrec.training import BestEpochTracker, build_optimizer, build_model
+from tfrec.training import BestEpochTracker, build_item_encoder, build_model, build_optimizer
+from tfx_pipeline.components import SEMANTIC_STORE_KEY
 from tfx_pipeline.config import experiment_from_dict
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 from tfx_pipeline.serving import RecommenderServable
@@ -61,8 +69,27 @@ def _known(ids):
     return ids[ids >= NUM_RESERVED]
 
 
-def train_model(experiment, train_files, eval_files, vocab_size, train_steps=None, log_dir=None):
-    """Fit a model from transformed examples; returns `(model, report dict)`."""
+def with_semantic_store(experiment, store_uri):
+    """`experiment` reading the pipeline's semantic store when its item encoder needs one.
+
+    Raises:
+        ValueError: `model.item_encoder` is `dmesr` but no store was wired into the Trainer.
+    """
+    if experiment.model.item_encoder != "dmesr":
+        return experiment
+    if not store_uri:
+        raise ValueError(
+            "model.item_encoder is dmesr but the Trainer has no semantic_store input: "
+            "set pipeline.item_semantics: true (the ItemSemantics component writes the store)"
+        )
+    return dataclasses.replace(experiment, dmesr=dataclasses.replace(experiment.dmesr, store_path=store_uri))
+
+
+def train_model(experiment, train_files, eval_files, vocab_size, train_steps=None, log_dir=None, item_encoder=None):
+    """Fit a model from transformed examples; returns `(model, report dict)`.
+
+    `item_encoder` defaults to ID embeddings (`tfrec.training.build_model`).
+    """
     mc, tc, ec = experiment.model, experiment.train, experiment.eval
     histories, targets = read_pairs(train_files)
     sequences = [np.append(h, t) for h, t in zip(histories, targets)]
@@ -72,7 +99,7 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
         raise ValueError("no validation example has a target and a history inside the training vocabulary")
 
     keras.utils.set_random_seed(tc.seed)
-    model = build_model(mc, vocab_size, seed=tc.seed)
+    model = build_model(mc, vocab_size, item_encoder=item_encoder, seed=tc.seed)
     model.set_item_counts(np.bincount(np.concatenate(sequences), minlength=vocab_size))
     model.compile(optimizer=build_optimizer(tc), jit_compile=False)
     dataset = training_dataset(
@@ -96,6 +123,7 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
     else:
         history = model.fit(dataset, epochs=tc.epochs, callbacks=callbacks, verbose=2)
     report = {
+        "item_encoder": mc.item_encoder,
         "train_examples": len(sequences),
         "valid_examples": len(valid),
         "vocab_size": int(vocab_size),
@@ -113,13 +141,17 @@ def run_fn(fn_args):
     """TFX Trainer entry point (`Trainer(run_fn="tfx_pipeline.trainer.run_fn", ...)`)."""
     settings = dict(fn_args.custom_config[CONFIG_KEY])
     options = settings.pop("pipeline")
-    experiment = experiment_from_dict(settings)
+    experiment = with_semantic_store(experiment_from_dict(settings), fn_args.custom_config.get(SEMANTIC_STORE_KEY))
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
-    vocab_size = tft_output.vocabulary_size_by_name(ITEM_VOCAB) + NUM_RESERVED
+    item_vocab = Vocabulary.load(tft_output.vocabulary_file_by_name(ITEM_VOCAB))  # ids = line + 2
+    keras.utils.set_random_seed(experiment.train.seed)  # the encoder's initial weights too
+    item_encoder = build_item_encoder(experiment, item_vocab)  # DMESR: VocabularyMismatchError unless aligned
     model, report = train_model(
-        experiment, fn_args.train_files, fn_args.eval_files, vocab_size,
+        experiment, fn_args.train_files, fn_args.eval_files, item_vocab.size,
         train_steps=options.get("train_steps"), log_dir=os.path.join(fn_args.model_run_dir, "logs"),
+        item_encoder=item_encoder,
     )
+    report["semantic_store"] = experiment.dmesr.store_path if experiment.model.item_encoder == "dmesr" else None
     servable = RecommenderServable(
         model, tft_output, top_k=options["top_k"], exclude_history=experiment.eval.exclude_history
     )

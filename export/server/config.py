@@ -14,7 +14,9 @@ The model config file is TF Serving's own text-proto ``ModelServerConfig``::
 
 ``base_path`` holds numbered version folders (``<base_path>/<version>/saved_model.pb``).
 One extension of ours: ``model_platform: 'python'`` with ``base_path: 'package.module:factory'``
-serves a composite servable written in Python (see ``export.server.servable.PythonServable``).
+serves a composite servable written in Python (see ``export.server.servable.PythonServable``);
+options for the factory follow as a URL query, ``'package.module:factory?key=value&key2=value2'``
+(values are strings, ``%``-escaped as in URLs; see :func:`python_factory_spec`).
 
 Batching options follow TF Serving's ``BatchingParameters`` names; a
 ``--batching_parameters_file`` in TF Serving's text format is read by
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from typing import Iterable, Mapping, Optional, Sequence
 
 TENSORFLOW_PLATFORM = "tensorflow"
@@ -103,10 +106,37 @@ class ModelConfig:
             )
         if self.platform == TENSORFLOW_PLATFORM and "://" not in self.base_path:
             object.__setattr__(self, "base_path", os.path.abspath(self.base_path))
-        if self.platform == PYTHON_PLATFORM and ":" not in self.base_path:
-            raise ValueError(
-                f"python model {self.name!r} needs base_path 'package.module:factory', got {self.base_path!r}"
-            )
+        if self.platform == PYTHON_PLATFORM:
+            try:
+                python_factory_spec(self.base_path)
+            except ValueError as err:
+                raise ValueError(f"python model {self.name!r}: {err}") from None
+
+
+def python_factory_spec(base_path: str):
+    """``(module, factory, options)`` of a python model's ``base_path``.
+
+    ``'package.module:factory'`` or ``'package.module:factory?key=value&...'``;
+    the server calls ``factory(name, context, **options)`` (options only when given).
+
+    >>> python_factory_spec("export.two_stage:factory?ranker=ctr&k=5")
+    ('export.two_stage', 'factory', {'ranker': 'ctr', 'k': '5'})
+    """
+    target, _, query = base_path.partition("?")
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr.isidentifier():
+        raise ValueError(f"base_path must be 'package.module:factory[?key=value&...]', got {base_path!r}")
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise ValueError(f"base_path options must be 'key=value' pairs joined by '&', got {query!r}") from None
+    options = dict(pairs)
+    if len(options) != len(pairs):
+        raise ValueError(f"base_path options repeat a key: {query!r}")
+    bad = [key for key in options if not key.isidentifier()]
+    if bad:
+        raise ValueError(f"base_path option names must be identifiers, got {bad}")
+    return module, attr, options
 
 
 def _from_proto_list(model_config_list, source: str) -> list:

@@ -42,7 +42,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from export.server.config import PYTHON_PLATFORM, ModelConfig
+from export.server.config import PYTHON_PLATFORM, ModelConfig, python_factory_spec
 from export.server.errors import ServingError
 from export.server.servable import SavedModelServable, Servable
 from export.server.source import list_versions, snapshot
@@ -279,9 +279,9 @@ class ModelRegistry:
         with self._cond:
             model.records[1] = record
         try:
-            module_name, _, attr = config.base_path.partition(":")
+            module_name, attr, options = python_factory_spec(config.base_path)
             factory = getattr(importlib.import_module(module_name), attr)
-            servable = factory(config.name, self.context)
+            servable = factory(config.name, self.context, **options)
             if not isinstance(servable, Servable):
                 raise TypeError(f"{config.base_path} returned {type(servable).__name__}, expected a PythonServable")
             if self.batch_scheduler is not None:

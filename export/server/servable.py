@@ -340,7 +340,8 @@ class PythonServable(Servable):
     signature; outputs must hold every declared output name.
 
     Configure one with ``model_platform: 'python'`` and ``base_path: 'pkg.module:factory'``
-    where ``factory(name, context)`` returns the servable (a subclass itself works).
+    where ``factory(name, context)`` returns the servable (a subclass itself works);
+    ``base_path: 'pkg.module:factory?key=value&...'`` calls ``factory(name, context, key="value", ...)``.
 
     Args:
         name: ``str``, model name. context: the serving core (``None`` outside a server).
