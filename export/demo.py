@@ -83,8 +83,7 @@ def ask(client, history, k=10, exclude_history=False, recommender=RECOMMENDER, r
     exact = [(t.decode(), float(s)) for t, s in zip(exact_out["item_ids"][0], exact_out["scores"][0]) if t][:k]
     exact_set = {t for t, _ in exact}
     recall = len(exact_set & {t for t, _ in retrieved}) / max(len(exact_set), 1)
-    return {"retrieved": retrieved, "exact": exact, "recall": recall,
-            "versions": {recommender: exact_out.version, retrieval: found.version}}
+    return {"retrieved": retrieved, "exact": exact, "recall": recall}
 
 
 def _title(titles, token, width=70):

@@ -330,8 +330,10 @@ class SequentialServable(tf.Module):
 
     def __init__(self, model, item_vocab, vocab_file, k=10):
         super().__init__(name="sequential_servable")
+        # A semantic encoder (DMESR) is served as its materialised table, computed
+        # once here; the catalog below reads that same table.
+        model = model.with_item_table()
         table, tokens = catalog_table(model, item_vocab)
-        model = model.with_item_table()  # a semantic encoder (DMESR) is served as its materialised table
         self.index = BruteForceIndex(table, tokens, k=k, name="catalog")
         self.k = self.index.k
         self.item_lookup = ItemLookup(item_vocab, vocab_file)
