@@ -76,7 +76,7 @@ def model_label(experiment):
     return mc.backbone if mc.item_encoder == "id" else f"{mc.item_encoder}-{mc.backbone}"
 
 
-def run_record(config_path, config, run, report, total_seconds, error=None):
+def run_record(config_path, config, run, report, total_seconds, error=None, load_at_start=None):
     """One `runs` entry from a `RunReport` (None when the run failed before ML Metadata had one)."""
     gate = config.pipeline.gate_metric
     data = config.experiment.data
@@ -98,6 +98,7 @@ def run_record(config_path, config, run, report, total_seconds, error=None):
         "gate_metric": {"name": gate, "value": None if report is None else report.metrics.get(gate)},
         "metrics": {} if report is None else report.metrics,
         "error": error,
+        "load_average_at_start": load_at_start,
     }
 
 
@@ -110,7 +111,7 @@ def run_config(config_path, overrides, root, log=print):
     records = []
     for run in RUNS:
         log(f"== {config_path} ({config.pipeline_name}): {run} run", flush=True)
-        start = time.perf_counter()
+        start, load_at_start = time.perf_counter(), list(os.getloadavg())
         error, report = None, None
         try:
             report = run_pipeline(config, log=lambda line: log(f"   {line}", flush=True))
@@ -119,11 +120,20 @@ def run_config(config_path, overrides, root, log=print):
         total = time.perf_counter() - start
         if report is not None:
             log(format_report(report), flush=True)
-        records.append(run_record(config_path, config, run, report, total, error))
+        records.append(run_record(config_path, config, run, report, total, error, load_at_start))
         if error is not None:
             log(f"   {run} run failed: {error}; skipping the rest of {config_path}", flush=True)
             break
     return records
+
+
+def kept_records(out, configs):
+    """`--merge`: the records of `<out>/pipeline.json` whose config is not re-run now (each keeps its own load average)."""
+    path = out / "pipeline.json"
+    if not path.is_file():
+        return []
+    rerun = {os.path.relpath(os.path.abspath(c), ROOT) for c in configs}
+    return [r for r in json.loads(path.read_text())["runs"] if r["config"] not in rerun]
 
 
 def aim_block(records):
@@ -169,8 +179,8 @@ def write_reports(payload, out):
         "",
         "Written by `benchmarks/pipeline.py`; do not edit by hand. `LocalDagRunner`, Beam DirectRunner in "
         "process, on "
-        f"{machine['usable_cores']} cores ({machine['cpu']}), shared with other jobs (load average at start "
-        f"{machine['load_average_at_start'][0]:.1f}). `first`: fresh pipeline root; `cached`: the same inputs "
+        f"{machine['usable_cores']} cores ({machine['cpu']}), shared with other jobs (`load_1m`: the 1-minute load average when "
+        "each run started). `first`: fresh pipeline root; `cached`: the same inputs "
         "again (ExampleGen .. Trainer reused; the Evaluator re-runs against the new baseline and the Pusher "
         "pushes again). Seconds per component are ML Metadata execution times; `total_s` is the whole "
         "`run_pipeline` call (writing the ExampleGen input included). R2LED (CTR) has no pipeline.",
@@ -185,6 +195,7 @@ def write_reports(payload, out):
             "gate": r["gate_metric"]["name"],
             "gate_value": "" if r["gate_metric"]["value"] is None else round(r["gate_metric"]["value"], 4),
             "blessed": r["blessed"], "pushed": r["pushed"] or f"no: {r['not_pushed_reason'] or r['error']}",
+            "load_1m": "" if not r.get("load_average_at_start") else f"{r['load_average_at_start'][0]:.1f}",
         }
         for r in records
     ]
@@ -244,6 +255,8 @@ def main():
     parser.add_argument("--root", default=str(ROOT / "runs" / "benchmarks" / "pipeline"),
                         help="pipeline.root of every run (each config's pipeline root under it is recreated)")
     parser.add_argument("--out", default=str(ROOT / "reports"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records of other configs already in <out>/pipeline.json (re-run some configs only)")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every config, e.g. pipeline.train_steps=5")
     args = parser.parse_args()
     missing = [c for c in args.configs if not os.path.isfile(c)]
@@ -251,7 +264,8 @@ def main():
         parser.error(f"config file(s) not found: {', '.join(missing)}")
     for path in args.configs:  # every config error before the first (long) run
         load_pipeline_config(path, args.overrides)
-    payload = {"machine": machine_info(), "runs": [], "aim": aim_block([])}
+    payload = {"machine": machine_info(), "runs": kept_records(Path(args.out), args.configs) if args.merge else []}
+    payload["aim"] = aim_block(payload["runs"])
     start = time.time()
     for path in args.configs:
         payload["runs"] += run_config(path, args.overrides, args.root)
