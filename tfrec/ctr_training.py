@@ -63,7 +63,9 @@ class CTRDataConfig:
 
     `max_train_samples`: keep a random subset of users (fixed by `subsample_seed`)
     whose training samples add up to at most this many; their validation and test
-    samples are kept, the others dropped (the item vocabulary is unchanged)."""
+    samples are kept, the others dropped (the item vocabulary is unchanged).
+    `click_threshold`: rating >= this is a click, for a dataset without its own
+    click convention (e.g. 4.0 for `movielens-100k`); None = the dataset's."""
 
     dataset: str = "movielens-1m-subset"
     data_root: Optional[str] = None
@@ -73,6 +75,7 @@ class CTRDataConfig:
     min_history: int = 1
     max_train_samples: Optional[int] = None
     subsample_seed: int = 0
+    click_threshold: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -218,9 +221,10 @@ def load_ctr_data(data_config: CTRDataConfig):
     from tfrec.data.lifelong import load_lifelong_dataset
 
     dc = data_config
+    labels = {} if dc.click_threshold is None else {"click_threshold": float(dc.click_threshold)}
     data = load_lifelong_dataset(dc.dataset, dc.data_root, valid_fraction=dc.valid_fraction,
                                  test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
-                                 min_history=dc.min_history)
+                                 min_history=dc.min_history, **labels)
     if dc.max_train_samples is not None:
         data = subsample_users(data, dc.max_train_samples, dc.subsample_seed)
     return data
@@ -311,17 +315,27 @@ def prepare_item_semantics(data, store_path, section: Optional[CTRSidsConfig] = 
 
     section = section or CTRSidsConfig()
     store = load_store_for(store_path, data.item_vocab)
-    view = store.view(section.view)
-    pooled = np.asarray(view.pooled, np.float32)
     if not fit:
+        return item_semantics_of(store, section.view)
+    view = store.view(section.view)
+    sids, quantizer = fit_sids(np.asarray(view.pooled, np.float32), store.fingerprint, sids_config(section),
+                               mask=np.asarray(view.mask, bool), item_vocab=data.item_vocab,
+                               source={"store": str(store.path), "view": section.view})
+    return item_semantics_of(store, section.view, sids, quantizer)
+
+
+def item_semantics_of(store, view: str, sids=None, quantizer=None) -> ItemSemantics:
+    """`ItemSemantics` of a loaded `SemanticStore` (pooled `view`) and optional fitted
+    `tfrec.semantics.sids.SemanticIds` of that store (e.g. loaded with `load_sids`)."""
+    pooled = np.asarray(store.view(view).pooled, np.float32)
+    if sids is None:
         return ItemSemantics(pooled, store.path, store.fingerprint)
-    sids, quantizer = fit_sids(pooled, store.fingerprint, sids_config(section), mask=np.asarray(view.mask, bool),
-                               item_vocab=data.item_vocab, source={"store": str(store.path), "view": section.view})
-    codes = sids.codes
+    if sids.codes.shape[0] != pooled.shape[0]:
+        raise ValueError(f"semantic IDs have {sids.codes.shape[0]} rows but the store has {pooled.shape[0]}")
     sizes = list(sids.metadata["codebook_sizes"])
     if sids.metadata["deduplicated"]:
         sizes.append(int(sids.metadata["dedup_level_size"]))
-    return ItemSemantics(pooled, store.path, store.fingerprint, codes, sizes, sids, quantizer)
+    return ItemSemantics(pooled, store.path, store.fingerprint, sids.codes, sizes, sids, quantizer)
 
 
 def encode_lifelong_store(data, out_dir, dataset: str = "movielens-1m-subset", data_root=None, **encode_kwargs):
@@ -408,9 +422,14 @@ def popularity_metrics(data, split) -> dict:
             "logloss": logloss(samples.label, predictions)}
 
 
+def evaluated_splits(data) -> tuple:
+    """The evaluation splits `data` has samples in (`valid`, `test`; the TFX Trainer has no test)."""
+    return tuple(s for s in ("valid", "test") if s in data.splits and len(data.splits[s]))
+
+
 def evaluate_ctr_splits(config: CTRConfig, model, data) -> dict:
     return {split: CTREvaluator(data, split, config.train.eval_batch_size, config.model.max_history).evaluate(model)
-            for split in ("valid", "test")}
+            for split in evaluated_splits(data)}
 
 
 # ---------------------------------------------------------------- training
@@ -460,7 +479,7 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         "semantics": semantics.describe() if semantics is not None else None,
         "model": {"class": type(model).__name__, "parameters": int(model.count_params())},
         "splits": evaluate_ctr_splits(config, model, data),
-        "reference": {"popularity": {s: popularity_metrics(data, s) for s in ("valid", "test")}},
+        "reference": {"popularity": {s: popularity_metrics(data, s) for s in evaluated_splits(data)}},
         "epochs": epochs_run,
         "best_epoch": tracker.best_epoch,
         "train_seconds": train_seconds,

@@ -2,9 +2,10 @@
 
 Modules (importing this package imports nothing heavy):
 
-- `config`: `PipelineConfig` = an `ExperimentConfig` + the `pipeline:` section.
-- `data`: the ExampleGen input (leave-one-out pairs as `tf.Example`s).
-- `schema/schema.pbtxt`: the curated schema (ImportSchemaGen).
+- `config`: `PipelineConfig` = an `ExperimentConfig` (or a `CTRConfig` with
+  `task: ctr`) + the `pipeline:` section.
+- `data`: the ExampleGen input (leave-one-out pairs, or lifelong CTR samples, as `tf.Example`s).
+- `schema/schema.pbtxt`, `schema/ctr_schema.pbtxt`: the curated schemas (ImportSchemaGen).
 - `preprocessing`: Transform's `preprocessing_fn` (tft item vocabulary).
 - `trainer`: the Trainer's `run_fn` (tfrec model, `model.fit`).
 - `serving`: the SavedModel signatures (raw tokens in, transform graph inside).
@@ -14,5 +15,6 @@ Modules (importing this package imports nothing heavy):
 - `runner`: `run_pipeline` (LocalDagRunner + report), `compile_pipeline` (Kubeflow/Vertex).
 - `commands`: `tfrec pipeline run|compile`.
 
-It may import `tfrec`, never `export`. See `tfx_pipeline/README.md`.
+It may import `tfrec`; of `export`, only the CTR Trainer imports
+`export.saved_model.CTRServable` (the one CTR serving graph). See `tfx_pipeline/README.md`.
 """

@@ -10,9 +10,11 @@
 - `SemanticIds`: residual-quantizer semantic IDs of the store's item vectors
   (`tfrec.semantics.sids.sids_from_store`).
 - `SemanticTrainer`: the stock TFX Trainer (same executor, same `run_fn`
-  contract) with one more, optional input, `semantic_store`; its URI reaches
-  `run_fn` as `fn_args.custom_config[SEMANTIC_STORE_KEY]` (the DMESR item
-  encoder reads it, see `tfx_pipeline.trainer`).
+  contract) with two more, optional inputs, `semantic_store` and
+  `semantic_ids`; their URIs reach `run_fn` as
+  `fn_args.custom_config[SEMANTIC_STORE_KEY]` / `[SEMANTIC_IDS_KEY]` (the DMESR
+  item encoder reads the store; R2LED reads the store and the codes, see
+  `tfx_pipeline.trainer`).
 
 The semantic components import tfrec.semantics lazily inside the function, so
 this module imports without them; the pipeline adds them only when
@@ -36,6 +38,7 @@ OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 ANOMALIES_FILE = "SchemaDiff.pb"
 SEMANTIC_STORE_KEY = "semantic_store"
+SEMANTIC_IDS_KEY = "semantic_ids"
 
 
 class SemanticStoreArtifact(Artifact):
@@ -92,8 +95,12 @@ def ItemSemantics(
     dataset: Parameter[str] = "",
     items_path: Parameter[str] = "",
     max_tokens: Parameter[int] = 32,
+    data_root: Parameter[str] = "",
 ) -> None:
-    """Encode the item texts of the Transform vocabulary into a semantic store."""
+    """Encode the item texts of the Transform vocabulary into a semantic store.
+
+    `dataset` names a bundled dataset whose item table is read (under `data_root`
+    when set); `items_path` an item table file instead."""
     import tensorflow_transform as tft
 
     from tfrec.data.vocab import Vocabulary
@@ -103,7 +110,8 @@ def ItemSemantics(
     vocab_file = tft.TFTransformOutput(transform_graph.uri).vocabulary_file_by_name(ITEM_VOCAB)
     with tempfile.TemporaryDirectory() as prepared:  # encode_items reads <dir>/item_vocab.txt
         Vocabulary.load(vocab_file).save(os.path.join(prepared, "item_vocab.txt"))
-        encode_items(prepared, items_path or None, semantic_store.uri, dataset=dataset or None, max_tokens=max_tokens)
+        encode_items(prepared, items_path or None, semantic_store.uri, dataset=dataset or None, max_tokens=max_tokens,
+                     data_root=data_root or None)
 
 
 @tfx.dsl.components.component
@@ -115,38 +123,50 @@ def SemanticIds(
     num_levels: Parameter[int] = 3,
     codebook_size: Parameter[int] = 256,
     seed: Parameter[int] = 0,
+    codebook_sizes: Parameter[str] = "",
+    deduplicate: Parameter[bool] = True,
+    iterations: Parameter[int] = 20,
+    epochs: Parameter[int] = 50,
+    latent_dim: Parameter[int] = 32,
 ) -> None:
-    """Fit semantic IDs on the pooled `view` of the semantic store."""
+    """Fit semantic IDs on the pooled `view` of the semantic store.
+
+    `codebook_sizes`: one size per level, comma-separated (e.g. `"32,32,32"`);
+    empty = `codebook_size` at every level. Other arguments as
+    `tfrec.semantics.sids.SidsConfig` (`iterations` for rqkmeans, `epochs` and
+    `latent_dim` for rqvae)."""
     from tfrec.semantics.sids import SidsConfig, sids_from_store
 
-    config = SidsConfig(mode=mode, num_levels=num_levels, codebook_size=codebook_size, seed=seed)
+    sizes = [int(v) for v in codebook_sizes.split(",")] if codebook_sizes else codebook_size
+    config = SidsConfig(mode=mode, num_levels=num_levels, codebook_size=sizes, seed=seed, deduplicate=deduplicate,
+                        iterations=iterations, epochs=epochs, latent_dim=latent_dim)
     sids_from_store(semantic_store.uri, semantic_ids.uri, view=view, config=config)
 
 
 class SemanticTrainerSpec(standard_component_specs.TrainerSpec):
-    """`TrainerSpec` plus an optional `semantic_store` input."""
+    """`TrainerSpec` plus optional `semantic_store` and `semantic_ids` inputs."""
 
     INPUTS = {
         **standard_component_specs.TrainerSpec.INPUTS,
         SEMANTIC_STORE_KEY: ChannelParameter(type=SemanticStoreArtifact, optional=True),
+        SEMANTIC_IDS_KEY: ChannelParameter(type=SemanticIdsArtifact, optional=True),
     }
 
 
 class SemanticTrainerExecutor(trainer_executor.GenericExecutor):
-    """The Trainer's `GenericExecutor`; adds the semantic store URI to `fn_args.custom_config`."""
+    """The Trainer's `GenericExecutor`; adds the semantic store / IDs URIs to `fn_args.custom_config`."""
 
     def _GetFnArgs(self, input_dict, output_dict, exec_properties):
         fn_args = super()._GetFnArgs(input_dict, output_dict, exec_properties)
-        stores = input_dict.get(SEMANTIC_STORE_KEY)
-        if stores:
-            fn_args.custom_config = {
-                **(fn_args.custom_config or {}), SEMANTIC_STORE_KEY: artifact_utils.get_single_uri(stores)
-            }
+        for key in (SEMANTIC_STORE_KEY, SEMANTIC_IDS_KEY):
+            artifacts = input_dict.get(key)
+            if artifacts:
+                fn_args.custom_config = {**(fn_args.custom_config or {}), key: artifact_utils.get_single_uri(artifacts)}
         return fn_args
 
 
 class SemanticTrainer(base_component.BaseComponent):
-    """The TFX Trainer with an optional `semantic_store` input (an `ItemSemantics` output).
+    """The TFX Trainer with optional `semantic_store` (`ItemSemantics`) and `semantic_ids` (`SemanticIds`) inputs.
 
     Same outputs (`model`, `model_run`) and `run_fn` contract as
     `tfx.components.Trainer`; with `semantic_store` wired, `run_fn` finds the
@@ -164,11 +184,12 @@ class SemanticTrainer(base_component.BaseComponent):
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(SemanticTrainerExecutor)
 
     def __init__(self, examples, transform_graph, run_fn, train_args=None, eval_args=None, custom_config=None,
-                 semantic_store=None):
+                 semantic_store=None, semantic_ids=None):
         spec = SemanticTrainerSpec(
             examples=examples,
             transform_graph=transform_graph,
             semantic_store=semantic_store,
+            semantic_ids=semantic_ids,
             train_args=train_args or trainer_pb2.TrainArgs(),
             eval_args=eval_args or trainer_pb2.EvalArgs(),
             run_fn=run_fn,

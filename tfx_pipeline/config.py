@@ -15,6 +15,12 @@ A pipeline config file is an experiment config (`tfrec.config.ExperimentConfig`:
 Overrides use the same dotted keys for both parts: `train.epochs=1`,
 `pipeline.train_steps=1`. Unknown keys are errors naming the key.
 
+`task: ctr` (top-level key; default `sequential`) selects the lifelong CTR task:
+the experiment part is then a `tfrec.ctr_training.CTRConfig` (`name`,
+`output_dir`, `data`, `model`, `sids`, `train`, as `configs/r2led_ml1m.yaml`) and
+the pipeline trains R2LED or a CTR baseline (`model.name`); see
+`tfx_pipeline/README.md`, "R2LED in the pipeline".
+
 Paths derived from the config (all under `pipeline_root = <root>/<name>` unless
 set explicitly): the ExampleGen input `input/`, the ML Metadata store
 `metadata.sqlite`, the Pusher's destination `serving/<model_name>/<version>/`.
@@ -28,8 +34,13 @@ from typing import Optional
 from tfrec.config import ExperimentConfig, build_config, load_config_values
 
 CURATED_SCHEMA = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
+CTR_SCHEMA = Path(__file__).resolve().parent / "schema" / "ctr_schema.pbtxt"
 SCHEMA_INFER = "infer"
 RUNNERS = ("local", "vertex")
+SEQUENTIAL, CTR = "sequential", "ctr"
+TASKS = (SEQUENTIAL, CTR)
+CTR_GATE_METRICS = ("auc",)
+DEFAULT_GATE_METRIC = {SEQUENTIAL: "ndcg@10", CTR: "auc"}
 
 
 @dataclasses.dataclass
@@ -54,13 +65,16 @@ class PipelineOptions:
             (one epoch of `train_steps` batches) instead of `train.epochs` epochs.
         top_k: items returned by the serving signature.
         gate_metric: metric the Evaluator gates on, `ndcg@K` / `hr@K` / `mrr@K`
-            with K in `eval.ks`.
+            with K in `eval.ks`; `auc` for `task: ctr`. Empty: the task's default
+            (`ndcg@10`, `auc`).
         min_value: value threshold: the candidate's `gate_metric` must be >= this.
         max_drop: change threshold: the candidate may be at most this much (absolute)
             below the last blessed model (0 = must not be worse).
         item_semantics: add the ItemSemantics component (item text -> semantic store);
-            required by `model.item_encoder: dmesr`, whose Trainer reads that store.
-        semantic_ids: add the SemanticIds component (RQ codes; needs item_semantics).
+            required by `model.item_encoder: dmesr`, whose Trainer reads that store,
+            and by the CTR models reading item semantics (R2LED, sim-soft).
+        semantic_ids: add the SemanticIds component (RQ codes; needs item_semantics);
+            required by R2LED (`task: ctr`), whose Trainer reads the codes.
         items_path: item table for ItemSemantics (default: the dataset's items file).
         runner: `local` (LocalDagRunner) or `vertex` (compile with KubeflowV2DagRunner).
         image: container image holding tfrec, for `vertex`.
@@ -77,7 +91,7 @@ class PipelineOptions:
     beam_pipeline_args: tuple = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
     train_steps: Optional[int] = None
     top_k: int = 10
-    gate_metric: str = "ndcg@10"
+    gate_metric: str = ""
     min_value: float = 0.0
     max_drop: float = 0.0
     item_semantics: bool = False
@@ -95,10 +109,24 @@ def _absolute(path):
 
 @dataclasses.dataclass
 class PipelineConfig:
-    """An experiment plus its pipeline options, with the derived paths."""
+    """An experiment plus its pipeline options, with the derived paths.
 
-    experiment: ExperimentConfig
+    `experiment` is an `ExperimentConfig` (next-item task) or, with `task: ctr`,
+    a `tfrec.ctr_training.CTRConfig`.
+    """
+
+    experiment: object
     pipeline: PipelineOptions
+
+    @property
+    def task(self):
+        from tfrec.ctr_training import CTRConfig
+
+        return CTR if isinstance(self.experiment, CTRConfig) else SEQUENTIAL
+
+    @property
+    def is_ctr(self):
+        return self.task == CTR
 
     @property
     def pipeline_name(self):
@@ -127,28 +155,72 @@ class PipelineConfig:
         )
 
     @property
+    def ctr_semantics(self):
+        """What a CTR model reads from item semantics: `"sids"` (R2LED), `"pooled"` (sim-soft) or None."""
+        from tfrec.ctr_training import needs_semantics
+
+        return needs_semantics(self.experiment.model.name) if self.is_ctr else None
+
+    @property
     def uses_semantic_store(self):
-        """The model's item encoder reads the ItemSemantics store (`model.item_encoder: dmesr`)."""
+        """The Trainer reads the ItemSemantics store (`model.item_encoder: dmesr`, R2LED, sim-soft)."""
+        if self.is_ctr:
+            return self.ctr_semantics is not None
         return self.experiment.model.item_encoder == "dmesr"
+
+    @property
+    def uses_semantic_ids(self):
+        """The Trainer reads the SemanticIds codes (R2LED and its variants)."""
+        return self.ctr_semantics == "sids"
 
     @property
     def schema_path(self):
         """The curated schema file, or None when the schema is inferred."""
         if self.pipeline.schema == SCHEMA_INFER:
             return None
-        return _absolute(self.pipeline.schema or CURATED_SCHEMA)
+        return _absolute(self.pipeline.schema or (CTR_SCHEMA if self.is_ctr else CURATED_SCHEMA))
 
     def to_dict(self):
-        return {**self.experiment.to_dict(), "pipeline": dataclasses.asdict(self.pipeline)}
+        task = {"task": CTR} if self.is_ctr else {}
+        return {**task, **self.experiment.to_dict(), "pipeline": dataclasses.asdict(self.pipeline)}
+
+
+def _check_ctr(config):
+    """What the CTR task needs beyond `check_ctr_config` (which has run)."""
+    opts, experiment = config.pipeline, config.experiment
+    if opts.gate_metric not in CTR_GATE_METRICS:
+        raise ValueError(f"pipeline.gate_metric {opts.gate_metric!r} must be one of {list(CTR_GATE_METRICS)} "
+                         f"for task: ctr")
+    if experiment.data.vocabulary != "train":
+        raise ValueError("data.vocabulary must be train for task: ctr: the pipeline's item vocabulary is the "
+                         "Transform vocabulary, analysed on the train split")
+    if experiment.data.min_history < 1:
+        raise ValueError(f"data.min_history must be >= 1 for task: ctr (every example carries a history), "
+                         f"got {experiment.data.min_history}")
+    name = experiment.model.name
+    if config.ctr_semantics and not opts.item_semantics:
+        raise ValueError(
+            f"model.name: {name} needs pipeline.item_semantics: true: it reads the item semantics the "
+            f"ItemSemantics component writes (sids.store_path is not used in the pipeline)"
+        )
+    if config.uses_semantic_ids and not opts.semantic_ids:
+        raise ValueError(
+            f"model.name: {name} needs pipeline.semantic_ids: true: R2LED routes over the semantic IDs the "
+            f"SemanticIds component fits (sids.levels, sids.codebook_size)"
+        )
 
 
 def _check(config):
-    opts, ks = config.pipeline, config.experiment.eval.ks
-    metric, _, k = opts.gate_metric.partition("@")
-    if metric not in ("ndcg", "hr", "mrr") or not k.isdigit() or int(k) not in ks:
-        raise ValueError(
-            f"pipeline.gate_metric {opts.gate_metric!r} must be ndcg@K, hr@K or mrr@K with K in eval.ks {list(ks)}"
-        )
+    opts = config.pipeline
+    if config.is_ctr:
+        _check_ctr(config)
+    else:
+        ks = config.experiment.eval.ks
+        metric, _, k = opts.gate_metric.partition("@")
+        if metric not in ("ndcg", "hr", "mrr") or not k.isdigit() or int(k) not in ks:
+            raise ValueError(
+                f"pipeline.gate_metric {opts.gate_metric!r} must be ndcg@K, hr@K or mrr@K with K in eval.ks {list(ks)}"
+            )
     if opts.runner not in RUNNERS:
         raise ValueError(f"pipeline.runner must be one of {RUNNERS}, got {opts.runner!r}")
     if opts.train_steps is not None and opts.train_steps < 1:
@@ -159,7 +231,7 @@ def _check(config):
         raise ValueError(f"pipeline.max_drop must be >= 0, got {opts.max_drop}")
     if opts.semantic_ids and not opts.item_semantics:
         raise ValueError("pipeline.semantic_ids needs pipeline.item_semantics: the codes are fitted on item embeddings")
-    if config.uses_semantic_store and not opts.item_semantics:
+    if not config.is_ctr and config.uses_semantic_store and not opts.item_semantics:
         raise ValueError(
             "model.item_encoder: dmesr needs pipeline.item_semantics: true: the DMESR item encoder reads the "
             "semantic store the ItemSemantics component writes (dmesr.store_path is not used in the pipeline)"
@@ -175,13 +247,27 @@ def experiment_from_dict(values):
     return build_config(ExperimentConfig, values)
 
 
+def ctr_experiment_from_dict(values):
+    """A checked `tfrec.ctr_training.CTRConfig` from a dict shaped like its YAML file."""
+    from tfrec.ctr_training import CTRConfig, check_ctr_config
+
+    return check_ctr_config(build_config(CTRConfig, values))
+
+
 def config_from_dict(values):
-    """A `PipelineConfig` from a dict shaped like the YAML file."""
+    """A `PipelineConfig` from a dict shaped like the YAML file (`task:` selects the experiment kind)."""
     if not isinstance(values, dict):
         raise ValueError(f"a pipeline config must be a mapping, got {values!r}")
     values = dict(values)
     pipeline = values.pop("pipeline", None) or {}
-    return _check(PipelineConfig(experiment_from_dict(values), build_config(PipelineOptions, pipeline, "pipeline.")))
+    task = values.pop("task", SEQUENTIAL)
+    if task not in TASKS:
+        raise ValueError(f"config key task must be one of {', '.join(TASKS)}, got {task!r}")
+    experiment = ctr_experiment_from_dict(values) if task == CTR else experiment_from_dict(values)
+    options = build_config(PipelineOptions, pipeline, "pipeline.")
+    if not options.gate_metric:
+        options = dataclasses.replace(options, gate_metric=DEFAULT_GATE_METRIC[task])
+    return _check(PipelineConfig(experiment, options))
 
 
 def load_pipeline_config(path=None, overrides=()):

@@ -23,6 +23,18 @@ and `<out>/metadata.json` (counts, source fingerprint, config). A file whose
 bytes would not change is not rewritten: ImportExampleGen fingerprints its
 input by size and modification time, so an unchanged input keeps the cache.
 
+**CTR task** (`task: ctr`, a `tfrec.ctr_training.CTRConfig`): one example per
+lifelong CTR sample of `tfrec.data.lifelong` (`tfrec.ctr_training.load_ctr_data`:
+rating >= threshold = click, global time split, `data.max_train_samples` user
+subsample), split `train` / `valid` -> `eval` / `test`. The time split already
+keeps every history strictly before its target, so no split leaks into another.
+Features (curated schema `tfx_pipeline/schema/ctr_schema.pbtxt`): `user_id`,
+`history` (the most recent `model.max_history` raw item tokens, oldest first,
+including items that are new in that split), `target`, `label` (int64 0/1),
+`target_timestamp`, `history_length` (int64, the whole lifelong history before
+the `max_history` cut) and `history_bucket` (bytes, `history_length` bucketed
+by `HISTORY_BUCKETS`: what the Evaluator slices on).
+
 Example:
 >>> summary = write_example_gen_input(load_config(None, ["data.dataset=movielens-100k"]), "/tmp/in")  # doctest: +SKIP
 >>> summary["examples"]  # doctest: +SKIP
@@ -37,6 +49,8 @@ import numpy as np
 from tfrec.data.vocab import NUM_RESERVED
 
 USER_ID, HISTORY, TARGET, TARGET_TIMESTAMP = "user_id", "history", "target", "target_timestamp"
+LABEL, HISTORY_LENGTH, HISTORY_BUCKET = "label", "history_length", "history_bucket"
+HISTORY_BUCKETS = (16, 64, 256, 1024)  # ours: lower edges of the history-length slices after the first
 TRAIN, EVAL, TEST = "train", "eval", "test"
 SPLITS = (TRAIN, EVAL, TEST)
 EXAMPLES_FILE = "examples.tfrecord"
@@ -57,6 +71,72 @@ def make_pair_example(user_id, history, target, target_timestamp):
         TARGET_TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(target_timestamp)])),
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
+def history_bucket(length, edges=HISTORY_BUCKETS):
+    """The slice name of a lifelong history length: `"1-15"`, `"16-63"`, ..., `"1024+"`.
+
+    >>> [history_bucket(n) for n in (1, 16, 300, 5000)]
+    ['1-15', '16-63', '256-1023', '1024+']
+    """
+    lower = 1
+    for edge in edges:
+        if length < edge:
+            return f"{lower}-{edge - 1}"
+        lower = edge
+    return f"{lower}+"
+
+
+def _bytes_feature(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def _int_feature(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def make_ctr_example(user_id, history, target, label, target_timestamp, history_length):
+    """Serialized `tf.train.Example` of one CTR sample (`history`: bytes tokens, oldest first)."""
+    import tensorflow as tf
+
+    features = {
+        USER_ID: _bytes_feature([str(user_id).encode("utf-8")]),
+        HISTORY: _bytes_feature(list(history)),
+        TARGET: _bytes_feature([target]),
+        LABEL: _int_feature([int(label)]),
+        TARGET_TIMESTAMP: _int_feature([int(target_timestamp)]),
+        HISTORY_LENGTH: _int_feature([int(history_length)]),
+        HISTORY_BUCKET: _bytes_feature([history_bucket(history_length).encode()]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
+CTR_SPLITS = {TRAIN: "train", EVAL: "valid", TEST: "test"}  # pipeline split -> tfrec.data.lifelong split
+
+
+def ctr_examples(data, max_history):
+    """`{split name: [serialized Example]}` of lifelong CTR samples (`tfrec.data.lifelong.LifelongData`)."""
+    if data.event_tokens is None:
+        raise ValueError("the lifelong data carries no raw event tokens (LifelongData.event_tokens)")
+    tokens = np.array([str(t).encode("utf-8") for t in data.event_tokens], dtype=object)
+    out = {}
+    for name, lifelong_split in CTR_SPLITS.items():
+        samples = data.splits[lifelong_split]
+        rows = zip(samples.user.tolist(), samples.history_start.tolist(), samples.history_end.tolist(),
+                   samples.event.tolist(), samples.label.tolist(), samples.timestamp.tolist())
+        out[name] = [
+            make_ctr_example(data.users[user], tokens[max(start, end - max_history):end], tokens[event], label,
+                             timestamp, end - start)
+            for user, start, end, event, label, timestamp in rows
+        ]
+    if not out[TRAIN] or not out[EVAL] or not out[TEST]:
+        raise ValueError(f"the lifelong data leaves {', '.join(f'{len(v)} {k}' for k, v in out.items())} "
+                         f"examples; the pipeline needs samples in every split")
+    return out
 
 
 def pair_examples(data, split):
@@ -119,17 +199,26 @@ def write_example_gen_input(experiment_config, out_dir):
     """Prepare the configured data and write the three splits (see the module doc).
 
     Args:
-        experiment_config: a `tfrec.config.ExperimentConfig` (its `data` section is used).
+        experiment_config: a `tfrec.config.ExperimentConfig` (its `data` section is used)
+            or a `tfrec.ctr_training.CTRConfig` (`data`, and `model.max_history`).
         out_dir: local folder; created if needed.
 
     Returns:
         dict: `examples` (count per split), `changed` (splits rewritten), `fingerprint`
         (of the source interactions), `input_dir`.
     """
-    from tfrec.training import prepare_split
+    from tfrec.ctr_training import CTRConfig
 
-    data, split = prepare_split(experiment_config)
-    examples = pair_examples(data, split)
+    if isinstance(experiment_config, CTRConfig):
+        from tfrec.ctr_training import load_ctr_data
+
+        data = load_ctr_data(experiment_config.data)
+        examples = ctr_examples(data, experiment_config.model.max_history)
+    else:
+        from tfrec.training import prepare_split
+
+        data, split = prepare_split(experiment_config)
+        examples = pair_examples(data, split)
     out_dir = os.path.abspath(os.fspath(out_dir))
     changed = [
         name for name in SPLITS
@@ -142,6 +231,10 @@ def write_example_gen_input(experiment_config, out_dir):
         "num_items": data.metadata["num_items"],
         "data_config": experiment_config.to_dict()["data"],
     }
+    if isinstance(experiment_config, CTRConfig):
+        summary.update(max_history=experiment_config.model.max_history,
+                       click_rate={name: float(np.mean(data.splits[s].label)) for name, s in CTR_SPLITS.items()},
+                       subsample=data.metadata.get("subsample"))
     metadata = json.dumps(summary, indent=2, sort_keys=True) + "\n"
     _write_if_changed(os.path.join(out_dir, METADATA_FILE), metadata.encode())
     return {**summary, "changed": changed, "input_dir": out_dir}

@@ -9,8 +9,14 @@
       -> Trainer (`tfx_pipeline.trainer.run_fn`: tfrec model, `model.fit`;
          with `model.item_encoder: dmesr` it also takes ItemSemantics' store)
       -> latest blessed model resolver + Evaluator (TFMA on the test split:
-         NDCG/HR/MRR@K; value threshold + change threshold vs the baseline)
+         NDCG/HR/MRR@K, or AUC/LogLoss for `task: ctr`; value threshold +
+         change threshold vs the baseline)
       -> Pusher (`<serving_dir>/<unix time version>/`, what a model server watches)
+
+`task: ctr` (R2LED / CTR baselines) uses the same DAG: CTR samples in
+ExampleGen, the CTR curated schema, the same Transform, ItemSemantics ->
+SemanticIds feeding the Trainer (R2LED reads the store and the codes), and a
+binary-classification Evaluator on `label` (`ctr_eval_config`).
 
 The same definition runs locally (`LocalDagRunner`, SQLite ML Metadata; see
 `tfx_pipeline.runner`) and compiles for Kubeflow Pipelines / Vertex AI
@@ -28,26 +34,66 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from tfx_pipeline.components import AnomalyGate, ItemSemantics, SemanticIds, SemanticTrainer
-from tfx_pipeline.data import EVAL, SPLITS, TEST, TRAIN
+from tfx_pipeline.config import CTR
+from tfx_pipeline.data import EVAL, HISTORY_BUCKET, LABEL, SPLITS, TEST, TRAIN
 from tfx_pipeline.serving import EVALUATE, RANK_OUTPUT
 from tfx_pipeline.tfma_metrics import TargetRankMetric
-from tfx_pipeline.trainer import CONFIG_KEY
+from tfx_pipeline.trainer import CONFIG_KEY, TASK_KEY
 
 PREPROCESSING_FN = "tfx_pipeline.preprocessing.preprocessing_fn"
 RUN_FN = "tfx_pipeline.trainer.run_fn"
 RESOLVER_ID = "latest_blessed_model_resolver"
+CTR_SIGNATURE, CTR_OUTPUT = "score_examples", "probabilities"  # export.saved_model.CTRServable
 
 
 def trainer_config(config):
     """The Trainer's `custom_config`: what training depends on, nothing else (keeps its cache).
 
-    `dmesr.store_path` is left out: a DMESR model reads the ItemSemantics store
-    wired into the Trainer (`run_fn` sets the path), whatever the file says.
+    `dmesr.store_path` (`sids.store_path` for CTR) is left out: the model reads
+    the ItemSemantics store wired into the Trainer, whatever the file says.
     """
     experiment = config.experiment.to_dict()
-    experiment["dmesr"]["store_path"] = None
     options = {"train_steps": config.pipeline.train_steps, "top_k": config.pipeline.top_k}
+    if config.is_ctr:
+        experiment["sids"]["store_path"] = ""  # a str field: "" = not used
+        return {CONFIG_KEY: {TASK_KEY: CTR, **experiment, "pipeline": options}}
+    experiment["dmesr"]["store_path"] = None
     return {CONFIG_KEY: {**experiment, "pipeline": options}}
+
+
+def _gate_threshold(opts):
+    """Value threshold (`min_value`) and change threshold (`max_drop`) of a higher-is-better metric."""
+    return tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": opts.min_value}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -opts.max_drop - 1e-10},
+        ),
+    )
+
+
+def ctr_eval_config(config):
+    """TFMA config of the CTR task: binary classification of `label` by the `score_examples` probabilities.
+
+    Metrics: `auc` (gated on the overall slice: `pipeline.min_value`, `pipeline.max_drop`), `logloss`
+    (binary cross-entropy), `example_count`, `mean_label`, `mean_prediction`;
+    overall and per `history_bucket` slice.
+    """
+    opts = config.pipeline
+    # The gate applies to the overall slice only (a `threshold` would apply to every history_bucket slice too).
+    overall = tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=_gate_threshold(opts))
+    metrics = [
+        tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[overall] if opts.gate_metric == "auc" else []),
+        tfma.MetricConfig(class_name="BinaryCrossEntropy", config=json.dumps({"name": "logloss"})),
+        tfma.MetricConfig(class_name="ExampleCount"),
+        tfma.MetricConfig(class_name="MeanLabel"),
+        tfma.MetricConfig(class_name="MeanPrediction"),
+    ]
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name=CTR_SIGNATURE, label_key=LABEL)],
+        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[HISTORY_BUCKET])],
+        metrics_specs=[tfma.MetricsSpec(metrics=metrics)],
+    )
 
 
 def eval_config(config):
@@ -59,13 +105,7 @@ def eval_config(config):
         for metric in ("ndcg", "hr", "mrr"):
             threshold = None
             if (metric, int(k)) == (gate, int(gate_k)):
-                threshold = tfma.MetricThreshold(
-                    value_threshold=tfma.GenericValueThreshold(lower_bound={"value": opts.min_value}),
-                    change_threshold=tfma.GenericChangeThreshold(
-                        direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                        absolute={"value": -opts.max_drop - 1e-10},
-                    ),
-                )
+                threshold = _gate_threshold(opts)
             metrics.append(
                 tfma.MetricConfig(
                     class_name=TargetRankMetric.__name__,
@@ -79,6 +119,34 @@ def eval_config(config):
         slicing_specs=[tfma.SlicingSpec()],
         metrics_specs=[tfma.MetricsSpec(output_names=[RANK_OUTPUT], metrics=metrics)],
     )
+
+
+def _item_semantics_args(config):
+    """ItemSemantics parameters: the item table of the dataset (or `pipeline.items_path`).
+
+    CTR: the text `tfrec ctr encode` encodes (the dataset's item table, default
+    `max_tokens`); next-item: `dmesr.max_tokens`.
+    """
+    opts, data = config.pipeline, config.experiment.data
+    if config.is_ctr:
+        return {"dataset": "" if opts.items_path else data.dataset, "items_path": opts.items_path,
+                "data_root": data.data_root or ""}
+    return {"dataset": "" if opts.items_path or data.interactions_path else data.dataset,
+            "items_path": opts.items_path, "max_tokens": config.experiment.dmesr.max_tokens}
+
+
+def _semantic_ids_args(config):
+    """SemanticIds parameters: the CTR `sids:` section (as `tfrec ctr train` fits them), else the defaults."""
+    if not config.is_ctr:
+        return {}
+    from tfrec.ctr_training import sids_config
+
+    section = config.experiment.sids
+    fitted = sids_config(section)
+    return {"view": section.view, "mode": fitted.mode, "num_levels": fitted.num_levels,
+            "codebook_sizes": ",".join(str(int(k)) for k in fitted.codebook_size), "deduplicate": fitted.deduplicate,
+            "seed": fitted.seed, "iterations": fitted.iterations, "epochs": fitted.epochs,
+            "latent_dim": fitted.latent_dim}
 
 
 def create_pipeline(config, local=True):
@@ -119,17 +187,15 @@ def create_pipeline(config, local=True):
     transform.add_upstream_node(gate)
     components += [example_validator, gate, transform]
 
-    semantic_store = None
+    semantic_store = semantic_ids = None
     if opts.item_semantics:
-        semantics = ItemSemantics(
-            transform_graph=transform.outputs["transform_graph"],
-            dataset="" if opts.items_path or config.experiment.data.interactions_path else config.experiment.data.dataset,
-            items_path=opts.items_path,
-            max_tokens=config.experiment.dmesr.max_tokens,
-        )
+        semantics = ItemSemantics(transform_graph=transform.outputs["transform_graph"], **_item_semantics_args(config))
         components.append(semantics)
         if opts.semantic_ids:
-            components.append(SemanticIds(semantic_store=semantics.outputs["semantic_store"]))
+            sids = SemanticIds(semantic_store=semantics.outputs["semantic_store"], **_semantic_ids_args(config))
+            components.append(sids)
+            if config.uses_semantic_ids:
+                semantic_ids = sids.outputs["semantic_ids"]
         if config.uses_semantic_store:
             semantic_store = semantics.outputs["semantic_store"]
 
@@ -141,6 +207,7 @@ def create_pipeline(config, local=True):
         eval_args=tfx.proto.EvalArgs(splits=[EVAL]),
         custom_config=trainer_config(config),
         semantic_store=semantic_store,
+        semantic_ids=semantic_ids,
     )
     resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
@@ -151,7 +218,7 @@ def create_pipeline(config, local=True):
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=resolver.outputs["model"],
-        eval_config=eval_config(config),
+        eval_config=ctr_eval_config(config) if config.is_ctr else eval_config(config),
         example_splits=[TEST],
     )
     pusher = tfx.components.Pusher(

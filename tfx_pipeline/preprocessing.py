@@ -15,13 +15,18 @@ Outputs: `history_ids` (int64, variable length, same positions as `history`)
 and `target_id` (int64 scalar). The transform graph is saved with the model
 (`tfx_pipeline.serving`), so clients send raw tokens; at serving time only
 `history` is fed and TFT prunes the `target` branch.
+
+CTR examples (`task: ctr`, they have a `label`) get the same item ids, plus
+`label` (int64 0/1) and `user_id` (bytes, the GAUC group) passed through; the
+CTR serving graph maps tokens with this same vocabulary file (see
+`tfx_pipeline.trainer`).
 """
 
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from tfrec.data.vocab import NUM_RESERVED
-from tfx_pipeline.data import HISTORY, TARGET
+from tfx_pipeline.data import HISTORY, LABEL, TARGET, USER_ID
 
 ITEM_VOCAB = "item_vocab"
 HISTORY_IDS, TARGET_ID = "history_ids", "target_id"
@@ -31,12 +36,22 @@ def _ids(tokens, vocab):
     return tft.apply_vocabulary(tokens, vocab, default_value=-1) + NUM_RESERVED
 
 
+def _scalar(feature, default):
+    """A one-value-per-example SparseTensor `(B, 1)` -> dense `(B,)`."""
+    return tf.squeeze(tft.sparse_tensor_to_dense_with_shape(feature, [None, 1], default_value=default), 1)
+
+
 def preprocessing_fn(inputs):
-    """`{history: Sparse str (B, None), target: Sparse str (B, 1)}` -> `{history_ids, target_id}`."""
+    """`{history: Sparse str (B, None), target: Sparse str (B, 1)}` -> `{history_ids, target_id}`
+    (+ `label`, `user_id` for CTR examples)."""
     history = inputs[HISTORY]  # SparseTensor (batch, None) of item tokens
-    target = tf.squeeze(tft.sparse_tensor_to_dense_with_shape(inputs[TARGET], [None, 1], default_value=""), 1)
+    target = _scalar(inputs[TARGET], "")
     vocab = tft.vocabulary(tf.concat([history.values, target], axis=0), vocab_filename=ITEM_VOCAB)
-    return {
+    outputs = {
         HISTORY_IDS: tf.SparseTensor(history.indices, _ids(history.values, vocab), history.dense_shape),
         TARGET_ID: _ids(target, vocab),  # (batch,)
     }
+    if LABEL in inputs:  # a CTR example
+        outputs[LABEL] = _scalar(inputs[LABEL], tf.constant(0, tf.int64))
+        outputs[USER_ID] = _scalar(inputs[USER_ID], "")
+    return outputs

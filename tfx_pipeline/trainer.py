@@ -24,6 +24,21 @@ experiment config plus the pipeline's `train_steps` and `top_k`, see
 
 Validation pairs whose target is out of vocabulary (an item seen only as a
 validation target) cannot be ranked and are left out of early stopping.
+
+**CTR task** (`task: ctr`, `run_ctr`): the transformed `train` / `eval` examples
+(`history_ids`, `target_id`, `label`, `user_id`) become a
+`tfrec.data.lifelong.LifelongData` whose flat event array is the concatenation of
+the examples' histories (`lifelong_data_from_examples`; history ids outside the
+vocabulary are dropped, as the serving graph drops unknown tokens); the item
+semantics come from the ItemSemantics store and the SemanticIds codes wired into
+the Trainer (`tfrec.ctr_training.item_semantics_of`); then
+`tfrec.ctr_training.train_ctr` builds the model (`build_ctr_model` over the
+Transform vocabulary) and fits it with validation AUC early stopping on the
+`eval` split (`train.monitor`). `pipeline.train_steps` = one epoch of that many
+steps. The serving SavedModel is `export.saved_model.CTRServable` (signatures
+`serving_default` = `score`, `score_examples`: raw tokens in, probabilities
+out), its lookup table reading the Transform's vocabulary file (the same ids:
+line + 2, unknown = OOV 1, `""` = padding).
 """
 
 import dataclasses
@@ -40,12 +55,14 @@ from tfrec.data.pipelines import training_dataset
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 from tfrec.evaluation import SequentialEvaluator
 from tfrec.training import BestEpochTracker, build_item_encoder, build_model, build_optimizer
-from tfx_pipeline.components import SEMANTIC_STORE_KEY
-from tfx_pipeline.config import experiment_from_dict
+from tfx_pipeline.components import SEMANTIC_IDS_KEY, SEMANTIC_STORE_KEY
+from tfx_pipeline.config import CTR, ctr_experiment_from_dict, experiment_from_dict
+from tfx_pipeline.data import LABEL, USER_ID
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 from tfx_pipeline.serving import RecommenderServable
 
 CONFIG_KEY = "tfrec"
+TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
@@ -137,10 +154,141 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
     return model, report
 
 
+def _example_files(file_patterns):
+    files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
+    return files
+
+
+def read_ctr_examples(file_patterns):
+    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples."""
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64),
+            LABEL: tf.io.FixedLenFeature([], tf.int64), USER_ID: tf.io.FixedLenFeature([], tf.string)}
+    histories, columns = [], {TARGET_ID: [], LABEL: [], USER_ID: []}
+    for path in _example_files(file_patterns):
+        compression = "GZIP" if path.endswith(".gz") else ""
+        for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
+            parsed = tf.io.parse_example(batch, spec)
+            histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
+            for key in columns:
+                columns[key].append(parsed[key].numpy())
+    target, label, user = (np.concatenate(columns[k]) for k in (TARGET_ID, LABEL, USER_ID))
+    return histories, target.astype(np.int64), label.astype(np.float32), user
+
+
+def lifelong_data_from_examples(splits, item_vocab):
+    """A `tfrec.data.lifelong.LifelongData` of transformed CTR examples.
+
+    Args:
+        splits: `{lifelong split name ("train", "valid"): read_ctr_examples(...) result}`.
+        item_vocab: the Transform vocabulary (`Vocabulary`, ids = line + 2).
+
+    Each example's history (known ids only, oldest first) becomes its own range of
+    the flat event array, so `lifelong_dataset` / `CTREvaluator` read them as they
+    read `tfrec ctr train` samples; users are the examples' `user_id` tokens.
+    """
+    from tfrec.data.lifelong import LifelongData, LifelongSamples
+
+    pieces, samples, offset = [], {}, 0
+    users, user_index = [], {}
+    for name, (histories, target, label, user) in splits.items():
+        known = [h[h >= NUM_RESERVED] for h in histories]
+        lengths = np.array([len(h) for h in known], np.int64)
+        ends = offset + np.cumsum(lengths)
+        user_ids = np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
+        samples[name] = LifelongSamples(
+            event=np.arange(len(target), dtype=np.int64), user=user_ids, history_start=ends - lengths,
+            history_end=ends, target_id=target.astype(np.int32), label=label.astype(np.float32),
+            timestamp=np.zeros(len(target), np.int64))
+        pieces += known
+        offset = int(ends[-1]) if len(ends) else offset
+    users = np.array([u.decode("utf-8") for u in user_index], dtype=object)
+    events = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    metadata = {"num_items": len(item_vocab.tokens), "num_users": len(users),
+                "num_samples": {n: len(s) for n, s in samples.items()},
+                "click_rate": {n: float(s.label.mean()) if len(s) else None for n, s in samples.items()},
+                "source": "transformed examples"}
+    return LifelongData(
+        item_vocab=item_vocab, users=users, user_offsets=np.zeros(1, np.int64), event_items=events,
+        event_timestamps=np.zeros(len(events), np.int64), event_labels=np.zeros(len(events), np.float32),
+        event_ratings=np.full(len(events), np.nan, np.float32), event_split=np.zeros(len(events), np.int8),
+        splits=samples, cutoffs={}, genre_vocab=None, item_genres=None, metadata=metadata)
+
+
+def pipeline_item_semantics(config, item_vocab, store_uri, sids_uri):
+    """`tfrec.ctr_training.ItemSemantics` from the ItemSemantics store and SemanticIds codes (or None).
+
+    Raises:
+        ValueError: the model needs a store / codes the Trainer was not given.
+        VocabularyMismatchError: the store does not follow the Transform vocabulary.
+    """
+    from tfrec.ctr_training import item_semantics_of, load_store_for, needs_semantics
+    from tfrec.semantics.sids import load_sids
+
+    need = needs_semantics(config.model.name)
+    if need is None:
+        return None
+    if not store_uri:
+        raise ValueError(f"model {config.model.name} needs item semantics but the Trainer has no semantic_store "
+                         f"input: set pipeline.item_semantics: true")
+    store = load_store_for(store_uri, item_vocab)
+    if need != "sids":
+        return item_semantics_of(store, config.sids.view)
+    if not sids_uri:
+        raise ValueError(f"model {config.model.name} needs semantic IDs but the Trainer has no semantic_ids "
+                         f"input: set pipeline.semantic_ids: true")
+    return item_semantics_of(store, config.sids.view, load_sids(sids_uri, expected_fingerprint=store.fingerprint))
+
+
+def _item_genres(config, item_vocab):
+    """`(V, G)` genre ids over `item_vocab` from the dataset's item table (SIM-hard)."""
+    from tfrec.data.lifelong import _item_tables
+    from tfrec.data.readers import load_dataset
+
+    items = load_dataset(config.data.dataset, config.data.data_root).items
+    if items is None:
+        raise ValueError(f"model sim-hard needs item genres: dataset {config.data.dataset} has no item table")
+    return _item_tables(items, item_vocab)[1]
+
+
+def run_ctr(fn_args, settings, options):
+    """The CTR Trainer (`task: ctr`, see the module doc)."""
+    from export.saved_model import CTRServable
+    from tfrec.ctr_training import train_ctr
+
+    config = ctr_experiment_from_dict(settings)
+    if options.get("train_steps"):
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, epochs=1, steps_per_epoch=int(options["train_steps"])))
+    tft_output = tft.TFTransformOutput(fn_args.transform_output)
+    vocab_file = tft_output.vocabulary_file_by_name(ITEM_VOCAB)
+    item_vocab = Vocabulary.load(vocab_file)  # ids = line + 2
+    data = lifelong_data_from_examples(
+        {"train": read_ctr_examples(fn_args.train_files), "valid": read_ctr_examples(fn_args.eval_files)}, item_vocab)
+    if config.model.name == "sim-hard":
+        data.item_genres = _item_genres(config, item_vocab)
+    semantics = pipeline_item_semantics(config, item_vocab, fn_args.custom_config.get(SEMANTIC_STORE_KEY),
+                                        fn_args.custom_config.get(SEMANTIC_IDS_KEY))
+    results, model, _ = train_ctr(config, verbose=2, save=False, data=data, semantics=semantics)
+    results["semantic_store"] = fn_args.custom_config.get(SEMANTIC_STORE_KEY)
+    results["semantic_ids"] = fn_args.custom_config.get(SEMANTIC_IDS_KEY)
+    results["train_steps"] = options.get("train_steps")
+    results["vocab_size"] = int(item_vocab.size)
+    servable = CTRServable(model, item_vocab, vocab_file, max_history=config.model.max_history)
+    tf.saved_model.save(servable, fn_args.serving_model_dir, signatures=servable.signatures())
+    tf.io.gfile.makedirs(fn_args.model_run_dir)
+    model.save(os.path.join(fn_args.model_run_dir, MODEL_FILE))
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, REPORT_FILE), "w") as f:
+        f.write(json.dumps(results, indent=2, default=str))
+
+
 def run_fn(fn_args):
     """TFX Trainer entry point (`Trainer(run_fn="tfx_pipeline.trainer.run_fn", ...)`)."""
     settings = dict(fn_args.custom_config[CONFIG_KEY])
     options = settings.pop("pipeline")
+    if settings.pop(TASK_KEY, None) == CTR:
+        return run_ctr(fn_args, settings, options)
     experiment = with_semantic_store(experiment_from_dict(settings), fn_args.custom_config.get(SEMANTIC_STORE_KEY))
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     item_vocab = Vocabulary.load(tft_output.vocabulary_file_by_name(ITEM_VOCAB))  # ids = line + 2

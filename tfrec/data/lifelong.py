@@ -118,6 +118,8 @@ class LifelongData:
         cutoffs: ``{"valid": t_valid, "test": t_test}`` (int timestamps).
         genre_vocab: ``Vocabulary`` of genres or None; item_genres: ``(V, G)`` int32 or None.
         metadata: counts, cut-offs, options and the interactions fingerprint.
+        event_tokens: ``(N,)`` object array of the raw item tokens of the events (the
+            tokens behind ``event_items``, including the OOV ones), or None.
     """
 
     item_vocab: Vocabulary
@@ -133,6 +135,7 @@ class LifelongData:
     genre_vocab: Optional[Vocabulary]
     item_genres: Optional[np.ndarray]
     metadata: dict
+    event_tokens: Optional[np.ndarray] = None
 
     def history(self, samples: LifelongSamples, max_history: Optional[int] = None) -> list:
         """Histories of ``samples`` as a list of int32 arrays (most recent ``max_history``)."""
@@ -292,7 +295,8 @@ def build_lifelong_data(
         item_vocab=item_vocab, users=np.asarray(users, dtype=object), user_offsets=user_offsets,
         event_items=event_items, event_timestamps=ts, event_labels=frame["label"].to_numpy(np.float32),
         event_ratings=frame["rating"].to_numpy(np.float32), event_split=split, splits=splits, cutoffs=cutoffs,
-        genre_vocab=genre_vocab, item_genres=item_genres, metadata=metadata)
+        genre_vocab=genre_vocab, item_genres=item_genres, metadata=metadata,
+        event_tokens=frame["item_id"].to_numpy(dtype=object))
 
 
 def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, **kwargs) -> LifelongData:
