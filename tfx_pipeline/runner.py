@@ -265,7 +265,8 @@ def compile_pipeline(config, output_path):
             raise
         raise ValueError(
             f"compiling for Kubeflow/Vertex needs the kfp-pipeline-spec package, which is not installed "
-            f"({err.name} is missing); TFX 1.16 asks for >= 0.2.2, e.g. kfp-pipeline-spec==0.4.0 (protobuf 4.x)"
+            f"({err.name} is missing); TFX 1.16 asks for >= 0.2.2: pip install --no-deps kfp-pipeline-spec==0.3.0 "
+            f"(the pin of requirements/requirements-tfx-nodeps.txt)"
         ) from None
     from tfx_pipeline.pipeline import create_pipeline
 
