@@ -46,6 +46,9 @@ def add_commands(subparsers) -> None:
     batching.add_argument("--num_batch_threads", type=int, help="batches run in parallel (default: #CPUs)")
     batching.add_argument("--pad_variable_length_inputs", action="store_true",
                           help="right-pad None dimensions to batch requests of different lengths")
+    batching.add_argument("--max_padding_ratio", type=float,
+                          help="with padding: merge only requests whose lengths are within this factor "
+                               "(e.g. 2; default 0 = pad to the longest, as TF Serving)")
     serve.set_defaults(func=_cmd_serve)
 
     query = subparsers.add_parser("query", help="call a running model server (gRPC PredictionService)")
@@ -69,7 +72,7 @@ def _batching_options(args):
 
     flags = {
         k: getattr(args, k)
-        for k in ("max_batch_size", "batch_timeout_micros", "num_batch_threads")
+        for k in ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_padding_ratio")
         if getattr(args, k) is not None
     }
     if args.pad_variable_length_inputs:

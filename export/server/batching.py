@@ -5,11 +5,13 @@ a thread that forms batches and runs them, one at a time; one
 :class:`BatchScheduler` per server bounds how many batches run at once across
 all of them (``num_batch_threads``). A batch closes when it holds
 ``max_batch_size`` rows or ``batch_timeout_micros`` after its first request
-arrived, and is formed only once a slot is free and the previous batch of the
-signature finished, so batches grow under load. Inputs are concatenated
-along dimension 0 (optionally right-padding variable-length dimensions, see
-:class:`export.server.config.BatchingOptions`), the model runs once, and every
-output is split back by rows. A model whose outputs cannot be split by rows
+arrived, and is formed only once one of the ``num_batch_threads`` slots is free,
+so batches grow under load; formed batches run on the scheduler's pool of
+``num_batch_threads`` threads, so one signature can run several batches at once
+(as TF Serving's shared batch scheduler does). Inputs are concatenated along
+dimension 0 (optionally right-padding variable-length dimensions, at most
+``max_padding_ratio`` apart, see :class:`export.server.config.BatchingOptions`),
+the model runs once, and every output is split back by rows. A model whose outputs cannot be split by rows
 (e.g. a scalar output) is detected on the first merged batch and served
 unbatched from then on.
 
@@ -33,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -80,6 +83,8 @@ class BatchScheduler:
         self.options = options
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(options.num_batch_threads)
+        # Exactly one worker per slot: a batch is submitted only after taking a slot, so it never waits here.
+        self._pool = concurrent.futures.ThreadPoolExecutor(options.num_batch_threads, thread_name_prefix="tfrec-batch")
 
     def batcher(self, servable, signature) -> Optional["SignatureBatcher"]:
         """A batcher for ``signature`` of ``servable``, or ``None`` if it cannot be batched.
@@ -92,7 +97,8 @@ class BatchScheduler:
         return SignatureBatcher(self, servable, signature)
 
     def close(self) -> None:
-        """Nothing to release: each batcher's thread ends with its servable (``SignatureBatcher.close``)."""
+        """Stop the batch threads (each batcher finishes its queue first, ``SignatureBatcher.close``)."""
+        self._pool.shutdown(wait=True)
 
 
 class SignatureBatcher:
@@ -105,6 +111,7 @@ class SignatureBatcher:
         self._queue: collections.deque = collections.deque()
         self._queued_rows = 0
         self._closed = False
+        self._running = 0  # batches submitted to the pool and not finished
         self._splittable = True
         self._thread = threading.Thread(
             target=self._loop, name=f"tfrec-batcher-{servable.name}-{servable.version}-{signature.name}", daemon=True
@@ -142,11 +149,14 @@ class SignatureBatcher:
         return task.outputs
 
     def close(self) -> None:
-        """Finish every queued request, then stop the scheduling thread."""
+        """Finish every queued and running request, then stop the scheduling thread."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+        with self._cond:
+            while self._running:
+                self._cond.wait()
 
     # --- scheduling side ------------------------------------------------------------
     def _loop(self) -> None:
@@ -167,9 +177,11 @@ class SignatureBatcher:
             self._scheduler._slots.acquire()  # form the batch only when a slot is free
             with self._cond:
                 batch = self._take_batch()
-            # Run on this thread: one hand-off less per request than a worker pool, and
-            # requests arriving meanwhile form the next batch.
-            self._process(batch)
+                self._running += 1
+            try:  # requests arriving meanwhile form the next batch, which may run alongside
+                self._scheduler._pool.submit(self._process, batch)
+            except RuntimeError:  # the pool is shut down (server stopping): run here
+                self._process(batch)
 
     def _compatible(self, first: _Task, task: _Task) -> bool:
         pad = self._options.pad_variable_length_inputs
@@ -182,14 +194,29 @@ class SignatureBatcher:
                     return False
         return True
 
+    def _padded_lengths(self, task: _Task) -> List[int]:
+        """Lengths of ``task``'s dimensions that padding may change (the signature's ``None`` dims)."""
+        return [task.inputs[name].shape[axis] for name, spec in self._signature.inputs.items()
+                for axis in range(1, len(spec.shape)) if spec.shape[axis] is None]
+
     def _take_batch(self) -> List[_Task]:
         first = self._queue.popleft()
         batch, rows, rest = [first], first.rows, collections.deque()
+        ratio = self._options.max_padding_ratio if self._options.pad_variable_length_inputs else 0
+        low = high = self._padded_lengths(first) if ratio else None
         while self._queue:
             task = self._queue.popleft()
-            if rows + task.rows <= self._options.max_batch_size and self._compatible(first, task):
+            fits = rows + task.rows <= self._options.max_batch_size and self._compatible(first, task)
+            if fits and ratio:  # the batch's longest row at most `ratio` times its shortest, per padded dim
+                lengths = self._padded_lengths(task)
+                new_low = [min(a, b) for a, b in zip(low, lengths)]
+                new_high = [max(a, b) for a, b in zip(high, lengths)]
+                fits = all(h <= ratio * max(lo, 1) for lo, h in zip(new_low, new_high))
+            if fits:
                 batch.append(task)
                 rows += task.rows
+                if ratio:
+                    low, high = new_low, new_high
             else:
                 rest.append(task)
         self._queue = rest
@@ -261,6 +288,9 @@ class SignatureBatcher:
                 task.error = error
             task.done.set()
         self._scheduler._slots.release()
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
 
     def _record(self, rows: int) -> None:
         if self._scheduler.metrics is not None:

@@ -254,15 +254,24 @@ class BatchingOptions:
     ``"bool"`` default False). Padding is off by default (as in TF Serving): turn
     it on only for models that treat the pad value as padding (tfrec exports map
     ``""`` to the padding id) and whose outputs do not depend on the padded length.
+    ``max_padding_ratio`` (ours; TF Serving has no such field) bounds the waste:
+    a request joins a batch only while the batch's longest row stays within that
+    factor of its shortest, per padded dimension; the others wait for a later
+    batch (oldest request first, so none starves). Useful when lengths vary a lot
+    (lifelong histories: tens to thousands of items), where padding every row to
+    the longest can cost more than batching saves.
 
     Args:
         max_batch_size: ``int``, rows per model call, default 32.
         batch_timeout_micros: ``int``, longest wait for a batch to fill, default 2000.
-        num_batch_threads: ``int``, most batches running at once (over all signatures;
-            one signature runs one batch at a time), default the number of CPUs.
+        num_batch_threads: ``int``, most batches running at once (over all signatures),
+            default the number of CPUs.
         max_enqueued_batches: ``int``, queue bound in batches; beyond it requests fail
             with RESOURCE_EXHAUSTED. Default 100.
         pad_variable_length_inputs: ``bool``, default False.
+        max_padding_ratio: ``float``, 0 (default) = pad to the longest request
+            whatever the spread (TF Serving's behaviour); e.g. 2 = merge only
+            requests within 2x of each other's length.
         pad_values: ``Mapping[str, object]`` overriding the pad value per dtype kind.
     """
 
@@ -271,6 +280,7 @@ class BatchingOptions:
     num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     max_enqueued_batches: int = 100
     pad_variable_length_inputs: bool = False
+    max_padding_ratio: float = 0.0
     pad_values: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     DEFAULT_PAD_VALUES = {"string": b"", "float": 0, "int": 0, "bool": False}
@@ -279,6 +289,8 @@ class BatchingOptions:
         for field in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"batching {field} must be >= 1, got {getattr(self, field)}")
+        if self.max_padding_ratio != 0 and self.max_padding_ratio < 1:
+            raise ValueError(f"batching max_padding_ratio must be 0 (no limit) or >= 1, got {self.max_padding_ratio}")
         if self.batch_timeout_micros < 0:
             raise ValueError(f"batching batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
         unknown = set(self.pad_values) - set(self.DEFAULT_PAD_VALUES)
@@ -298,6 +310,7 @@ _BATCHING_FIELDS = {
     "num_batch_threads": int,
     "max_enqueued_batches": int,
     "pad_variable_length_inputs": lambda s: s.lower() == "true",
+    "max_padding_ratio": float,  # ours, see BatchingOptions
 }
 
 
