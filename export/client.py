@@ -202,6 +202,29 @@ class PredictClient:
             self._signatures[key] = signatures[signature]
         return self._signatures[key]
 
+    def request(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        signature: str = DEFAULT_SIGNATURE,
+        version: Optional[int] = None,
+        label: Optional[str] = None,
+        timeout: float = 10.0,
+        output_filter: Optional[Sequence[str]] = None,
+        cast: bool = True,
+    ) -> predict_pb2.PredictRequest:
+        """The ``PredictRequest`` :meth:`predict` sends (arguments as there), e.g. to send it many times
+        with ``client.stub.Predict(request, timeout)`` (load generators)."""
+        import tensorflow as tf
+
+        views = self.signature(model, signature, version, label, timeout)["inputs"] if cast else {}
+        request = predict_pb2.PredictRequest(output_filter=list(output_filter or ()))
+        self._spec(request.model_spec, model, version, label, signature)
+        for name, value in inputs.items():
+            array = _cast(name, value, views.get(name)) if cast else _cast(name, value, None)
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+        return request
+
     def predict(
         self,
         model: str,
@@ -224,12 +247,7 @@ class PredictClient:
         """
         import tensorflow as tf
 
-        views = self.signature(model, signature, version, label, timeout)["inputs"] if cast else {}
-        request = predict_pb2.PredictRequest(output_filter=list(output_filter or ()))
-        self._spec(request.model_spec, model, version, label, signature)
-        for name, value in inputs.items():
-            array = _cast(name, value, views.get(name)) if cast else _cast(name, value, None)
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+        request = self.request(model, inputs, signature, version, label, timeout, output_filter, cast)
         try:
             response = self.stub.Predict(request, timeout)
         except grpc.RpcError as err:
