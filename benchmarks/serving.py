@@ -40,7 +40,7 @@ Per server configuration (batching off, then `--enable_batching` with
 `--pad_variable_length_inputs --max_padding_ratio 2`, since histories differ in
 length: rows of a batch at most 2x apart in length), endpoint and
 concurrency: `--warmup` untimed requests at that concurrency, then `--requests`
-timed ones (default max(200, 25 x concurrency)). Latency = client wall time of
+timed ones (default max(800, 25 x concurrency)). Latency = client wall time of
 one `Predict` (p50 / p99 / mean of the successful ones); QPS = successful
 requests / wall time of the timed phase. Also recorded: CPU seconds of this
 process (the client) and of the server during the timed phase (client and
@@ -50,8 +50,11 @@ visible share), and the server's batch sizes (its Prometheus
 
 Writes (after each server configuration, so an interruption keeps results):
 - `serving.json`: `{"machine", "settings", "servables", "runs": [{"endpoint",
-  "dataset", "model", "signature", "batching", "concurrency", "requests",
-  "errors", "p50_ms", "p99_ms", "mean_ms", "qps", ...}], "target"}`; `target` =
+  "dataset", "model", "signature", "batching", "concurrency", "repeat",
+  "requests", "errors", "p50_ms", "p99_ms", "mean_ms", "qps", ...}], "summary":
+  [the same keys per (endpoint, batching, concurrency): medians over the
+  `--repeats` (default 3, server configurations interleaved), plus "repeats",
+  "qps_range", "p99_range"], "target"}`; `target` (computed on `summary`) =
   the issue's goals: `recommend` p99 <= 20 ms at concurrency 8 (met = with
   batching on, the configuration one deploys; both values shown) and batching
   raising QPS over unbatched, per endpoint@concurrency;
@@ -267,6 +270,40 @@ def machine_info():
                     "may run on the machine too (see the load averages)"}
 
 
+def summarize(runs):
+    """One row per (endpoint, batching, concurrency): medians over the repeats, with the QPS and p99 ranges.
+
+    >>> rows = summarize([{"endpoint": "e", "batching": b, "concurrency": 8, "requests": 10, "errors": 0,
+    ...                    "p50_ms": q, "p99_ms": q, "mean_ms": q, "qps": q, "client_cpu_seconds": 0.1,
+    ...                    "server_cpu_seconds": 1.0, "server_batches": {}, "repeat": r}
+    ...                   for b in (False, True) for r, q in enumerate((3.0, 1.0, 2.0))])
+    >>> [(r["batching"], r["qps"], r["qps_range"], r["repeats"], r["requests"]) for r in rows]
+    [(False, 2.0, [1.0, 3.0], 3, 30), (True, 2.0, [1.0, 3.0], 3, 30)]
+    """
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["endpoint"], run["batching"], run["concurrency"]), []).append(run)
+
+    def median(runs_, key):
+        values = [r[key] for r in runs_ if r[key] is not None]
+        return None if not values else float(np.median(values))
+
+    rows = []
+    for (endpoint, batching, concurrency), group in groups.items():
+        first = group[0]
+        row = {k: first[k] for k in ("endpoint", "dataset", "model", "signature") if k in first}
+        row.update({"batching": batching, "concurrency": concurrency, "repeats": len(group),
+                    "requests": sum(r["requests"] for r in group), "errors": sum(r["errors"] for r in group)})
+        for key in ("p50_ms", "p99_ms", "mean_ms", "qps", "client_cpu_seconds", "server_cpu_seconds"):
+            row[key] = median(group, key)
+        for key in ("qps", "p99_ms"):
+            values = [r[key] for r in group if r[key] is not None]
+            row[f"{key.split('_')[0]}_range"] = [min(values), max(values)] if values else None
+        row["server_batches"] = group[-1].get("server_batches") or {}
+        rows.append(row)
+    return rows
+
+
 def target_block(runs):
     """The issue's goals: `recommend` p99 <= 20 ms at concurrency 8; batching raises QPS, per endpoint@concurrency."""
     def find(endpoint, batching, concurrency):
@@ -298,7 +335,8 @@ def write_reports(payload, out):
     from tfrec.metrics import format_metrics_table
 
     out.mkdir(parents=True, exist_ok=True)
-    payload["target"] = target_block(payload["runs"])
+    payload["summary"] = summarize(payload["runs"])
+    payload["target"] = target_block(payload["summary"])
     (out / "serving.json").write_text(json.dumps(payload, indent=2))
     settings, machine, target = payload["settings"], payload["machine"], payload["target"]
     batching = settings["batching"]
@@ -317,7 +355,10 @@ def write_reports(payload, out):
            if batching["pad_variable_length_inputs"] else "") + "`. "
         f"Machine: {machine['usable_cores']} cores ({machine['cpu']}), shared by client and server and by other "
         f"jobs (load average at start {machine['load_average_at_start'][0]:.1f}); `client_cpu` / `server_cpu` = "
-        "CPU seconds spent during the timed phase, `batch` = mean rows per batched model call (server metrics).",
+        "CPU seconds spent during the timed phase, `batch` = mean rows per batched model call (server metrics). "
+        f"Each level ran {settings.get('repeats', 1)} times, the server configurations interleaved (off, on, off, "
+        "on, ...; a fresh server each time); the tables, plot and verdicts use the median over the repeats, "
+        "`*_range` = min–max.",
         "",
     ]
     p99 = target["recommend_p99_ms_at_concurrency_8"]
@@ -331,12 +372,14 @@ def write_reports(payload, out):
     if target["batching_raises_qps"]:
         lines += ["Batching raises QPS over unbatched: " + ", ".join(
             f"{k} {'yes' if v else 'no'}" for k, v in target["batching_raises_qps"].items()) + ".", ""]
-    for endpoint in dict.fromkeys(r["endpoint"] for r in payload["runs"]):
-        rows = [r for r in payload["runs"] if r["endpoint"] == endpoint]
+    for endpoint in dict.fromkeys(r["endpoint"] for r in payload["summary"]):
+        rows = [r for r in payload["summary"] if r["endpoint"] == endpoint]
         first = rows[0]
         table = [{"batching": "on" if r["batching"] else "off", "concurrency": r["concurrency"],
-                  "requests": r["requests"], "errors": r["errors"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-                  "mean_ms": r["mean_ms"], "qps": None if r["qps"] is None else round(r["qps"]),
+                  "repeats": r["repeats"], "requests": r["requests"], "errors": r["errors"],
+                  "p50_ms": _round(r["p50_ms"], 1), "p99_ms": _round(r["p99_ms"], 1),
+                  "p99_range": _span(r["p99_range"], 1), "mean_ms": _round(r["mean_ms"], 1),
+                  "qps": _round(r["qps"], 0), "qps_range": _span(r["qps_range"], 0),
                   "client_cpu_s": r["client_cpu_seconds"],
                   "server_cpu_s": r["server_cpu_seconds"],
                   "batch": ", ".join(f"{k.split('/')[0]} {v['mean_rows']:.1f}" for k, v in r["server_batches"].items())
@@ -350,7 +393,15 @@ def write_reports(payload, out):
                   f"{payload['inputs'][endpoint]['history_length']['mean']:.0f}).", "",
                   format_metrics_table(table), ""]
     (out / "serving.md").write_text("\n".join(lines) + "\n")
-    plot(payload["runs"], out / "serving_qps_p99.png")
+    plot(payload["summary"], out / "serving_qps_p99.png")
+
+
+def _round(value, digits):
+    return None if value is None else (round(value) if digits == 0 else round(value, digits))
+
+
+def _span(values, digits):
+    return "" if not values else f"{_round(values[0], digits)}–{_round(values[1], digits)}"
 
 
 def plot(runs, path):
@@ -396,7 +447,9 @@ def parse_args(argv=None):
     parser.add_argument("--endpoints", nargs="+", choices=ENDPOINTS, default=list(ENDPOINTS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent callers per level")
     parser.add_argument("--requests", type=int, default=None,
-                        help="timed requests per level (default max(200, 25 x concurrency); --quick: max(30, 2 x c))")
+                        help="timed requests per level (default max(800, 25 x concurrency); --quick: max(30, 2 x c))")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="times each level runs (server configurations interleaved); reports use the median")
     parser.add_argument("--warmup", type=int, default=None, help="untimed requests per level (default 20; quick 5)")
     parser.add_argument("--users", type=int, default=None, help="distinct users the requests cycle over (default 256)")
     parser.add_argument("--seed", type=int, default=0)
@@ -448,7 +501,7 @@ def parse_args(argv=None):
 def requests_per_level(args, concurrency):
     if args.requests is not None:
         return args.requests
-    return max(30, 2 * concurrency) if args.quick else max(200, 25 * concurrency)
+    return max(30, 2 * concurrency) if args.quick else max(800, 25 * concurrency)
 
 
 def served_models(args):
@@ -524,7 +577,7 @@ def main(argv=None):
             "endpoints": args.endpoints, "concurrency": args.concurrency, "warmup": args.warmup,
             "requests_per_level": {str(c): requests_per_level(args, c) for c in args.concurrency},
             "users": args.users, "seed": args.seed, "quick": args.quick, "batching": batching,
-            "server_configurations": args.batching, "rows_per_request": 1,
+            "server_configurations": args.batching, "repeats": args.repeats, "rows_per_request": 1,
             "load_generator": "closed loop: `concurrency` threads in the benchmark process, each a blocking "
                               "PredictionServiceStub.Predict (requests prebuilt, one shared insecure loopback "
                               "channel), next request when the answer arrives",
@@ -539,7 +592,7 @@ def main(argv=None):
     config_path = write_models_config(root / "models.config", models)
     from export.client import PredictClient
 
-    for mode in args.batching:
+    for repeat, mode in [(r, m) for r in range(args.repeats) for m in args.batching]:  # interleaved
         flags = []
         if mode == "on":
             flags = ["--enable_batching", "--max_batch_size", args.max_batch_size,
@@ -547,7 +600,8 @@ def main(argv=None):
             flags += ["--num_batch_threads", args.num_batch_threads] if args.num_batch_threads else []
             flags += [] if args.no_pad else ["--pad_variable_length_inputs", "--max_padding_ratio",
                                              args.max_padding_ratio]
-        print(f"== server, batching {mode}: {' '.join(map(str, flags)) or '(no flags)'}", flush=True)
+        print(f"== repeat {repeat + 1}/{args.repeats}, server, batching {mode}: "
+              f"{' '.join(map(str, flags)) or '(no flags)'}", flush=True)
         with ServeProcess(config_path, root / f"server_batching_{mode}.log", map(str, flags)) as server:
             server.wait_available([name for name, _, _ in models])
             print(f"   gRPC {server.address}, REST {server.rest_url}", flush=True)
@@ -564,7 +618,7 @@ def main(argv=None):
                         count = requests_per_level(args, concurrency)
                         result = measure(server, client.stub, requests, concurrency, count, args.warmup)
                         run = {"endpoint": endpoint, "dataset": dataset, "model": model_name, "signature": signature,
-                               "batching": mode == "on", "concurrency": concurrency, **result}
+                               "batching": mode == "on", "concurrency": concurrency, "repeat": repeat, **result}
                         payload["runs"].append(run)
                         print(f"   {endpoint:9s} batching {mode:3s} c={concurrency:3d}: p50 {run['p50_ms']} ms, "
                               f"p99 {run['p99_ms']} ms, {run['qps']} q/s, errors {run['errors']}, "
