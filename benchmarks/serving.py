@@ -358,7 +358,9 @@ def write_reports(payload, out):
         "CPU seconds spent during the timed phase, `batch` = mean rows per batched model call (server metrics). "
         f"Each level ran {settings.get('repeats', 1)} times, the server configurations interleaved (off, on, off, "
         "on, ...; a fresh server each time); the tables, plot and verdicts use the median over the repeats, "
-        "`*_range` = min–max.",
+        "`*_range` = min–max. Both configurations run with `--tensorflow_intra_op_parallelism "
+        f"{settings['tensorflow_intra_inter_op_parallelism'][0]} --tensorflow_inter_op_parallelism "
+        f"{settings['tensorflow_intra_inter_op_parallelism'][1]}`.",
         "",
     ]
     p99 = target["recommend_p99_ms_at_concurrency_8"]
@@ -448,6 +450,9 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent callers per level")
     parser.add_argument("--requests", type=int, default=None,
                         help="timed requests per level (default max(800, 25 x concurrency); --quick: max(30, 2 x c))")
+    parser.add_argument("--tf-threads", nargs=2, type=int, default=[1, 1], metavar=("INTRA", "INTER"),
+                        help="server --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism, both "
+                             "configurations (default 1 1: one call = one core; 0 0 = TensorFlow's defaults)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each level runs (server configurations interleaved); reports use the median")
     parser.add_argument("--warmup", type=int, default=None, help="untimed requests per level (default 20; quick 5)")
@@ -577,7 +582,8 @@ def main(argv=None):
             "endpoints": args.endpoints, "concurrency": args.concurrency, "warmup": args.warmup,
             "requests_per_level": {str(c): requests_per_level(args, c) for c in args.concurrency},
             "users": args.users, "seed": args.seed, "quick": args.quick, "batching": batching,
-            "server_configurations": args.batching, "repeats": args.repeats, "rows_per_request": 1,
+            "server_configurations": args.batching, "repeats": args.repeats,
+            "tensorflow_intra_inter_op_parallelism": args.tf_threads, "rows_per_request": 1,
             "load_generator": "closed loop: `concurrency` threads in the benchmark process, each a blocking "
                               "PredictionServiceStub.Predict (requests prebuilt, one shared insecure loopback "
                               "channel), next request when the answer arrives",
@@ -593,9 +599,10 @@ def main(argv=None):
     from export.client import PredictClient
 
     for repeat, mode in [(r, m) for r in range(args.repeats) for m in args.batching]:  # interleaved
-        flags = []
+        flags = ["--tensorflow_intra_op_parallelism", args.tf_threads[0],
+                 "--tensorflow_inter_op_parallelism", args.tf_threads[1]]
         if mode == "on":
-            flags = ["--enable_batching", "--max_batch_size", args.max_batch_size,
+            flags += ["--enable_batching", "--max_batch_size", args.max_batch_size,
                      "--batch_timeout_micros", args.batch_timeout_micros]
             flags += ["--num_batch_threads", args.num_batch_threads] if args.num_batch_threads else []
             flags += [] if args.no_pad else ["--pad_variable_length_inputs", "--max_padding_ratio",

@@ -38,6 +38,11 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     serve.add_argument("--grpc_max_threads", type=int, default=64)
     serve.add_argument("--shutdown_grace_seconds", type=float, default=30.0)
+    serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                       help="threads one op may use (0 = TensorFlow's default; 1 suits small models under "
+                            "concurrent load, see export/TF_SERVING.md)")
+    serve.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                       help="ops of one call run in parallel (0 = TensorFlow's default)")
     batching = serve.add_argument_group("batching")
     batching.add_argument("--enable_batching", action="store_true", help="merge concurrent requests")
     batching.add_argument("--batching_parameters_file", help="TF Serving batching parameters (text format)")
@@ -90,6 +95,33 @@ def _batching_options(args):
     return options
 
 
+def set_tensorflow_threads(intra: int = 0, inter: int = 0) -> None:
+    """TensorFlow's op thread pools for this process (TF Serving's `--tensorflow_{intra,inter}_op_parallelism`).
+
+    0 keeps TensorFlow's default (one thread per core for each pool). Must run before
+    TensorFlow executes anything; a clear error otherwise.
+
+    >>> set_tensorflow_threads(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: --tensorflow_intra_op_parallelism must be >= 0, got -1
+    """
+    for name, value in (("intra", intra), ("inter", inter)):
+        if value < 0:
+            raise ValueError(f"--tensorflow_{name}_op_parallelism must be >= 0, got {value}")
+    if not (intra or inter):
+        return
+    import tensorflow as tf
+
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError as err:
+        raise ValueError(f"cannot set TensorFlow's thread pools once TensorFlow has started: {err}") from None
+
+
 def _cmd_serve(args) -> None:
     from export.server import ModelServer, ServerOptions, load_model_config_file, single_model_config
 
@@ -101,6 +133,7 @@ def _cmd_serve(args) -> None:
         configs = single_model_config(args.model_name, args.model_base_path)
     else:
         raise ValueError("pass --model_config_file, or both --model_name and --model_base_path")
+    set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
     options = ServerOptions(
         host=args.host, port=args.port, rest_api_port=args.rest_api_port,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),

@@ -91,3 +91,17 @@ def test_max_padding_ratio_parameter():
     assert BatchingOptions().max_padding_ratio == 0  # off by default (TF Serving's behaviour)
     with pytest.raises(ValueError, match="max_padding_ratio must be 0 .* or >= 1"):
         BatchingOptions(max_padding_ratio=0.5)
+
+
+def test_serve_sets_tensorflow_thread_pools():
+    """`tfrec serve --tensorflow_intra_op_parallelism/--tensorflow_inter_op_parallelism` (TF Serving's flags)."""
+    import subprocess
+    import sys
+
+    code = ("from export.commands import set_tensorflow_threads; set_tensorflow_threads(1, 1); "
+            "import tensorflow as tf; tf.constant(1) + 1; "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "1"]
