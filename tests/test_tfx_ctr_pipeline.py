@@ -199,3 +199,35 @@ def test_curated_ctr_schema_accepts_the_examples_and_flags_a_bad_label(tmp_path)
     bad.features.feature[LABEL].int64_list.value[:] = [2]  # not a click label
     found = anomalies([bad.SerializeToString(), *records[1:]])
     assert set(found) == {LABEL}, found
+
+
+def test_corrupted_ctr_data_stops_the_run_before_training(ctr_run, tmp_path):
+    """Wrong label type (train), a new column (eval), empty targets (test): anomalies, nothing trained or pushed."""
+    src, corrupted, root = ctr_run["config"].input_dir, tmp_path / "corrupted", str(tmp_path / "pipelines")
+    for split in ("train", "eval", "test"):
+        examples = _examples(os.path.join(src, split, EXAMPLES_FILE))
+        for i, example in enumerate(examples):
+            feature = example.features.feature
+            if split == "train":  # labels as floats
+                label = feature[LABEL].int64_list.value[0]
+                feature[LABEL].CopyFrom(tf.train.Feature(float_list=tf.train.FloatList(value=[label])))
+            elif split == "eval" and i % 10 == 0:
+                feature["rating"].CopyFrom(tf.train.Feature(float_list=tf.train.FloatList(value=[4.0])))
+            elif split == "test" and i % 10 == 0:
+                feature[TARGET].CopyFrom(tf.train.Feature(bytes_list=tf.train.BytesList()))
+        os.makedirs(corrupted / split)
+        with tf.io.TFRecordWriter(str(corrupted / split / EXAMPLES_FILE)) as writer:
+            for example in examples:
+                writer.write(example.SerializeToString())
+    code, out, err = _cli("pipeline", "run", "--config", CONFIG, f"pipeline.root={root}",
+                          f"pipeline.input_dir={corrupted}", *SMALL)
+    assert code == 2
+    assert err.startswith("tfrec pipeline: error: AnomalyGate failed") and "found anomalies" in err
+    for problem in (f"'{LABEL}'", "'rating'", f"'{TARGET}'", "split 'train'", "split 'eval'", "split 'test'"):
+        assert problem in err, (problem, err)
+    report = json.loads(open(sorted(glob.glob(os.path.join(root, "*", "reports", "*.json")))[-1]).read())
+    states = {c["component"]: c["state"] for c in report["components"]}
+    assert states["AnomalyGate"] == "failed"
+    assert states["Transform"] == states["Trainer"] == states["Pusher"] == "not run"
+    assert report["pushed_path"] is None
+    assert "nothing pushed: the run stopped at AnomalyGate" in out
