@@ -66,20 +66,33 @@ TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
-def read_pairs(file_patterns):
-    """`(histories: list of int64 arrays, targets: int64 (n,))` from transformed examples."""
+def read_transformed(file_patterns, columns):
+    """`(histories: list of int64 arrays, {name: (n,) array})` from transformed examples.
+
+    Args:
+        file_patterns: globs of (optionally GZIP) TFRecord files of `tf.Example`s.
+        columns: `{feature name: tf dtype}` of the scalar features to read beside `HISTORY_IDS`.
+    """
     files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
-    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64)}
-    histories, targets = [], []
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64),
+            **{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}}
+    histories, values = [], {name: [] for name in columns}
     for path in files:
         compression = "GZIP" if path.endswith(".gz") else ""
         for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
             parsed = tf.io.parse_example(batch, spec)
             histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
-            targets.append(parsed[TARGET_ID].numpy())
-    return histories, np.concatenate(targets).astype(np.int64)
+            for name in columns:
+                values[name].append(parsed[name].numpy())
+    return histories, {name: np.concatenate(v) for name, v in values.items()}
+
+
+def read_pairs(file_patterns):
+    """`(histories: list of int64 arrays, targets: int64 (n,))` from transformed examples."""
+    histories, columns = read_transformed(file_patterns, {TARGET_ID: tf.int64})
+    return histories, columns[TARGET_ID].astype(np.int64)
 
 
 def _known(ids):
@@ -154,27 +167,12 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
     return model, report
 
 
-def _example_files(file_patterns):
-    files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
-    return files
-
-
 def read_ctr_examples(file_patterns):
     """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples."""
-    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64),
-            LABEL: tf.io.FixedLenFeature([], tf.int64), USER_ID: tf.io.FixedLenFeature([], tf.string)}
-    histories, columns = [], {TARGET_ID: [], LABEL: [], USER_ID: []}
-    for path in _example_files(file_patterns):
-        compression = "GZIP" if path.endswith(".gz") else ""
-        for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
-            parsed = tf.io.parse_example(batch, spec)
-            histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
-            for key in columns:
-                columns[key].append(parsed[key].numpy())
-    target, label, user = (np.concatenate(columns[k]) for k in (TARGET_ID, LABEL, USER_ID))
-    return histories, target.astype(np.int64), label.astype(np.float32), user
+    histories, columns = read_transformed(
+        file_patterns, {TARGET_ID: tf.int64, LABEL: tf.int64, USER_ID: tf.string})
+    return (histories, columns[TARGET_ID].astype(np.int64), columns[LABEL].astype(np.float32),
+            columns[USER_ID])
 
 
 def lifelong_data_from_examples(splits, item_vocab):
@@ -191,7 +189,7 @@ def lifelong_data_from_examples(splits, item_vocab):
     from tfrec.data.lifelong import LifelongData, LifelongSamples
 
     pieces, samples, offset = [], {}, 0
-    users, user_index = [], {}
+    user_index = {}
     for name, (histories, target, label, user) in splits.items():
         known = [h[h >= NUM_RESERVED] for h in histories]
         lengths = np.array([len(h) for h in known], np.int64)
@@ -243,13 +241,13 @@ def pipeline_item_semantics(config, item_vocab, store_uri, sids_uri):
 
 def _item_genres(config, item_vocab):
     """`(V, G)` genre ids over `item_vocab` from the dataset's item table (SIM-hard)."""
-    from tfrec.data.lifelong import _item_tables
+    from tfrec.data.lifelong import item_tables
     from tfrec.data.readers import load_dataset
 
     items = load_dataset(config.data.dataset, config.data.data_root).items
     if items is None:
         raise ValueError(f"model sim-hard needs item genres: dataset {config.data.dataset} has no item table")
-    return _item_tables(items, item_vocab)[1]
+    return item_tables(items, item_vocab)[1]
 
 
 def run_ctr(fn_args, settings, options):

@@ -187,7 +187,7 @@ def time_cutoffs(timestamps: np.ndarray, valid_fraction: float, test_fraction: f
     return {"valid": at(1.0 - test_fraction - valid_fraction), "test": at(1.0 - test_fraction)}
 
 
-def _item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
+def item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
     """Genre vocabulary and ``(V, G)`` genre ids from an item table."""
     if items is None:
         return None, None
@@ -282,7 +282,7 @@ def build_lifelong_data(
             event=event, user=user_codes[event].astype(np.int64), history_start=history_start[event],
             history_end=history_end[event], target_id=event_items[event],
             label=frame["label"].to_numpy(np.float32)[event], timestamp=ts[event])
-    genre_vocab, item_genres = _item_tables(items, item_vocab)
+    genre_vocab, item_genres = item_tables(items, item_vocab)
     metadata = {
         "num_users": int(len(users)), "num_items": int(len(item_vocab.tokens)), "num_events": int(n),
         "num_samples": {name: int(len(s)) for name, s in splits.items()},
