@@ -14,7 +14,12 @@ parallel: the figures are wall times on this machine), with the configs in
 
 Usage:
     .venv/bin/python benchmarks/backbones.py [--datasets amazon-beauty ...] [--models sasrec ...]
-        [--max-train-seconds 900] [--out reports]
+        [--max-train-seconds 900] [--merge] [--out reports] [config overrides ...]
+
+`--merge` keeps the records of `<out>/backbones.json` for the (dataset, model) pairs
+not re-run now, so the grid can be filled over several invocations; every record
+carries its own budget, overrides and load average (the machine's other work shows
+in `train_seconds` and, under a wall-time budget, in the epochs reached).
 """
 
 import argparse
@@ -52,16 +57,28 @@ def run_one(dataset, model, max_seconds, overrides):
         + ([f"train.max_train_seconds={max_seconds}"] if max_seconds else []),
     )
     print(f"== {dataset} / {model}", flush=True)
+    load_at_start = list(os.getloadavg())
     results, _, _ = train_sequential(config, verbose=0, save=False)
+    run_info = {"max_train_seconds": config.train.max_train_seconds, "overrides": list(overrides),
+                "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg())}
     reached = first_time_reaching(results["validation_curve"], TARGET_VAL_NDCG10)
     records = sequential_records(results, dataset, model, "id",
-                                 extra=lambda protocol: {"seconds_to_val_ndcg10_0.05": reached})
+                                 extra=lambda protocol: {"seconds_to_val_ndcg10_0.05": reached, **run_info})
     print(
         f"   test full ndcg@10 {results['splits']['test']['full']['ndcg@10']:.4f}, "
         f"{results['epochs']} epochs, {results['train_seconds']:.0f}s",
         flush=True,
     )
     return records
+
+
+def kept_records(out, datasets, models):
+    """`--merge`: the records of `<out>/backbones.json` whose (dataset, model) is not re-run now."""
+    path = out / "backbones.json"
+    if not path.is_file():
+        return []
+    rerun = {(d, m) for d in datasets for m in models}
+    return [r for r in json.loads(path.read_text()) if (r["dataset"], r["model"]) not in rerun]
 
 
 def write_reports(records, out):
@@ -77,6 +94,7 @@ def write_reports(records, out):
                 **r["metrics"],
                 "epochs": r["epochs"],
                 "train_s": round(r["train_seconds"]),
+                "budget_s": "" if r.get("max_train_seconds") is None else round(r["max_train_seconds"]),
                 "to_best_s": round(r["seconds_to_best"]),
                 "to_val0.05_s": "" if r["seconds_to_val_ndcg10_0.05"] is None else round(r["seconds_to_val_ndcg10_0.05"]),
                 "examples/s": round(r["examples_per_second"]),
@@ -113,10 +131,12 @@ def main():
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--max-train-seconds", type=float, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing records of the (dataset, model) pairs not run now")
     parser.add_argument("--out", default=str(ROOT / "reports"))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
-    records = []
+    records = kept_records(Path(args.out), args.datasets, args.models) if args.merge else []
     start = time.time()
     for dataset in args.datasets:
         for model in args.models:
