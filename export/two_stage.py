@@ -30,11 +30,13 @@ outside the history) holds item `""` with `scores` and `retrieval_scores`
 with `k >= candidates + ` the history items you expect to exclude (a warning
 is logged once when it returns fewer than `candidates` columns).
 
-Batching: with server-side batching on, the inner models batch the calls of
-concurrent two-stage requests; the two-stage servable itself is never batched
-(`attach_batching` is a no-op): a batch of it would hold one of the server's
-`num_batch_threads` slots while waiting for the inner models' batches, which
-need slots too — a deadlock once every slot is held by such a batch.
+Batching: with server-side batching on, concurrent two-stage requests are merged
+where they enter (like any servable, `export.server.batching`), and the merged
+batch runs the three stages as three model calls: the inner models are called
+inside the batch, unbatched (one history padding, one Python round trip per
+stage for the whole batch, no stacked batch timeouts). The `recommend_k`
+signature (a scalar `k` input) cannot be merged; its inner calls are batched by
+the inner models instead.
 
 Errors: an inner model's error keeps its status code (e.g. a history without
 any known item -> INVALID_ARGUMENT from the recommender) and its message is
@@ -193,9 +195,6 @@ class TwoStageServable(PythonServable):
                                       outputs(None)),
         }
         self._warned_short_retrieval = threading.Event()
-
-    def attach_batching(self, scheduler):
-        """Ignored: the inner models batch (see the module docstring)."""
 
     def _call(self, stage, signature, inputs):
         """Outputs of the `stage` model; its errors keep their code (NOT_FOUND -> UNAVAILABLE)."""

@@ -270,12 +270,15 @@ def test_save_load_score_padding_and_table_fusion(trained, tmp_path):
     assert type(loaded) is R2LED and loaded.get_config() == model.get_config()
     np.testing.assert_allclose(numpy(loaded(x)), want, atol=1e-6)
     np.testing.assert_array_equal(numpy(loaded.item_sids), sids)
-    # More padding changes nothing; score() of the same candidate equals the forward pass.
+    # More padding changes nothing; score() of each candidate equals the forward pass (score gathers
+    # the history once per row for all its candidates, the forward pass once per (history, target)).
     wider = {"history_ids": np.pad(x["history_ids"], [(0, 0), (0, 7)]), "target_id": x["target_id"]}
     np.testing.assert_allclose(numpy(model(wider)), want, atol=1e-6)
     scores = numpy(model.score(x["history_ids"], np.stack([x["target_id"], x["target_id"][::-1]], 1)))
     assert scores.shape == (16, 2)
     np.testing.assert_allclose(scores[:, 0], want, atol=1e-6)
+    reversed_targets = {"history_ids": x["history_ids"], "target_id": x["target_id"][::-1]}
+    np.testing.assert_allclose(scores[:, 1], numpy(model(reversed_targets)), atol=1e-6)
     # Fusing each retrieved behaviour instead of the table once gives the same outputs.
     per_behaviour = R2LED.from_config({**model.get_config(), "fuse_table": False})
     per_behaviour(x)

@@ -39,7 +39,7 @@ HISTORIES = np.array([
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("servables")
     keras.utils.set_random_seed(0)
     vocab = Vocabulary(TOKENS)
@@ -62,10 +62,18 @@ def server(tmp_path_factory):
         ModelConfig("no_ranker", "export.two_stage:factory?recommender=seq&retrieval=retrieval&ranker=missing",
                     platform="python"),
     ]
-    # One batch slot: a composite holding it while its inner calls wait for batches would deadlock.
-    batching = BatchingOptions(max_batch_size=8, batch_timeout_micros=2_000, num_batch_threads=1,
-                               pad_variable_length_inputs=True)
-    srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, batching=batching)).start()
+    return configs
+
+
+def start_server(configs, **batching):
+    # One batch slot: a composite holding it while its inner calls waited for batches would deadlock.
+    options = BatchingOptions(num_batch_threads=1, pad_variable_length_inputs=True, **batching)
+    return ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, batching=options)).start()
+
+
+@pytest.fixture(scope="module")
+def server(model_configs):
+    srv = start_server(model_configs, max_batch_size=8, batch_timeout_micros=2_000)
     yield srv
     srv.stop()
 
@@ -119,14 +127,36 @@ def test_two_stage_returns_reranked_retrieval_candidates_outside_the_history(stu
     np.testing.assert_array_equal(same["item_ids"], out["item_ids"])
 
 
-def test_concurrent_requests_batch_in_the_inner_models_without_deadlock(stub):
-    alone = [predict(stub, "two_stage", "", history=HISTORIES[[row]]) for row in range(len(HISTORIES))]
-    rows = [row % len(HISTORIES) for row in range(12)]
-    with ThreadPoolExecutor(len(rows)) as pool:
-        answers = list(pool.map(lambda row: predict(stub, "two_stage", "", history=HISTORIES[[row]]), rows))
+def unpadded(row):
+    """Row `row` of HISTORIES without its trailing padding: requests of different lengths."""
+    history = HISTORIES[row]
+    return history[: max(i + 1 for i, item in enumerate(history) if item)][None]
+
+
+def test_concurrent_requests_merge_where_they_enter_the_two_stage_without_deadlock(stub, model_configs):
+    alone = [predict(stub, "two_stage", "", history=unpadded(row)) for row in range(len(HISTORIES))]
+    # Four requests of lengths 3, 5, 1, 3 and a batch that closes at four rows (the timeout is far
+    # away): they must run as ONE two-stage batch, padded to length 5, whose three stages are one
+    # call each, inside the batch's slot (the only one).
+    rows = [0, 1, 2, 0]
+    srv = start_server(model_configs, max_batch_size=len(rows), batch_timeout_micros=30_000_000)
+    try:
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            batched_stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            with ThreadPoolExecutor(len(rows)) as pool:
+                answers = list(pool.map(
+                    lambda row: predict(batched_stub, "two_stage", "", history=unpadded(row)), rows))
+        batch_size = srv.metrics.batch_size
+        for model, signature in [("two_stage", "serving_default"), ("seq", "user_embedding"),
+                                 ("retrieval", "retrieve"), ("ctr", "score")]:
+            assert batch_size.count((model, signature)) == 1, (model, signature)
+            assert batch_size.counts_above((model, signature), len(rows) - 1) == 1, (model, signature)
+    finally:
+        srv.stop()
     for row, answer in zip(rows, answers):
         np.testing.assert_array_equal(answer["item_ids"], alone[row]["item_ids"])
         np.testing.assert_allclose(answer["scores"], alone[row]["scores"], atol=1e-6)
+        np.testing.assert_allclose(answer["retrieval_scores"], alone[row]["retrieval_scores"], atol=1e-6)
 
 
 def test_recommend_k_takes_k_per_request(stub):

@@ -8,7 +8,11 @@ all of them (``num_batch_threads``). A batch closes when it holds
 arrived, and is formed only once one of the ``num_batch_threads`` slots is free,
 so batches grow under load; formed batches run on the scheduler's pool of
 ``num_batch_threads`` threads, so one signature can run several batches at once
-(as TF Serving's shared batch scheduler does). Inputs are concatenated along
+(as TF Serving's shared batch scheduler does). A model call made while a batch
+runs (a composite servable calling the models it is built on) runs at once,
+unbatched, inside that batch: it already holds a slot, and waiting for another
+one could deadlock once every slot is held by such a batch. So a composite is
+batched where requests enter it, and its inner models see the merged batch. Inputs are concatenated along
 dimension 0 (optionally right-padding variable-length dimensions, at most
 ``max_padding_ratio`` apart, see :class:`export.server.config.BatchingOptions`),
 the model runs once, and every output is split back by rows. A model whose outputs cannot be split by rows
@@ -83,8 +87,18 @@ class BatchScheduler:
         self.options = options
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(options.num_batch_threads)
+        self._local = threading.local()
         # Exactly one worker per slot: a batch is submitted only after taking a slot, so it never waits here.
-        self._pool = concurrent.futures.ThreadPoolExecutor(options.num_batch_threads, thread_name_prefix="tfrec-batch")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            options.num_batch_threads, thread_name_prefix="tfrec-batch", initializer=self.mark_batch_thread)
+
+    def mark_batch_thread(self) -> None:
+        """Declare the calling thread one that runs batches (see :meth:`on_batch_thread`)."""
+        self._local.batch_thread = True
+
+    def on_batch_thread(self) -> bool:
+        """Whether the calling thread runs a batch; model calls made there are not batched again."""
+        return getattr(self._local, "batch_thread", False)
 
     def batcher(self, servable, signature) -> Optional["SignatureBatcher"]:
         """A batcher for ``signature`` of ``servable``, or ``None`` if it cannot be batched.
@@ -124,6 +138,9 @@ class SignatureBatcher:
         rows = {np.shape(v)[0] for v in inputs.values()}
         if len(rows) != 1 or not self._splittable:
             return self._servable.run_unbatched(self._signature, inputs)
+        if self._scheduler.on_batch_thread():  # an inner call of a running batch: it holds the slot already
+            self._record(next(iter(rows)))
+            return self._servable.run_unbatched(self._signature, inputs)
         task = _Task(inputs, rows.pop())
         if task.rows == 0:
             return self._servable.run_unbatched(self._signature, inputs)
@@ -160,6 +177,7 @@ class SignatureBatcher:
 
     # --- scheduling side ------------------------------------------------------------
     def _loop(self) -> None:
+        self._scheduler.mark_batch_thread()  # it runs batches itself once the pool is shut down
         timeout = self._options.batch_timeout_micros / 1e6
         max_rows = self._options.max_batch_size
         while True:

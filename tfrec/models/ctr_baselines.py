@@ -138,7 +138,11 @@ class CTRModel(keras.Model):
 
     def call(self, inputs, training=False):
         history_ids, target_ids = self._unpack(inputs)
-        target, interest = self.user_interest(history_ids, target_ids, training=training)
+        return self._probabilities(history_ids, target_ids, training=training)
+
+    def _probabilities(self, history_ids, target_ids, training=False, **interest_kwargs):
+        """Click probabilities `(B,)` of int32 `history_ids (B, H)`, `target_ids (B,)`."""
+        target, interest = self.user_interest(history_ids, target_ids, training=training, **interest_kwargs)
         parts = [target, interest]
         if interest.shape[-1] == target.shape[-1]:
             parts.append(target * interest)
@@ -168,10 +172,18 @@ class CTRModel(keras.Model):
         candidate_ids = ops.cast(candidate_ids, "int32")
         if len(candidate_ids.shape) == 1:
             candidate_ids = candidate_ids[:, None]
-        num_candidates = ops.shape(candidate_ids)[1]
-        repeated = ops.repeat(history_ids, num_candidates, axis=0)  # (B * C, H)
-        probs = self({"history_ids": repeated, "target_id": ops.reshape(candidate_ids, (-1,))})
-        return ops.reshape(probs, ops.shape(candidate_ids))
+        if not self.built:  # the first call builds the model through keras
+            self({"history_ids": history_ids[:1], "target_id": candidate_ids[:1, 0]})
+        return ops.reshape(self._candidate_probabilities(history_ids, candidate_ids), ops.shape(candidate_ids))
+
+    def _candidate_probabilities(self, history_ids, candidate_ids):
+        """Probabilities `(B * C,)` of each row's candidates: every candidate with its row's history.
+
+        Subclasses may override it to compute what depends on the history only
+        once per row instead of once per candidate (see `R2LED`).
+        """
+        repeated = ops.repeat(history_ids, ops.shape(candidate_ids)[1], axis=0)  # (B * C, H)
+        return self._probabilities(repeated, ops.reshape(candidate_ids, (-1,)))
 
     def get_config(self):
         config = super().get_config()

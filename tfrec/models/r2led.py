@@ -125,15 +125,25 @@ class R2LED(CTRModel):
         self.fusion = BiLevelFusion(sizes, gate=gate, route_fusion=route_fusion, attention_form=attention_form,
                                     num_heads=num_heads, name="fusion")
 
-    def retrieve(self, history_ids, target_ids):
-        """`(indices, mask)` `(B, R, k)`: positions of the behaviours each route keeps."""
-        history_ids = ops.cast(history_ids, "int32")
-        target_ids = ops.cast(target_ids, "int32")
-        table = ops.stop_gradient(self.item_encoder.all_items())  # (V, d); retrieval passes no gradient
+    def _retrieval_table(self):
+        """`(V, d)` item vectors the collaborative view compares (no gradient; unit norm for cosine)."""
+        table = ops.stop_gradient(self.item_encoder.all_items())
         if self.retrieval.similarity == "cosine":
             table = l2_normalize(table)  # once per table, not once per behaviour
-        similarity = ops.einsum("bhd,bd->bh", ops.take(table, history_ids, axis=0),
-                                ops.take(table, target_ids, axis=0))  # (B, H)
+        return table
+
+    def retrieve(self, history_ids, target_ids, similarity=None):
+        """`(indices, mask)` `(B, R, k)`: positions of the behaviours each route keeps.
+
+        `similarity`: optional float `(B, H)`, the collaborative view's scores
+        when already computed (`score` computes them for all candidates at once).
+        """
+        history_ids = ops.cast(history_ids, "int32")
+        target_ids = ops.cast(target_ids, "int32")
+        if similarity is None:
+            table = self._retrieval_table()  # (V, d)
+            similarity = ops.einsum("bhd,bd->bh", ops.take(table, history_ids, axis=0),
+                                    ops.take(table, target_ids, axis=0))  # (B, H)
         return self.retrieval({
             "history_sids": ops.take(self.item_sids, history_ids, axis=0),  # (B, H, L)
             "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
@@ -141,8 +151,18 @@ class R2LED(CTRModel):
             "history_mask": history_ids > 0,
         })
 
-    def user_interest(self, history_ids, target_ids, training=False):
-        indices, mask = self.retrieve(history_ids, target_ids)  # (B, R, k)
+    def _candidate_probabilities(self, history_ids, candidate_ids):
+        # The history's item vectors are gathered once per row, not once per candidate:
+        # similarities of C candidates to H behaviours are one (C, d) x (d, H) product per row.
+        table = self._retrieval_table()  # (V, d)
+        similarity = ops.einsum("bhd,bcd->bch", ops.take(table, history_ids, axis=0),
+                                ops.take(table, candidate_ids, axis=0))  # (B, C, H)
+        repeated = ops.repeat(history_ids, ops.shape(candidate_ids)[1], axis=0)  # (B * C, H)
+        return self._probabilities(repeated, ops.reshape(candidate_ids, (-1,)),
+                                   similarity=ops.reshape(similarity, (-1, ops.shape(history_ids)[1])))
+
+    def user_interest(self, history_ids, target_ids, training=False, similarity=None):
+        indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity)  # (B, R, k)
         batch = ops.shape(history_ids)[0]
         flat = ops.reshape(indices, (batch, -1))  # (B, R * k)
         selected = ops.reshape(ops.take_along_axis(history_ids, flat, axis=1), ops.shape(indices))  # (B, R, k)
