@@ -6,7 +6,21 @@ One record per test protocol: `{"dataset", "model", "variant", "protocol",
 plus whatever `extra(protocol)` adds. Field names are a contract other tools read.
 """
 
+import json
+
 REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
+
+
+def kept_records(path, key, rerun):
+    """`--merge`: the records of the JSON list at `path` whose `key(record)` is not in `rerun`.
+
+    Lets a benchmark grid be filled over several invocations: the runs of this
+    invocation replace their old records, every other record is kept as it is.
+    """
+    if not path.is_file():
+        return []
+    rerun = set(rerun)
+    return [r for r in json.loads(path.read_text()) if key(r) not in rerun]
 
 
 def sequential_records(results, dataset, model, variant, extra=lambda protocol: {}):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tfrec.config import load_config  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from tfrec.training import train_sequential  # noqa: E402
-from _records import sequential_records  # noqa: E402
+from _records import kept_records, sequential_records  # noqa: E402
 
 DATASETS = ("amazon-beauty", "amazon-sports", "amazon-toys")
 MODELS = ("sasrec", "bert4rec", "gru4rec")
@@ -70,15 +70,6 @@ def run_one(dataset, model, max_seconds, overrides):
         flush=True,
     )
     return records
-
-
-def kept_records(out, datasets, models):
-    """`--merge`: the records of `<out>/backbones.json` whose (dataset, model) is not re-run now."""
-    path = out / "backbones.json"
-    if not path.is_file():
-        return []
-    rerun = {(d, m) for d in datasets for m in models}
-    return [r for r in json.loads(path.read_text()) if (r["dataset"], r["model"]) not in rerun]
 
 
 def write_reports(records, out):
@@ -136,7 +127,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "reports"))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
-    records = kept_records(Path(args.out), args.datasets, args.models) if args.merge else []
+    records = kept_records(Path(args.out) / "backbones.json", lambda r: (r["dataset"], r["model"]),
+                           [(d, m) for d in args.datasets for m in args.models]) if args.merge else []
     start = time.time()
     for dataset in args.datasets:
         for model in args.models:

@@ -20,7 +20,10 @@ Writes:
 
 Usage:
     .venv/bin/python benchmarks/dmesr.py [--models sasrec ...] [--variants id dmesr ...]
-        [--max-train-seconds 900] [--out reports] [overrides ...]
+        [--max-train-seconds 900] [--merge] [--out reports] [overrides ...]
+
+`--merge` keeps the records of `<out>/dmesr.json` for the (model, variant) pairs
+not run now, so the backbones can be run in separate invocations.
 """
 
 import argparse
@@ -43,7 +46,7 @@ from tfrec.data.preprocess import leave_one_out, save_prepared  # noqa: E402
 from tfrec.evaluation import SequentialEvaluator  # noqa: E402
 from tfrec.metrics import format_metrics_table, ranking_metrics_from_ranks  # noqa: E402
 from tfrec.training import _evaluator_args, prepare_split, train_sequential  # noqa: E402
-from _records import sequential_records  # noqa: E402
+from _records import kept_records, sequential_records  # noqa: E402
 
 MODELS = ("sasrec", "bert4rec", "gru4rec")
 VARIANTS = ("id", *DMESR_VARIANTS)
@@ -243,6 +246,8 @@ def main():
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--dataset", default="amazon-beauty")
     parser.add_argument("--max-train-seconds", type=float, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing records of the (model, variant) pairs not run now")
     parser.add_argument("--out", default=str(ROOT / "reports"))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
@@ -250,7 +255,8 @@ def main():
     store_path = None
     if any(v != "id" for v in args.variants):
         store_path = ensure_store(args.dataset, load_config(ROOT / "configs" / "sasrec_beauty.yaml", overrides))
-    records = []
+    records = kept_records(Path(args.out) / "dmesr.json", lambda r: (r["dataset"], r["model"], r["variant"]),
+                           [(args.dataset, m, v) for m in args.models for v in args.variants]) if args.merge else []
     start = time.time()
     for model_name in args.models:
         for variant in args.variants:
