@@ -3,11 +3,16 @@
     tfrec serve --model_config_file models.config [--port 8500 --rest_api_port 8501]
     tfrec serve --model_name recommender --model_base_path /models/recommender \\
                 [--enable_batching --max_batch_size 32 --batch_timeout_micros 2000]
+                [--enable_per_model_batching_parameters]
     tfrec query --address 127.0.0.1:8500 --model recommender --signature recommend \\
                 --input history=i1,i7,i9 --input k=10 [--format table]
     tfrec query --model recommender --status | --metadata
 
-Flag names follow TF Serving's ``tensorflow_model_server``. Ports default to
+Flag names follow TF Serving's ``tensorflow_model_server``. With
+``--enable_batching --enable_per_model_batching_parameters`` (alias
+``--enable_per_model_batching_params``) each SavedModel version is batched with
+the parameters of its own ``<version>/batching_params.pbtxt`` and not batched
+without one, as in TF Serving (``export.server.models``). Ports default to
 8500 (gRPC) and 8501 (REST); 0 picks a free port (printed), a negative REST port
 disables REST. The server binds loopback unless ``--host`` says otherwise, and
 stops gracefully on SIGTERM/SIGINT (in-flight requests finish).
@@ -54,6 +59,10 @@ def add_commands(subparsers) -> None:
     batching.add_argument("--max_padding_ratio", type=float,
                           help="with padding: merge only requests whose lengths are within this factor "
                                "(e.g. 2; default 0 = pad to the longest, as TF Serving)")
+    batching.add_argument("--enable_per_model_batching_parameters", "--enable_per_model_batching_params",
+                          dest="per_model_batching", action="store_true",
+                          help="batch each SavedModel version with its own <version>/batching_params.pbtxt "
+                               "(unbatched without one; only num_batch_threads stays server-wide), as TF Serving")
     serve.set_defaults(func=_cmd_serve)
 
     query = subparsers.add_parser("query", help="call a running model server (gRPC PredictionService)")
@@ -122,8 +131,20 @@ def set_tensorflow_threads(intra: int = 0, inter: int = 0) -> None:
         raise ValueError(f"cannot set TensorFlow's thread pools once TensorFlow has started: {err}") from None
 
 
+def server_options(args):
+    """The ``ServerOptions`` of parsed ``tfrec serve`` arguments."""
+    from export.server import ServerOptions
+
+    return ServerOptions(
+        host=args.host, port=args.port, rest_api_port=args.rest_api_port,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),
+        per_model_batching=args.per_model_batching,
+        grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )
+
+
 def _cmd_serve(args) -> None:
-    from export.server import ModelServer, ServerOptions, load_model_config_file, single_model_config
+    from export.server import ModelServer, load_model_config_file, single_model_config
 
     if args.model_config_file and (args.model_name or args.model_base_path):
         raise ValueError("pass either --model_config_file or --model_name/--model_base_path, not both")
@@ -134,12 +155,7 @@ def _cmd_serve(args) -> None:
     else:
         raise ValueError("pass --model_config_file, or both --model_name and --model_base_path")
     set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
-    options = ServerOptions(
-        host=args.host, port=args.port, rest_api_port=args.rest_api_port,
-        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),
-        grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,
-    )
-    server = ModelServer(configs, options)
+    server = ModelServer(configs, server_options(args))
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

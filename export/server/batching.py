@@ -8,8 +8,14 @@ all of them (``num_batch_threads``). A batch closes when it holds
 arrived, and is formed only once one of the ``num_batch_threads`` slots is free,
 so batches grow under load; formed batches run on the scheduler's pool of
 ``num_batch_threads`` threads, so one signature can run several batches at once
-(as TF Serving's shared batch scheduler does). A model call made while a batch
-runs (a composite servable calling the models it is built on) runs at once,
+(as TF Serving's shared batch scheduler does). The batching options (size,
+timeout, queue bound, padding) are per batcher: the scheduler's by default, or a
+model version's own (``--enable_per_model_batching_parameters``, see
+:func:`export.server.config.load_per_model_batching_parameters`), while the
+``num_batch_threads`` slots stay the server's, shared by every model (as in TF
+Serving, whose per-model parameters add queues to the one shared scheduler).
+A model call made while a batch runs (a composite servable calling the models
+it is built on, whatever their options) runs at once,
 unbatched, inside that batch: it already holds a slot, and waiting for another
 one could deadlock once every slot is held by such a batch. So a composite is
 batched where requests enter it, and its inner models see the merged batch. Inputs are concatenated along
@@ -100,15 +106,17 @@ class BatchScheduler:
         """Whether the calling thread runs a batch; model calls made there are not batched again."""
         return getattr(self._local, "batch_thread", False)
 
-    def batcher(self, servable, signature) -> Optional["SignatureBatcher"]:
+    def batcher(self, servable, signature, options: Optional[BatchingOptions] = None) -> Optional["SignatureBatcher"]:
         """A batcher for ``signature`` of ``servable``, or ``None`` if it cannot be batched.
 
         Batchable means every input has a known rank >= 1 and a free (``None``) first dimension.
+        ``options`` (default the scheduler's) set its batch size, timeout, queue bound and
+        padding; their ``num_batch_threads`` is ignored (the slots are the scheduler's).
         """
         for spec in signature.inputs.values():
             if spec.shape.rank is None or spec.shape.rank == 0 or spec.shape[0] is not None:
                 return None
-        return SignatureBatcher(self, servable, signature)
+        return SignatureBatcher(self, servable, signature, options)
 
     def close(self) -> None:
         """Stop the batch threads (each batcher finishes its queue first, ``SignatureBatcher.close``)."""
@@ -118,9 +126,9 @@ class BatchScheduler:
 class SignatureBatcher:
     """The queue of one (model, version, signature); see the module docstring."""
 
-    def __init__(self, scheduler: BatchScheduler, servable, signature):
+    def __init__(self, scheduler: BatchScheduler, servable, signature, options: Optional[BatchingOptions] = None):
         self._scheduler, self._servable, self._signature = scheduler, servable, signature
-        self._options: BatchingOptions = scheduler.options
+        self._options: BatchingOptions = options if options is not None else scheduler.options
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
         self._queued_rows = 0

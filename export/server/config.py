@@ -20,7 +20,10 @@ options for the factory follow as a URL query, ``'package.module:factory?key=val
 
 Batching options follow TF Serving's ``BatchingParameters`` names; a
 ``--batching_parameters_file`` in TF Serving's text format is read by
-:func:`load_batching_parameters`.
+:func:`load_batching_parameters`. With ``ServerOptions.per_model_batching``
+(TF Serving's ``--enable_per_model_batching_parameters``) each SavedModel
+version brings its own parameters in ``<version>/batching_params.pbtxt``
+(:func:`load_per_model_batching_parameters`).
 
 Example::
 
@@ -33,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import urllib.parse
@@ -41,6 +45,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 TENSORFLOW_PLATFORM = "tensorflow"
 PYTHON_PLATFORM = "python"
 PLATFORMS = (TENSORFLOW_PLATFORM, PYTHON_PLATFORM)
+PER_MODEL_BATCHING_FILE = "batching_params.pbtxt"  # TF Serving's name, in the version folder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +344,10 @@ def parse_batching_parameters(text: str, source: str = "<batching parameters>") 
             raise ValueError(f"{source}: {key} expects a number, got {value!r}") from None
     if text[pos:].strip():
         raise ValueError(f"{source}: cannot parse {text[pos:].strip()!r}")
-    return BatchingOptions(**kwargs)
+    try:
+        return BatchingOptions(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def load_batching_parameters(path) -> BatchingOptions:
@@ -346,6 +356,36 @@ def load_batching_parameters(path) -> BatchingOptions:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"batching parameters file not found: {path}")
     with open(path, encoding="utf-8") as f:
+        return parse_batching_parameters(f.read(), source=path)
+
+
+def load_per_model_batching_parameters(version_path: str) -> Optional[BatchingOptions]:
+    """The batching parameters a SavedModel version brings, or ``None`` if it brings none.
+
+    Reads ``<version_path>/batching_params.pbtxt``: the file (same text format as
+    ``--batching_parameters_file``) and place TF Serving reads under
+    ``--enable_per_model_batching_parameters``, so one SavedModel folder carries its
+    batching to either server. Its ``num_batch_threads`` is not used: the batch
+    threads are the server's, shared by all models (as in TF Serving). A malformed
+    file raises ``ValueError`` naming it. URLs (``gs://`` ...) are read with ``tf.io.gfile``.
+
+    >>> load_per_model_batching_parameters("/no/such/version") is None
+    True
+    """
+    if "://" in version_path:
+        import tensorflow as tf
+
+        exists, open_text = tf.io.gfile.exists, lambda p: tf.io.gfile.GFile(p, "r")
+    else:
+        exists, open_text = os.path.isfile, lambda p: open(p, encoding="utf-8")
+    path = os.path.join(version_path, PER_MODEL_BATCHING_FILE)
+    if not exists(path):
+        misplaced = os.path.join(version_path, "assets.extra", PER_MODEL_BATCHING_FILE)
+        if exists(misplaced):
+            logger.warning("ignoring %s: per-model batching parameters belong in %s (where TF Serving reads them)",
+                           misplaced, path)
+        return None
+    with open_text(path) as f:
         return parse_batching_parameters(f.read(), source=path)
 
 
@@ -362,6 +402,13 @@ class ServerOptions:
         file_system_poll_wait_seconds: ``float``, how often base paths are polled
             for new versions, default 1.
         batching: :class:`BatchingOptions` or ``None`` (default: no batching).
+        per_model_batching: ``bool`` (TF Serving's ``--enable_per_model_batching_parameters``),
+            default False. With ``batching``, a SavedModel version is batched with the
+            parameters of its own ``batching_params.pbtxt``
+            (:func:`load_per_model_batching_parameters`) and is not batched without
+            one; only ``num_batch_threads`` of ``batching`` still applies (the batch
+            threads all models share). Python composites keep ``batching``.
+            Without ``batching`` it does nothing (a warning is logged), as in TF Serving.
         grpc_max_threads: ``int``, gRPC worker threads, default 64 (requests waiting
             for a batch hold a thread, so keep it above the expected concurrency).
         shutdown_grace_seconds: ``float``, how long shutdown waits for in-flight
@@ -373,6 +420,7 @@ class ServerOptions:
     rest_api_port: int = 8501
     file_system_poll_wait_seconds: float = 1.0
     batching: Optional[BatchingOptions] = None
+    per_model_batching: bool = False
     grpc_max_threads: int = 64
     shutdown_grace_seconds: float = 30.0
 

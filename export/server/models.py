@@ -21,6 +21,13 @@ is unloaded only when its last in-flight request released it. A version that
 fails to load is reported by :meth:`ModelRegistry.status` with its error, is not
 retried until its files change, and never affects other versions or models.
 
+With batching on, every loaded version is batched with the server's parameters;
+with ``per_model_batching`` (TF Serving's ``--enable_per_model_batching_parameters``)
+a SavedModel version is batched with its own ``<version>/batching_params.pbtxt``
+and not batched without one, as in TF Serving. That file is read before the
+model loads: a malformed one fails this version's load (INVALID_ARGUMENT naming
+the file, in :meth:`ModelRegistry.status`) like any load error.
+
 Example::
 
     >>> from export.server.config import ModelConfig
@@ -42,7 +49,12 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from export.server.config import PYTHON_PLATFORM, ModelConfig, python_factory_spec
+from export.server.config import (
+    PYTHON_PLATFORM,
+    ModelConfig,
+    load_per_model_batching_parameters,
+    python_factory_spec,
+)
 from export.server.errors import ServingError
 from export.server.servable import SavedModelServable, Servable
 from export.server.source import list_versions, snapshot
@@ -105,6 +117,8 @@ class ModelRegistry:
         configs: ``Sequence[ModelConfig]``.
         poll_wait_seconds: ``float``, polling period of base paths, default 1.
         batch_scheduler: optional ``BatchScheduler`` attached to every loaded servable.
+        per_model_batching: ``bool``, batch each SavedModel version with the parameters of
+            its ``batching_params.pbtxt`` (unbatched without one); default False.
         context: passed to Python (composite) servable factories; the serving core.
         loader: ``callable(name, version, path) -> Servable``, default ``SavedModelServable``.
     """
@@ -116,9 +130,11 @@ class ModelRegistry:
         batch_scheduler=None,
         context=None,
         loader: Callable[[str, int, str], Servable] = SavedModelServable,
+        per_model_batching: bool = False,
     ):
         self.poll_wait_seconds = float(poll_wait_seconds)
         self.batch_scheduler = batch_scheduler
+        self.per_model_batching = per_model_batching
         self.context = context
         self._loader = loader
         self._cond = threading.Condition()
@@ -252,9 +268,10 @@ class ModelRegistry:
         logger.info("loading %s version %d from %s", name, version, path)
         started = time.monotonic()
         try:
+            batching = self._version_batching(name, version, path)
             servable = self._loader(name, version, path)
-            if self.batch_scheduler is not None:
-                servable.attach_batching(self.batch_scheduler)
+            if batching is not None:
+                servable.attach_batching(self.batch_scheduler, batching)
         except Exception as err:  # noqa: BLE001 - a broken version must not stop the server
             error = ServingError.from_exception(err)
             logger.error("loading %s version %d failed: %s", name, version, error.message)
@@ -270,6 +287,22 @@ class ModelRegistry:
             record.servable, record.state = servable, AVAILABLE
             model.serving[version] = record
         logger.info("loaded %s version %d in %.2fs", name, version, time.monotonic() - started)
+
+    def _version_batching(self, name: str, version: int, path: str):
+        """The ``BatchingOptions`` to batch the version at ``path`` with, or ``None`` (unbatched)."""
+        if self.batch_scheduler is None:
+            return None
+        if not self.per_model_batching:
+            return self.batch_scheduler.options
+        try:
+            options = load_per_model_batching_parameters(path)
+        except ValueError as err:  # a malformed file; its path leads the message
+            raise ServingError.invalid_argument(f"per-model batching parameters: {err}") from None
+        if options is None:
+            logger.info("%s version %d has no batching_params.pbtxt: not batched (per-model batching)", name, version)
+        else:
+            logger.info("%s version %d is batched with its batching_params.pbtxt: %s", name, version, options)
+        return options
 
     def _load_python(self, model: _Model) -> None:
         if model.records:

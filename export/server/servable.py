@@ -170,6 +170,7 @@ class Servable:
         self.signatures: Dict[str, Signature] = {}
         self._batchers = {}
         self._batch_scheduler = None
+        self._batch_options = None
         self._lock = threading.Lock()
 
     def signature(self, name: str) -> Signature:
@@ -189,9 +190,10 @@ class Servable:
             result.signature_def[name].CopyFrom(sig.to_signature_def())
         return result
 
-    def attach_batching(self, scheduler) -> None:
-        """Route :meth:`run` through ``scheduler`` (an ``export.server.batching.BatchScheduler``)."""
-        self._batch_scheduler = scheduler
+    def attach_batching(self, scheduler, options=None) -> None:
+        """Route :meth:`run` through ``scheduler`` (an ``export.server.batching.BatchScheduler``),
+        batching with ``options`` (a ``BatchingOptions``; default the scheduler's)."""
+        self._batch_scheduler, self._batch_options = scheduler, options
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run a signature on validated inputs (batched with concurrent calls when batching is on)."""
@@ -200,7 +202,7 @@ class Servable:
             with self._lock:
                 batcher = self._batchers.get(signature.name)
                 if batcher is None:
-                    batcher = self._batch_scheduler.batcher(self, signature)
+                    batcher = self._batch_scheduler.batcher(self, signature, self._batch_options)
                     self._batchers[signature.name] = batcher
             if batcher is not None:
                 return batcher.run(inputs)

@@ -1,5 +1,10 @@
 """The model server: registry + serving core + gRPC and REST endpoints, with graceful shutdown.
 
+One ``BatchScheduler`` (when ``ServerOptions.batching`` is set) serves every model;
+``ServerOptions.per_model_batching`` lets each SavedModel version bring its own
+batching parameters (TF Serving's ``--enable_per_model_batching_parameters``, see
+``export.server.models``); without batching it is ignored with a warning.
+
 Example::
 
     >>> from export.server import ModelServer, ServerOptions, single_model_config
@@ -52,8 +57,12 @@ class ModelServer:
         self.batch_scheduler = (
             BatchScheduler(self.options.batching, self.metrics) if self.options.batching is not None else None
         )
+        if self.options.per_model_batching and self.batch_scheduler is None:
+            logger.warning("per-model batching parameters (--enable_per_model_batching_parameters) "
+                           "need batching (--enable_batching): ignored")
         self.registry = ModelRegistry(
-            self.configs, self.options.file_system_poll_wait_seconds, batch_scheduler=self.batch_scheduler, **kwargs
+            self.configs, self.options.file_system_poll_wait_seconds, batch_scheduler=self.batch_scheduler,
+            per_model_batching=self.options.per_model_batching, **kwargs
         )
         self.core = ServingCore(self.registry, self.metrics)
         self.registry.context = self.core
