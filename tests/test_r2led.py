@@ -107,6 +107,26 @@ def test_retrieval_never_returns_padding_and_cascade_is_exact_when_promised(mix)
     np.testing.assert_array_equal(c_mask[exact_rows], mask[exact_rows])
 
 
+def test_retrieval_from_shared_prefix_lengths_equals_retrieval_from_sids():
+    inputs = random_inputs(2)
+    sids, target = inputs["history_sids"], inputs["target_sids"]
+    sids[:, ::7, 1] = -1  # behaviours without a level-2 code
+    target[::5, 0] = -1  # targets without codes never match
+    target[::3, 2] = -1
+    shared = np.zeros(sids.shape[:2], int)  # leading levels equal to the target's (and the target has them)
+    for b, h in np.ndindex(*shared.shape):
+        while shared[b, h] < 3 and target[b, shared[b, h]] >= 0 and sids[b, h, shared[b, h]] == target[b, shared[b, h]]:
+            shared[b, h] += 1
+    from tfrec.layers.multi_route_retrieval import shared_prefix_length
+    np.testing.assert_array_equal(numpy(shared_prefix_length(sids, target[:, None])), shared)
+    layer = MultiRouteRetrieval(top_k=[4, 8, 8])
+    from_sids = [numpy(a) for a in layer(inputs)]
+    from_prefix = [numpy(a) for a in layer({k: v for k, v in inputs.items() if k != "history_sids"}
+                                           | {"history_prefix": shared})]
+    for a, b in zip(from_sids, from_prefix):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_recency_top_k_breaks_ties_towards_recent():
     idx, mask = recency_top_k(np.array([[1.0, 2.0, 1.0, 1.0, 0.0]], "float32"),
                               np.array([[True, True, True, False, True]]), 4)
@@ -284,6 +304,15 @@ def test_save_load_score_padding_and_table_fusion(trained, tmp_path):
     per_behaviour(x)
     per_behaviour.set_weights(model.get_weights())
     np.testing.assert_allclose(numpy(per_behaviour(x)), want, atol=1e-5)
+    # Similarities from the whole catalogue or per behaviour: the same retrieval and outputs.
+    for catalog_scoring in (True, False):
+        other = R2LED.from_config({**model.get_config(), "catalog_scoring": catalog_scoring})
+        other(x)
+        other.set_weights(model.get_weights())
+        for a, b in zip(other.retrieve(x["history_ids"], x["target_id"]),
+                        model.retrieve(x["history_ids"], x["target_id"])):
+            np.testing.assert_array_equal(numpy(a), numpy(b))
+        np.testing.assert_allclose(numpy(other(x)), want, atol=1e-6)
 
 
 def test_model_retrieval_gathers_sids_by_item_id():
@@ -313,6 +342,7 @@ def test_variants_build_and_run(variant):
     (dict(item_sids={"shape": [6, 2]}), "sid_codebook_sizes is required"),
     (dict(item_sids=None), "needs item_sids"),
     (dict(gate="sum"), "gate"),
+    (dict(catalog_scoring="yes"), "catalog_scoring"),
 ])
 def test_model_bad_arguments(kwargs, match):
     arguments = {"vocab_size": 6, "item_sids": np.array([[-1, -1], [-1, -1], [0, 1], [0, 2], [1, 0], [2, 1]]),

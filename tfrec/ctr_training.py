@@ -102,6 +102,7 @@ class CTRModelConfig:
     attention_form: str = "dot"
     num_heads: int = 2
     fuse_table: bool = True
+    catalog_scoring: Optional[bool] = None  # R2LED: null = auto (see tfrec.models.r2led.R2LED)
     simhash_bits: int = 32
 
 
@@ -367,7 +368,7 @@ def build_ctr_model(config: CTRConfig, data, semantics: Optional[ItemSemantics],
         options = dict(route_levels=list(mc.route_levels) or None, top_k=mc.top_k, mix=mc.mix, alpha=mc.alpha,
                        similarity=mc.similarity, candidates=mc.candidates, gate=mc.gate,
                        route_fusion=mc.route_fusion, attention_form=mc.attention_form, num_heads=mc.num_heads,
-                       fuse_table=mc.fuse_table)
+                       fuse_table=mc.fuse_table, catalog_scoring=mc.catalog_scoring)
         options.update(r2led_variant(mc.name, levels))
         return R2LED(vocab_size, semantics.item_sids, sid_codebook_sizes=semantics.codebook_sizes,
                      **common, **options, name=mc.name.replace("-", "_"))

@@ -68,6 +68,32 @@ def recency_top_k(scores, eligible, k):
     return ops.where(mask, indices, 0), mask
 
 
+def shared_prefix_length(sids, target_sids, max_levels=None):
+    """How many leading SID levels `sids` share with `target_sids` (int32).
+
+    Args:
+        sids: int `(..., n, L)`; negative = no code.
+        target_sids: int, broadcastable to `sids` (e.g. `(..., 1, L)`).
+        max_levels: int or None. Compare only the first this many levels.
+
+    Returns:
+        int32 `(..., n)` in `[0, max_levels]`. A level where the target has no
+        code (negative) never matches, so it ends the shared prefix.
+
+    Example:
+    >>> shared_prefix_length(np.array([[1, 2, 3], [1, 5, 3], [2, 2, 3]]), np.array([[1, 2, -1]])).numpy().tolist()
+    [2, 1, 0]
+    """
+    sids, target_sids = ops.cast(sids, "int32"), ops.cast(target_sids, "int32")
+    levels = sids.shape[-1] if max_levels is None else min(int(max_levels), sids.shape[-1])
+    shared, prefix = None, None
+    for level in range(levels):  # L is small and static: a loop of elementwise ops (cumprod is much slower)
+        equal = (sids[..., level] == target_sids[..., level]) & (target_sids[..., level] >= 0)
+        prefix = equal if prefix is None else prefix & equal
+        shared = ops.cast(prefix, "int32") if shared is None else shared + ops.cast(prefix, "int32")
+    return shared
+
+
 def l2_normalize(x, epsilon=1e-12):
     return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
 
@@ -99,6 +125,12 @@ class MultiRouteRetrieval(keras.layers.Layer):
     Call args (a dict):
         history_sids: int `(batch, seq, L)`; negative = no code.
         target_sids: int `(batch, L)`.
+        history_prefix: optional int `(batch, seq)`, instead of
+            `history_sids`: how many leading SID levels each behaviour shares
+            with the target (`shared_prefix_length`; a level where the target
+            has no code ends the prefix). The same routes from one int per
+            behaviour instead of `L`; what `R2LED` passes when it scores the
+            catalogue once per target (`target_sids` still gives `L`).
         history_vectors: float `(batch, seq, dim)` collaborative embeddings.
         target_vector: float `(batch, dim)`.
         similarity: optional float `(batch, seq)`, the collaborative
@@ -151,9 +183,9 @@ class MultiRouteRetrieval(keras.layers.Layer):
         self.similarity = similarity
 
     def build(self, input_shape):
-        num_levels = input_shape["history_sids"][-1]
+        num_levels = input_shape["target_sids"][-1]
         if num_levels is None:
-            raise ValueError("MultiRouteRetrieval needs a known number of SID levels (last dim of history_sids).")
+            raise ValueError("MultiRouteRetrieval needs a known number of SID levels (last dim of target_sids).")
         levels = self.route_levels or list(range(1, num_levels + 1))
         if max(levels) > num_levels:
             raise ValueError(f"route_levels {levels} exceed the {num_levels} SID levels of the inputs.")
@@ -170,16 +202,13 @@ class MultiRouteRetrieval(keras.layers.Layer):
 
     def route_scores(self, inputs):
         """`(scores, eligible)`, float `(batch, routes, seq)` / bool broadcastable to it."""
-        history_sids = ops.cast(inputs["history_sids"], "int32")  # (B, H, L)
-        target_sids = ops.cast(inputs["target_sids"], "int32")  # (B, L)
         valid = ops.cast(inputs["history_mask"], "bool")[:, None, :]  # (B, 1, H)
-        prefix, routes = None, []
-        for level in range(max(self.levels)):  # prefix of length level + 1 matches, level by level
-            equal = (history_sids[..., level] == target_sids[:, level, None]) & (target_sids[:, level, None] >= 0)
-            prefix = equal if prefix is None else prefix & equal  # (B, H)
-            if level + 1 in self.levels:
-                routes.append(prefix)
-        match = ops.stack([routes[sorted(set(self.levels)).index(level)] for level in self.levels], axis=1)
+        if "history_prefix" in inputs:
+            shared = ops.cast(inputs["history_prefix"], "int32")[:, None, :]  # (B, 1, H)
+        else:
+            shared = shared_prefix_length(inputs["history_sids"], inputs["target_sids"][:, None, :],
+                                          max(self.levels))[:, None, :]
+        match = shared >= ops.convert_to_tensor(self.levels, "int32")[None, :, None]  # (B, R, H)
 
         if "similarity" in inputs:
             sim = ops.cast(inputs["similarity"], "float32")  # (B, H)
@@ -229,7 +258,7 @@ class MultiRouteRetrieval(keras.layers.Layer):
         return indices, mask
 
     def compute_output_shape(self, input_shape):
-        shape = tuple(input_shape["history_sids"][:1]) + (self.num_routes, max(self.route_top_k))
+        shape = tuple(input_shape["history_mask"][:1]) + (self.num_routes, max(self.route_top_k))
         return shape, shape
 
     def get_config(self):

@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from tfrec.layers.bilevel_fusion import BiLevelFusion
-from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, l2_normalize
+from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, l2_normalize, shared_prefix_length
 from tfrec.models.ctr_baselines import CTRModel, table_argument
 
 R2LED_VARIANTS = ("r2led", "r2led-no-multiroute", "r2led-no-mixed-semantic",
@@ -85,6 +85,14 @@ class R2LED(CTRModel):
             smaller than batch x routes x top_k, and what a served model with a
             materialised table does), or of each retrieved behaviour (False:
             for catalogs much larger than that). Same outputs either way.
+        catalog_scoring: bool or None. How retrieval computes the collaborative
+            similarities: True = the target against the whole catalogue (one
+            dense `(V, d)` product per row), then one float gathered per
+            behaviour; False = `d` floats gathered per behaviour. None
+            (default) = the catalogue whenever `vocab_size <= 8 * history
+            length` (dense products cost far less than gathers on CPU), decided
+            per call. Same retrieval either way, up to float rounding of the
+            similarities; ours, for serving cost.
 
     Example:
     >>> sids = np.array([[-1, -1], [-1, -1], [0, 1], [0, 2], [1, 0], [1, 1]])
@@ -98,7 +106,7 @@ class R2LED(CTRModel):
     def __init__(self, vocab_size, item_sids, sid_codebook_sizes=None, embedding_dim=32, mlp_units=(64, 32),
                  dropout=0.0, route_levels=None, top_k=32, mix="boost", alpha=0.5, similarity="cosine",
                  candidates=None, gate="vector", route_fusion="attention", attention_form="dot", num_heads=2,
-                 fuse_table=True, **kwargs):
+                 fuse_table=True, catalog_scoring=None, **kwargs):
         super().__init__(vocab_size, embedding_dim, mlp_units, dropout, **kwargs)
         sids, self.sids_shape = table_argument(item_sids, "item_sids", self.vocab_size, "int32")
         if self.sids_shape is None:
@@ -119,6 +127,9 @@ class R2LED(CTRModel):
                 raise ValueError(f"item_sids codes exceed sid_codebook_sizes {sizes}: (level, max code) {too_big}.")
         self.sid_codebook_sizes = sizes
         self.fuse_table = bool(fuse_table)
+        if catalog_scoring not in (None, True, False):
+            raise ValueError(f"catalog_scoring must be None, True or False, got {catalog_scoring!r}.")
+        self.catalog_scoring = catalog_scoring
         self.item_sids = self._static_table("item_sids", sids, self.sids_shape, "int32")
         self.retrieval = MultiRouteRetrieval(route_levels=route_levels, top_k=top_k, mix=mix, alpha=alpha,
                                              similarity=similarity, candidates=candidates, name="retrieval")
@@ -132,6 +143,36 @@ class R2LED(CTRModel):
             table = l2_normalize(table)  # once per table, not once per behaviour
         return table
 
+    def behaviour_views(self, history_ids, target_ids, similarity=None):
+        """`(similarity, shared_prefix)` `(B, H)`: each behaviour's two views of the target.
+
+        The collaborative similarity (unless given; see `catalog_scoring`) and
+        the number of leading SID levels the behaviour shares with the target.
+        """
+        target_sids = ops.take(self.item_sids, target_ids, axis=0)[:, None, :]  # (B, 1, L)
+        prefix = shared_prefix_length(ops.take(self.item_sids, history_ids, axis=0), target_sids)  # (B, H)
+        if similarity is None:
+            similarity = self._similarity(history_ids, target_ids)
+        return similarity, prefix
+
+    def _similarity(self, history_ids, target_ids):
+        table = self._retrieval_table()  # (V, d)
+        target = ops.take(table, target_ids, axis=0)  # (B, d)
+
+        def per_catalogue():  # one dense (B, d) x (d, V) product, then one float per behaviour
+            return ops.take_along_axis(ops.matmul(target, ops.transpose(table)), history_ids, axis=1)
+
+        def per_behaviour():  # d floats gathered per behaviour
+            return ops.einsum("bhd,bd->bh", ops.take(table, history_ids, axis=0), target)
+
+        use_catalogue = self.catalog_scoring
+        if use_catalogue is None:
+            length = history_ids.shape[1]
+            if length is None:  # a graph with a dynamic history length decides per call
+                return ops.cond(self.vocab_size <= 8 * ops.shape(history_ids)[1], per_catalogue, per_behaviour)
+            use_catalogue = self.vocab_size <= 8 * length
+        return per_catalogue() if use_catalogue else per_behaviour()
+
     def retrieve(self, history_ids, target_ids, similarity=None):
         """`(indices, mask)` `(B, R, k)`: positions of the behaviours each route keeps.
 
@@ -140,12 +181,9 @@ class R2LED(CTRModel):
         """
         history_ids = ops.cast(history_ids, "int32")
         target_ids = ops.cast(target_ids, "int32")
-        if similarity is None:
-            table = self._retrieval_table()  # (V, d)
-            similarity = ops.einsum("bhd,bd->bh", ops.take(table, history_ids, axis=0),
-                                    ops.take(table, target_ids, axis=0))  # (B, H)
+        similarity, prefix = self.behaviour_views(history_ids, target_ids, similarity)
         return self.retrieval({
-            "history_sids": ops.take(self.item_sids, history_ids, axis=0),  # (B, H, L)
+            "history_prefix": prefix,  # (B, H)
             "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
             "similarity": similarity,
             "history_mask": history_ids > 0,
@@ -200,6 +238,7 @@ class R2LED(CTRModel):
                 "attention_form": self.fusion.attention_form,
                 "num_heads": self.fusion.num_heads,
                 "fuse_table": self.fuse_table,
+                "catalog_scoring": self.catalog_scoring,
             }
         )
         return config
