@@ -601,6 +601,8 @@ def main(argv=None):
     for repeat, mode in [(r, m) for r in range(args.repeats) for m in args.batching]:  # interleaved
         flags = ["--tensorflow_intra_op_parallelism", args.tf_threads[0],
                  "--tensorflow_inter_op_parallelism", args.tf_threads[1]]
+        if any(platform == "python" for _, _, platform in models):  # the two-stage composite
+            flags += ["--allowed_python_modules", "export.two_stage"]
         if mode == "on":
             flags += ["--enable_batching", "--max_batch_size", args.max_batch_size,
                      "--batch_timeout_micros", args.batch_timeout_micros]

@@ -43,6 +43,23 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     serve.add_argument("--grpc_max_threads", type=int, default=64)
     serve.add_argument("--shutdown_grace_seconds", type=float, default=30.0)
+    limits = serve.add_argument_group("security and limits (see README: trust model)")
+    limits.add_argument("--allowed_python_modules", nargs="+", default=[], metavar="MODULE",
+                        help="modules 'model_platform: python' servables may come from, e.g. export.two_stage "
+                             "(default none: python servables refused, also through config reloads)")
+    limits.add_argument("--grpc_max_message_bytes", type=int, default=256 << 20,
+                        help="largest gRPC message received or sent (default 256 MiB)")
+    limits.add_argument("--rest_max_body_bytes", type=int, default=64 << 20,
+                        help="largest REST request body (default 64 MiB)")
+    limits.add_argument("--rest_max_connections", type=int, default=64,
+                        help="REST connections served at once; more are answered 503 (default 64)")
+    limits.add_argument("--rest_idle_timeout_seconds", type=float, default=30.0,
+                        help="close REST connections idle this long (default 30)")
+    limits.add_argument("--rest_allowed_hosts", nargs="+", default=[], metavar="NAME",
+                        help="extra Host/Origin names accepted besides loopback names")
+    limits.add_argument("--grpc_use_tensor_content", action="store_true",
+                        help="pack Predict outputs into tensor_content instead of float_val/int64_val/... "
+                             "(TF Serving's default is the typed fields)")
     serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                        help="threads one op may use (0 = TensorFlow's default; 1 suits small models under "
                             "concurrent load, see export/TF_SERVING.md)")
@@ -140,6 +157,10 @@ def server_options(args):
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),
         per_model_batching=args.per_model_batching,
         grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,
+        allowed_python_modules=tuple(args.allowed_python_modules),
+        grpc_max_message_bytes=args.grpc_max_message_bytes, rest_max_body_bytes=args.rest_max_body_bytes,
+        rest_max_connections=args.rest_max_connections, rest_idle_timeout_seconds=args.rest_idle_timeout_seconds,
+        rest_allowed_hosts=tuple(args.rest_allowed_hosts), grpc_use_tensor_content=args.grpc_use_tensor_content,
     )
 
 

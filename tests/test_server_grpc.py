@@ -44,7 +44,7 @@ def server(toy_base):
         ModelConfig("toy", str(toy_base), version_labels={"stable": 1}),
         ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
     ]
-    srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1)).start()
+    srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=("export.server.testing",))).start()
     yield srv
     srv.stop()
 
@@ -311,7 +311,7 @@ def batching_server(toy_base):
 
 
 def _batch_calls(srv, signature):
-    return srv.metrics.batch_size.count(("toy", signature)), srv.metrics.batch_size._values[("toy", signature)][1]
+    return srv.metrics.batch_size.count(("toy", signature)), srv.metrics.batch_size.sum(("toy", signature))
 
 
 def test_batching_merges_concurrent_requests_and_matches_unbatched(batching_server, stub):

@@ -24,7 +24,7 @@ def server(tmp_path_factory):
         ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
         ModelConfig("ghost", str(base / "ghost")),  # no version on disk
     ]
-    srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=0)).start()
+    srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=0, allowed_python_modules=("export.server.testing",))).start()
     yield srv
     srv.stop()
 
@@ -184,8 +184,8 @@ def _metric(text, line_start):
 
 
 def test_prometheus_metrics(http):
-    ok = 'tfrec_serving_requests_total{model="toy",signature="serving_default",api="predict",protocol="rest",code="OK"}'
-    missing = 'tfrec_serving_requests_total{model="nope",signature="serving_default",api="predict",protocol="rest",code="NOT_FOUND"}'
+    ok = 'tfrec_serving_requests_total{api="predict",code="OK",model="toy",protocol="rest",signature="serving_default"}'
+    missing = 'tfrec_serving_requests_total{api="predict",code="NOT_FOUND",model="unknown",protocol="rest",signature="unknown"}'
     before = http("GET", "/monitoring/prometheus/metrics").text
     for _ in range(3):
         post(http, "/v1/models/toy:predict", {"instances": [[1, 2, 3]]})
@@ -195,9 +195,9 @@ def test_prometheus_metrics(http):
     after = response.text
     assert _metric(after, ok) - _metric(before, ok) == 3
     assert _metric(after, missing) - _metric(before, missing) == 1
-    count = 'tfrec_serving_request_latency_seconds_count{model="toy",signature="serving_default",api="predict",protocol="rest"}'
+    count = 'tfrec_serving_request_latency_seconds_count{api="predict",model="toy",protocol="rest",signature="serving_default"}'
     assert _metric(after, count) - _metric(before, count) == 3
-    assert 'tfrec_serving_request_latency_seconds_bucket{model="toy",signature="serving_default",api="predict",protocol="rest",le="+Inf"}' in after
+    assert 'tfrec_serving_request_latency_seconds_bucket{api="predict",le="+Inf",model="toy",protocol="rest",signature="serving_default"}' in after
     assert _metric(after, 'tfrec_serving_model_versions{model="toy",state="AVAILABLE"}') == 1
     assert "# TYPE tfrec_serving_batch_size histogram" in after
 

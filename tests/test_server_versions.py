@@ -316,7 +316,7 @@ SLEEPY = ModelConfig("sleepy", "export.server.testing:SleepServable", platform="
 
 
 def test_graceful_shutdown_completes_in_flight_requests():
-    srv = ModelServer([SLEEPY], ServerOptions(port=0, rest_api_port=0)).start()
+    srv = ModelServer([SLEEPY], ServerOptions(port=0, rest_api_port=0, allowed_python_modules=("export.server.testing",))).start()
     client = PredictClient(srv.grpc_address)
     results = {}
 
@@ -387,7 +387,7 @@ def test_tfrec_serve_stops_gracefully_on_sigterm(tmp_path, capsys):
     driver = threading.Thread(target=drive)
     driver.start()
     code = main(["serve", "--model_config_file", str(config), "--port", str(grpc_port),
-                 "--rest_api_port", str(rest_port)])
+                 "--rest_api_port", str(rest_port), "--allowed_python_modules", "export.server.testing"])
     driver.join()
     assert code == 0
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
@@ -398,6 +398,6 @@ def test_tfrec_serve_stops_gracefully_on_sigterm(tmp_path, capsys):
 
 
 def test_second_server_on_same_port_fails():
-    with ModelServer([SLEEPY], ServerOptions(port=0, rest_api_port=-1)) as srv:
+    with ModelServer([SLEEPY], ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=("export.server.testing",))) as srv:
         with pytest.raises(ValueError, match=f"cannot bind gRPC to 127.0.0.1:{srv.grpc_port}"):
-            ModelServer([SLEEPY], ServerOptions(port=srv.grpc_port, rest_api_port=-1)).start()
+            ModelServer([SLEEPY], ServerOptions(port=srv.grpc_port, rest_api_port=-1, allowed_python_modules=("export.server.testing",))).start()

@@ -68,7 +68,8 @@ def model_configs(tmp_path_factory):
 def start_server(configs, **batching):
     # One batch slot: a composite holding it while its inner calls waited for batches would deadlock.
     options = BatchingOptions(num_batch_threads=1, pad_variable_length_inputs=True, **batching)
-    return ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, batching=options)).start()
+    return ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, batching=options,
+                                                  allowed_python_modules=("export.two_stage",))).start()
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,35 @@ def python_factory_spec(base_path: str):
     return module, attr, options
 
 
+def check_python_module_allowed(config: ModelConfig, allowed: Iterable[str]) -> None:
+    """``ServingError`` PERMISSION_DENIED (a ``ValueError``) unless python model ``config``
+    names a module in ``allowed``.
+
+    Called before anything of the module is imported or called: the operator names
+    the trusted modules (``tfrec serve --allowed_python_modules export.two_stage``);
+    a config (file or ``HandleReloadConfigRequest``) cannot add one. Exact module
+    names only, no prefixes: allowing ``export`` does not allow ``export.two_stage``.
+
+    >>> check_python_module_allowed(ModelConfig("t", "export.two_stage:factory", platform="python"),
+    ...                             ["export.two_stage"])
+    >>> check_python_module_allowed(ModelConfig("x", "shutil:rmtree", platform="python"), ["export.two_stage"])
+    Traceback (most recent call last):
+    ...
+    export.server.errors.ServingError: python model 'x': module 'shutil' is not allowed; the server allows python servables only from modules named by --allowed_python_modules (allowed: export.two_stage)
+    """
+    if config.platform != PYTHON_PLATFORM:
+        return
+    module = python_factory_spec(config.base_path)[0]
+    allowed = sorted(set(allowed))
+    if module not in allowed:
+        from export.server.errors import ServingError
+
+        raise ServingError.permission_denied(
+            f"python model {config.name!r}: module {module!r} is not allowed; the server allows python "
+            f"servables only from modules named by --allowed_python_modules (allowed: {', '.join(allowed) or 'none'})"
+        )
+
+
 def _from_proto_list(model_config_list, source: str) -> list:
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -413,6 +442,26 @@ class ServerOptions:
             for a batch hold a thread, so keep it above the expected concurrency).
         shutdown_grace_seconds: ``float``, how long shutdown waits for in-flight
             requests, default 30.
+        allowed_python_modules: ``tuple[str, ...]``, the only modules ``model_platform:
+            'python'`` servables may come from (exact names), default none. Checked before
+            anything is imported or called, at start-up and on every config reload.
+        grpc_max_message_bytes: ``int``, largest gRPC message received or sent, default
+            256 MiB (ours; TF Serving allows 2 GiB - 1: a decoded request costs about twice
+            its size, so the default bounds a request's memory). RESOURCE_EXHAUSTED beyond.
+        rest_max_body_bytes: ``int``, largest REST request body, default 64 MiB (ours;
+            TF Serving sets none). 400 beyond, before the body is read.
+        rest_max_connections: ``int``, most REST connections served at once (one
+            thread each), default 64; further connections are answered 503 and closed.
+        rest_idle_timeout_seconds: ``float``, an open REST connection that sends nothing
+            for this long is closed, default 30.
+        rest_allowed_hosts: ``tuple[str, ...]``, extra names accepted in the ``Host`` and
+            ``Origin`` headers. Bound to loopback, only loopback names (``localhost``,
+            ``127.0.0.1``, ``[::1]``) are accepted otherwise (DNS rebinding, pages in a
+            local browser); bound wider, any ``Host`` is accepted and an ``Origin`` must
+            match the ``Host`` or be listed here.
+        grpc_use_tensor_content: ``bool``, Predict responses pack values into
+            ``tensor_content`` instead of the typed fields (``float_val`` ...), default False
+            (TF Serving's default: typed fields).
     """
 
     host: str = "127.0.0.1"
@@ -423,8 +472,28 @@ class ServerOptions:
     per_model_batching: bool = False
     grpc_max_threads: int = 64
     shutdown_grace_seconds: float = 30.0
+    allowed_python_modules: tuple = ()
+    grpc_max_message_bytes: int = 256 << 20
+    rest_max_body_bytes: int = 64 << 20
+    rest_max_connections: int = 64
+    rest_idle_timeout_seconds: float = 30.0
+    rest_allowed_hosts: tuple = ()
+    grpc_use_tensor_content: bool = False
 
     def __post_init__(self):
+        self.allowed_python_modules = tuple(self.allowed_python_modules)
+        self.rest_allowed_hosts = tuple(h.lower() for h in self.rest_allowed_hosts)
+        for module in self.allowed_python_modules:
+            if not all(part.isidentifier() for part in str(module).split(".")):
+                raise ValueError(f"allowed python module must be a dotted module name, got {module!r}")
+        if not 1 <= self.grpc_max_message_bytes <= 2**31 - 1:
+            raise ValueError(f"grpc_max_message_bytes must be in 1..2147483647, got {self.grpc_max_message_bytes}")
+        if self.rest_max_body_bytes < 1:
+            raise ValueError(f"rest_max_body_bytes must be >= 1, got {self.rest_max_body_bytes}")
+        if self.rest_max_connections < 1:
+            raise ValueError(f"rest_max_connections must be >= 1, got {self.rest_max_connections}")
+        if self.rest_idle_timeout_seconds <= 0:
+            raise ValueError(f"rest_idle_timeout_seconds must be > 0, got {self.rest_idle_timeout_seconds}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.rest_api_port > 65535:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from export.server.errors import ServingError
+from export.server.metrics import UNKNOWN
 from export.server.servable import (
     CLASSIFY_METHOD,
     DEFAULT_SIGNATURE,
@@ -136,8 +137,10 @@ class ServingCore:
         if self.metrics is not None:
             self.metrics.in_flight.inc((), 1)
         started, code = time.perf_counter(), "OK"
+        # Metric labels: set to served names once resolved (see _label); clients' strings never become labels.
+        labels = {"model": UNKNOWN, "signature": UNKNOWN}
         try:
-            yield
+            yield labels
         except ServingError as err:
             code = err.code.name
             raise
@@ -149,7 +152,7 @@ class ServingCore:
             if self.metrics is not None:
                 self.metrics.in_flight.inc((), -1)
                 self.metrics.record_request(
-                    ref.name, ref.signature_name, api, protocol, code, time.perf_counter() - started
+                    labels["model"], labels["signature"], api, protocol, code, time.perf_counter() - started
                 )
             with self._lock:
                 self._in_flight -= 1
@@ -179,8 +182,10 @@ class ServingCore:
             protocol: label for metrics (``grpc``, ``rest``, ``python``; ``internal`` for
                 calls made by composite servables, which draining does not refuse).
         """
-        with self._request(ref, "predict", protocol), self._acquire(ref) as servable:
+        with self._request(ref, "predict", protocol) as labels, self._acquire(ref) as servable:
+            labels["model"] = servable.name
             signature = servable.signature(ref.signature_name)
+            labels["signature"] = signature.name
             arrays = decode(signature, inputs) if decode is not None else inputs
             arrays = validate_inputs(signature, arrays)
             wanted = list(output_filter)
@@ -200,11 +205,13 @@ class ServingCore:
             return PredictResult(servable.name, servable.version, signature.name, outputs)
 
     def _examples_call(self, ref, examples: Sequence[bytes], api: str, fits, protocol: str):
-        with self._request(ref, api, protocol), self._acquire(ref) as servable:
+        with self._request(ref, api, protocol) as labels, self._acquire(ref) as servable:
+            labels["model"] = servable.name
             name = ref.signature_name
             if name not in servable.signatures:
                 raise ServingError.invalid_argument(f"No signature was found with the name: {name}")
             signature = servable.signatures[name]
+            labels["signature"] = signature.name
             reason = fits(signature)
             if reason:
                 raise ServingError.invalid_argument(f"signature '{name}' cannot serve {api.capitalize()}: {reason}")
@@ -256,19 +263,22 @@ class ServingCore:
 
     def metadata(self, ref: ModelRef, fields: Sequence[str] = ("signature_def",), protocol: str = "python"):
         """``(name, version, SignatureDefMap)`` of the resolved servable."""
-        with self._request(ref, "metadata", protocol):
+        with self._request(ref, "metadata", protocol) as labels:
             if not fields:
                 raise ServingError.invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
             for field in fields:
                 if field != "signature_def":
                     raise ServingError.invalid_argument(f"Metadata field {field} is not supported")
             with self._acquire(ref) as servable:
+                labels["model"] = servable.name
                 return servable.name, servable.version, servable.signature_def_map()
 
     def status(self, ref: ModelRef, protocol: str = "python"):
         """Version records of the model (``ModelRegistry.status``)."""
-        with self._request(ref, "status", protocol):
-            return self.registry.status(ref.name, ref.version, ref.label)
+        with self._request(ref, "status", protocol) as labels:
+            records = self.registry.status(ref.name, ref.version, ref.label)
+            labels["model"] = ref.name  # status found the model: a configured name
+            return records
 
     # --- for composite servables --------------------------------------------------------
     def predict_outputs(self, model: str, inputs: Mapping[str, Any], signature: str = DEFAULT_SIGNATURE,

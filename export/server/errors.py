@@ -14,7 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+MAX_MESSAGE_CHARS = 1000  # longest error message sent to a client
+_PATH_RE = re.compile(r"""(?:[A-Za-z]:)?(?:/[\w.@+~-]+){2,}/?""")
 
 # TF Serving's `ToHTTPStatusCode` (http_server.cc).
 _HTTP_STATUS = {
@@ -44,6 +49,29 @@ _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 def status_code_from_number(number: int) -> grpc.StatusCode:
     """The ``grpc.StatusCode`` for a canonical code number (``tf.errors.OpError.error_code``)."""
     return _BY_NUMBER.get(int(number), grpc.StatusCode.UNKNOWN)
+
+
+def clean_message(message: str) -> str:
+    r"""``message`` without stack traces or server file paths, at most :data:`MAX_MESSAGE_CHARS`.
+
+    TensorFlow op errors append where the failing op was defined (``File "/srv/...",
+    line N``); clients get the error itself. Indented lines (traceback frames, graph
+    context) are dropped and absolute paths keep only their last part (``.../name``).
+
+    >>> clean_message('Graph execution error:\n\nDetected at node x defined at (most recent call last):\n'
+    ...               '  File "/srv/app/model.py", line 3, in f\n    y = g(x)\nassertion failed: [x > 0]\n'
+    ...               '\t [[{{node x}}]] [Op:__inference_f_12]')
+    'Graph execution error: assertion failed: [x > 0]'
+    >>> clean_message("cannot parse /models/m/3/batching_params.pbtxt")
+    'cannot parse .../batching_params.pbtxt'
+    """
+    lines = []
+    for line in str(message).splitlines():
+        if not line.strip() or line[:1] in (" ", "\t") or "(most recent call last)" in line:
+            continue
+        lines.append(re.sub(r"\s*\[Op:[^\]]*\]", "", line).strip())
+    text = _PATH_RE.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], " ".join(lines))
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -86,6 +114,10 @@ class ServingError(ValueError):
         return cls(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     @classmethod
+    def permission_denied(cls, message: str) -> "ServingError":
+        return cls(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    @classmethod
     def unavailable(cls, message: str) -> "ServingError":
         return cls(grpc.StatusCode.UNAVAILABLE, message)
 
@@ -97,5 +129,5 @@ class ServingError(ValueError):
         number = getattr(err, "error_code", None)  # tf.errors.OpError
         if number is not None:
             message = getattr(err, "message", None) or str(err)
-            return cls(status_code_from_number(number), message)
-        return cls(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            return cls(status_code_from_number(number), clean_message(message))
+        return cls(grpc.StatusCode.INTERNAL, clean_message(f"{type(err).__name__}: {err}"))

@@ -33,7 +33,7 @@ from tensorflow_serving.apis import (
 
 from export.server.config import from_model_server_config
 from export.server.core import ModelRef, ServingCore
-from export.server.errors import ServingError
+from export.server.errors import ServingError, clean_message
 from export.server.servable import Signature, check_input_names, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,43 @@ def tensor_proto_to_ndarray(name: str, proto, spec) -> np.ndarray:
         raise ServingError.invalid_argument(f"input '{name}' is not a valid TensorProto: {err}") from None
 
 
-def ndarray_to_tensor_proto(value: np.ndarray):
-    import tensorflow as tf
+def ndarray_to_tensor_proto(value: np.ndarray, use_tensor_content: bool = False):
+    """A response ``TensorProto``: typed value fields (``float_val``, ``int64_val``,
+    ``string_val`` ...), as TF Serving's ``Tensor::AsProtoField`` by default; packed
+    ``tensor_content`` with ``use_tensor_content`` (TF Serving's ``use_tensor_content``
+    option). Both read back with ``tf.make_ndarray``.
 
-    return tf.make_tensor_proto(value)
+    >>> proto = ndarray_to_tensor_proto(np.array([[1.5, 2.0]], np.float32))
+    >>> list(proto.float_val), [d.size for d in proto.tensor_shape.dim], proto.tensor_content
+    ([1.5, 2.0], [1, 2], b'')
+    >>> list(ndarray_to_tensor_proto(np.array([b"a", b"b"], object)).string_val)
+    [b'a', b'b']
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    value = np.asarray(value)
+    if value.dtype.kind == "U":
+        return tf.make_tensor_proto(value)
+    try:
+        dtype = tf.as_dtype(value.dtype) if value.dtype != object else tf.string
+    except TypeError:
+        return tf.make_tensor_proto(value)
+    field = _VALUE_FIELDS.get(types_pb2.DataType.Name(dtype.as_datatype_enum))
+    if field is None:
+        return tf.make_tensor_proto(value)
+    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
+    proto.tensor_shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
+    flat = value.ravel()
+    if use_tensor_content and field != "string_val":
+        proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    elif field == "string_val":
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat)
+    elif field == "half_val":  # float16 / bfloat16 travel as their 16 bits
+        proto.half_val.extend(flat.view(np.uint16).tolist())
+    else:
+        getattr(proto, field).extend(flat.tolist())
+    return proto
 
 
 def _decode_request_inputs(signature: Signature, inputs) -> dict:
@@ -121,10 +154,15 @@ def _abort(context, err: BaseException):
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """``tensorflow.serving.PredictionService`` over a :class:`ServingCore`."""
+    """``tensorflow.serving.PredictionService`` over a :class:`ServingCore`.
 
-    def __init__(self, core: ServingCore):
+    Predict outputs fill the typed value fields (TF Serving's default) unless
+    ``use_tensor_content`` packs them into ``tensor_content``.
+    """
+
+    def __init__(self, core: ServingCore, use_tensor_content: bool = False):
         self.core = core
+        self.use_tensor_content = use_tensor_content
 
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         try:
@@ -136,7 +174,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 model_spec=_model_spec(result.name, result.version, result.signature)
             )
             for key, value in result.outputs.items():
-                response.outputs[key].CopyFrom(ndarray_to_tensor_proto(value))
+                response.outputs[key].CopyFrom(ndarray_to_tensor_proto(value, self.use_tensor_content))
             return response
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
@@ -190,7 +228,7 @@ def status_response(records) -> get_model_status_pb2.GetModelStatusResponse:
         status.status.SetInParent()
         if record.error is not None:
             status.status.error_code = record.error.code.value[0]
-            status.status.error_message = record.error.message
+            status.status.error_message = clean_message(record.error.message)
     return response
 
 
@@ -215,7 +253,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                     "Only ModelConfigList is currently supported"
                 )
             configs = from_model_server_config(request.config, source="ReloadConfigRequest")
+            before = set(self.core.registry.model_names())
             self.core.registry.reload_config(configs)
+            errors = self.core.registry.model_errors()
+            failed = [f"{c.name}: {errors[c.name]}" for c in configs if c.name in errors and c.name not in before]
+            if failed:  # applied: the other models load and serve; these report why they cannot
+                raise ServingError.invalid_argument(
+                    "config applied, but some models cannot be served: " + "; ".join(failed))
             response.status.SetInParent()
             return response
         except ServingError as err:
@@ -228,7 +272,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         context.abort(error.code, error.message)
 
 
-def add_services(server: grpc.Server, core: ServingCore) -> None:
+def add_services(server: grpc.Server, core: ServingCore, use_tensor_content: bool = False) -> None:
     """Register both services of ``core`` on a ``grpc.Server``."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(core, use_tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)

@@ -1,6 +1,7 @@
-"""Prometheus metrics of the model server, in the text exposition format (0.0.4).
+"""Prometheus metrics of the model server, through the pinned ``prometheus_client``.
 
-Served on the REST port at ``/monitoring/prometheus/metrics`` (TF Serving's path):
+Served on the REST port at ``/monitoring/prometheus/metrics`` (TF Serving's path),
+text exposition format 0.0.4 (labels in alphabetical order):
 
 - ``tfrec_serving_requests_total{model,signature,api,protocol,code}``: requests by outcome;
 - ``tfrec_serving_request_latency_seconds{model,signature,api,protocol}``: histogram;
@@ -8,183 +9,163 @@ Served on the REST port at ``/monitoring/prometheus/metrics`` (TF Serving's path
 - ``tfrec_serving_in_flight_requests``: requests being served now;
 - ``tfrec_serving_model_versions{model,state}``: versions per state (AVAILABLE, END, ...).
 
-A tiny self-contained registry (counters, gauges, histograms with labels), so the
-server needs no client library.
+Label values are never what a client merely *sent*: the server passes the name of
+a model it serves and of a signature that model has, and everything else (unknown
+models, unknown signatures, malformed requests) is counted under
+:data:`UNKNOWN` -- so the number of series, and the size of a scrape, is bounded by
+the configured models, whatever clients send. Each server owns its own
+``CollectorRegistry`` (tests run several servers in one process).
 
 Example::
 
     >>> m = ServingMetrics()
     >>> m.record_request("m", "serving_default", "predict", "grpc", "OK", 0.004)
-    >>> 'tfrec_serving_requests_total{model="m",signature="serving_default",api="predict",protocol="grpc",code="OK"} 1' in m.render()
-    True
+    >>> print([line for line in m.render().decode().splitlines() if line.startswith("tfrec_serving_requests_total")][0])
+    tfrec_serving_requests_total{api="predict",code="OK",model="m",protocol="grpc",signature="serving_default"} 1.0
+    >>> m.requests.value(("m", "serving_default", "predict", "grpc", "OK"))
+    1.0
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-import threading
 from typing import Callable, Optional, Sequence
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+UNKNOWN = "unknown"  # the one label value of every model/signature the server does not serve
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 
 class _Metric:
-    kind = ""
+    """A labelled ``prometheus_client`` metric with read helpers (for tests and benchmarks)."""
 
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()):
-        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
-        self._lock = threading.Lock()
-        self._values = {}
+    def __init__(self, metric, labelnames: Sequence[str]):
+        self.metric, self.labelnames = metric, tuple(labelnames)
 
-    def _key(self, labels: Sequence[str]) -> tuple:
+    def _child(self, labels: Sequence[str]):
         if len(labels) != len(self.labelnames):
-            raise ValueError(f"{self.name} expects labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(v) for v in labels)
+            raise ValueError(f"{self.metric._name} expects labels {self.labelnames}, got {tuple(labels)}")
+        return self.metric.labels(*[str(v) for v in labels]) if self.labelnames else self.metric
 
-    def render(self) -> list:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        for labels, value in items:
-            lines.extend(self._render_one(labels, value))
-        return lines
-
-    def _render_one(self, labels, value) -> list:
-        return [f"{self.name}{_format_labels(self.labelnames, labels)} {_number(value)}"]
+    def _samples(self, labels: Sequence[str], suffix: str) -> list:
+        wanted = dict(zip(self.labelnames, (str(v) for v in labels)))
+        out = []
+        for family in self.metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith(suffix) and all(sample.labels.get(k) == v for k, v in wanted.items()):
+                    out.append(sample)
+        return out
 
 
 class Counter(_Metric):
-    """A monotonically increasing count per label set."""
+    def __init__(self, name, help_text, labelnames=(), registry=None):
+        super().__init__(prometheus_client.Counter(name, help_text, labelnames, registry=registry), labelnames)
 
-    kind = "counter"
-
-    def inc(self, labels: Sequence[str] = (), amount: float = 1.0):
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+    def inc(self, labels: Sequence[str] = (), amount: float = 1.0) -> None:
+        self._child(labels).inc(amount)
 
     def value(self, labels: Sequence[str] = ()) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
+        return sum(s.value for s in self._samples(labels, "_total"))
 
 
-class Gauge(Counter):
-    """A value that goes up and down; ``collect`` (optional) recomputes all values at render time."""
+class Gauge(_Metric):
+    def __init__(self, name, help_text, labelnames=(), registry=None):
+        super().__init__(prometheus_client.Gauge(name, help_text, labelnames, registry=registry), labelnames)
 
-    kind = "gauge"
+    def inc(self, labels: Sequence[str] = (), amount: float = 1.0) -> None:
+        self._child(labels).inc(amount)
 
-    def __init__(self, name, help_text, labelnames=(), collect: Optional[Callable[[], dict]] = None):
-        super().__init__(name, help_text, labelnames)
-        self._collect = collect
+    def set(self, labels: Sequence[str], value: float) -> None:
+        self._child(labels).set(value)
 
-    def set(self, labels: Sequence[str], value: float):
-        with self._lock:
-            self._values[self._key(labels)] = value
-
-    def render(self) -> list:
-        if self._collect is not None:
-            values = {self._key(k): v for k, v in self._collect().items()}
-            with self._lock:
-                self._values = values
-        return super().render()
+    def value(self, labels: Sequence[str] = ()) -> float:
+        return sum(s.value for s in self._samples(labels, self.metric._name))
 
 
 class Histogram(_Metric):
-    """Observations counted into cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(self, name, help_text, labelnames=(), buckets: Sequence[float] = LATENCY_BUCKETS):
-        super().__init__(name, help_text, labelnames)
+    def __init__(self, name, help_text, labelnames=(), buckets=LATENCY_BUCKETS, registry=None):
+        metric = prometheus_client.Histogram(name, help_text, labelnames, buckets=tuple(buckets), registry=registry)
+        super().__init__(metric, labelnames)
         self.buckets = tuple(sorted(buckets))
 
-    def observe(self, labels: Sequence[str], value: float):
-        key = self._key(labels)
-        with self._lock:
-            counts, total = self._values.get(key, ([0] * (len(self.buckets) + 1), 0.0))
-            counts[bisect.bisect_left(self.buckets, value)] += 1
-            self._values[key] = (counts, total + value)
+    def observe(self, labels: Sequence[str], value: float) -> None:
+        self._child(labels).observe(value)
 
     def count(self, labels: Sequence[str] = ()) -> int:
-        with self._lock:
-            counts, _ = self._values.get(self._key(labels), ([0], 0.0))
-            return sum(counts)
+        return int(sum(s.value for s in self._samples(labels, "_count")))
+
+    def sum(self, labels: Sequence[str] = ()) -> float:
+        return float(sum(s.value for s in self._samples(labels, "_sum")))
 
     def counts_above(self, labels: Sequence[str], threshold: float) -> int:
         """How many observations were greater than ``threshold`` (a bucket bound)."""
-        with self._lock:
-            counts, _ = self._values.get(self._key(labels), ([0] * (len(self.buckets) + 1), 0.0))
-            return sum(counts[bisect.bisect_right(self.buckets, threshold):])
+        at_or_below = 0.0
+        for sample in self._samples(labels, "_bucket"):
+            le = float(sample.labels["le"])
+            if le == threshold or (math.isclose(le, threshold)):
+                at_or_below = sample.value
+        return self.count(labels) - int(at_or_below)
 
-    def _render_one(self, labels, value) -> list:
-        counts, total = value
-        lines, cumulative = [], 0
-        for bound, count in zip(list(self.buckets) + [math.inf], counts):
-            cumulative += count
-            le = _format_labels(self.labelnames, labels, f'le="{_number(bound)}"')
-            lines.append(f"{self.name}_bucket{le} {cumulative}")
-        plain = _format_labels(self.labelnames, labels)
-        lines.append(f"{self.name}_sum{plain} {_number(total)}")
-        lines.append(f"{self.name}_count{plain} {cumulative}")
-        return lines
+
+class _VersionStates:
+    """Collector of ``tfrec_serving_model_versions`` computed at scrape time."""
+
+    def __init__(self, version_states: Optional[Callable[[], dict]]):
+        self.version_states = version_states
+
+    def collect(self):
+        family = GaugeMetricFamily("tfrec_serving_model_versions", "Model versions per state.",
+                                   labels=("model", "state"))
+        for (model, state), count in sorted((self.version_states or dict)().items()):
+            family.add_metric((model, state), count)
+        yield family
+
+    def describe(self):
+        return []
 
 
 class ServingMetrics:
-    """The server's metrics; one instance per server (tests run several servers in a process).
+    """The server's metrics; one instance (and ``CollectorRegistry``) per server.
 
     Args:
-        version_states: optional callable returning ``{(model, state): count}`` at render time.
+        version_states: optional callable returning ``{(model, state): count}`` at scrape time.
     """
 
     def __init__(self, version_states: Optional[Callable[[], dict]] = None):
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.requests = Counter(
-            "tfrec_serving_requests_total", "Requests by model, signature, API, protocol and status code.",
-            ("model", "signature", "api", "protocol", "code"),
+            "tfrec_serving_requests", "Requests by model, signature, API, protocol and status code.",
+            ("model", "signature", "api", "protocol", "code"), registry=self.registry,
         )
         self.latency = Histogram(
             "tfrec_serving_request_latency_seconds", "Request latency inside the server.",
-            ("model", "signature", "api", "protocol"), LATENCY_BUCKETS,
+            ("model", "signature", "api", "protocol"), LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "tfrec_serving_batch_size", "Rows per batched model call.", ("model", "signature"), BATCH_SIZE_BUCKETS
+            "tfrec_serving_batch_size", "Rows per batched model call.", ("model", "signature"),
+            BATCH_SIZE_BUCKETS, registry=self.registry,
         )
-        self.in_flight = Gauge("tfrec_serving_in_flight_requests", "Requests being served now.")
-        self.model_versions = Gauge(
-            "tfrec_serving_model_versions", "Model versions per state.", ("model", "state"), collect=version_states
-        )
-        self._metrics = (self.requests, self.latency, self.batch_size, self.in_flight, self.model_versions)
-        self.in_flight.set((), 0)
+        self.in_flight = Gauge("tfrec_serving_in_flight_requests", "Requests being served now.",
+                               registry=self.registry)
+        self._versions = _VersionStates(version_states)
+        self.registry.register(self._versions)
 
-    def record_request(self, model, signature, api, protocol, code, seconds):
+    def set_version_states(self, version_states: Callable[[], dict]) -> None:
+        """Where ``tfrec_serving_model_versions`` reads its values at scrape time."""
+        self._versions.version_states = version_states
+
+    def record_request(self, model, signature, api, protocol, code, seconds) -> None:
+        """Count one request; ``model``/``signature`` must be served names or :data:`UNKNOWN`."""
         self.requests.inc((model, signature, api, protocol, code))
         self.latency.observe((model, signature, api, protocol), seconds)
 
-    def record_batch(self, model, signature, rows):
+    def record_batch(self, model, signature, rows) -> None:
         self.batch_size.observe((model, signature), rows)
 
-    def render(self) -> str:
-        lines = []
-        for metric in self._metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The exposition text (``CONTENT_TYPE``)."""
+        return prometheus_client.generate_latest(self.registry)

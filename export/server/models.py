@@ -52,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from export.server.config import (
     PYTHON_PLATFORM,
     ModelConfig,
+    check_python_module_allowed,
     load_per_model_batching_parameters,
     python_factory_spec,
 )
@@ -60,6 +61,10 @@ from export.server.servable import SavedModelServable, Servable
 from export.server.source import list_versions, snapshot
 
 logger = logging.getLogger(__name__)
+
+# A model whose version folders stay without saved_model.pb this many polls is reported as failed
+# (e.g. a base path that is no model folder, such as /proc): health no longer waits for it.
+STALLED_POLLS = 10
 
 # ModelVersionStatus.State values (get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
@@ -85,6 +90,8 @@ class _Model:
     snapshots: Dict[int, Optional[tuple]] = dataclasses.field(default_factory=dict)
     warned_missing: bool = False
     removed: bool = False
+    error: Optional[str] = None  # why the base path cannot be served from (the model serves nothing)
+    stalled_polls: int = 0  # polls in a row with version folders but none a complete SavedModel
 
 
 class ServableHandle:
@@ -121,6 +128,10 @@ class ModelRegistry:
             its ``batching_params.pbtxt`` (unbatched without one); default False.
         context: passed to Python (composite) servable factories; the serving core.
         loader: ``callable(name, version, path) -> Servable``, default ``SavedModelServable``.
+        allowed_python_modules: ``Sequence[str]``, the modules python servables may come from
+            (PERMISSION_DENIED ``ServingError`` for any other, before it is imported); default none.
+
+    The platforms of ``configs`` are the only ones :meth:`reload_config` accepts later.
     """
 
     def __init__(
@@ -131,7 +142,12 @@ class ModelRegistry:
         context=None,
         loader: Callable[[str, int, str], Servable] = SavedModelServable,
         per_model_batching: bool = False,
+        allowed_python_modules: Sequence[str] = (),
     ):
+        self.allowed_python_modules = tuple(allowed_python_modules)
+        for config in configs:
+            check_python_module_allowed(config, self.allowed_python_modules)
+        self.platforms = frozenset(c.platform for c in configs)  # loaded at start-up: reload keeps to them
         self.poll_wait_seconds = float(poll_wait_seconds)
         self.batch_scheduler = batch_scheduler
         self.per_model_batching = per_model_batching
@@ -167,7 +183,18 @@ class ModelRegistry:
 
     def reload_config(self, configs: Sequence[ModelConfig], wait_seconds: float = 0.2) -> None:
         """Switch to a new model list: new models load (returns once the versions on disk now
-        are loaded), removed ones retire, others update in place (policy, labels)."""
+        are loaded), removed ones retire, others update in place (policy, labels).
+
+        ``ServingError`` PERMISSION_DENIED, before anything changes or is imported, for a
+        platform not loaded at start-up or a python module not allowed.
+        """
+        for config in configs:
+            if config.platform not in self.platforms:
+                raise ServingError.permission_denied(
+                    f"model {config.name!r}: platform {config.platform!r} was not loaded at start-up; "
+                    f"a reload may only use {', '.join(sorted(self.platforms)) or 'no platform'}"
+                )
+            check_python_module_allowed(config, self.allowed_python_modules)
         with self._poll_lock:
             self._set_configs(configs)
         self._settle(wait_seconds)
@@ -213,15 +240,27 @@ class ModelRegistry:
             for model in models:
                 if self._stop.is_set() or model.removed:
                     continue
-                if model.config.platform == PYTHON_PLATFORM:
-                    self._load_python(model)
-                else:
-                    self._poll_model(model)
+                try:
+                    if model.config.platform == PYTHON_PLATFORM:
+                        self._load_python(model)
+                    else:
+                        self._poll_model(model)
+                except Exception:  # noqa: BLE001 - one model's failure never stops the others
+                    logger.exception("polling model %s failed", model.config.name)
 
     # --- polling one model ------------------------------------------------------------
     def _poll_model(self, model: _Model) -> None:
         config = model.config
-        on_disk = list_versions(config.base_path)
+        try:
+            on_disk = list_versions(config.base_path)
+        except OSError as err:  # unreadable: this model serves nothing, the others go on
+            message = f"cannot read base path of model {config.name}: {err.strerror or type(err).__name__}"
+            if model.error != message:
+                logger.error("%s (%s)", message, config.base_path)
+            model.error = message
+            return
+        if model.error and not model.stalled_polls:
+            model.error = None
         if on_disk is None:
             if not model.warned_missing:
                 logger.warning("base path %s of model %s does not exist (yet); polling", config.base_path, config.name)
@@ -246,6 +285,15 @@ class ModelRegistry:
             if version not in on_disk:
                 del model.snapshots[version]
 
+        if pending and not ready and not model.serving:
+            model.stalled_polls += 1
+            if model.stalled_polls >= STALLED_POLLS and model.error is None:
+                model.error = (f"no version folder of the base path of model {config.name} holds a complete "
+                               f"SavedModel after {STALLED_POLLS} polls")
+                logger.error("%s (%s)", model.error, config.base_path)
+        else:
+            model.stalled_polls = 0
+            model.error = None
         aspired = set(config.version_policy.select(ready))
         for version in sorted(aspired - set(model.serving), reverse=True):
             if self._stop.is_set():
@@ -312,6 +360,7 @@ class ModelRegistry:
         with self._cond:
             model.records[1] = record
         try:
+            check_python_module_allowed(config, self.allowed_python_modules)  # before any import
             module_name, attr, options = python_factory_spec(config.base_path)
             factory = getattr(importlib.import_module(module_name), attr)
             servable = factory(config.name, self.context, **options)
@@ -406,6 +455,18 @@ class ModelRegistry:
             if not records:
                 raise ServingError.not_found(f"Could not find any versions of model {name}")
             return [dataclasses.replace(records[v]) for v in sorted(records, reverse=True)]
+
+    def model_errors(self) -> Dict[str, str]:
+        """``{model: why}`` for models that serve nothing because of an error: an unreadable base
+        path, version folders that never hold a SavedModel, or every version failing to load."""
+        with self._cond:
+            errors = {}
+            for name, m in self._models.items():
+                if m.error:
+                    errors[name] = m.error
+                elif not m.serving and m.records and all(r.error is not None for r in m.records.values()):
+                    errors[name] = "every version failed to load (see the model's status)"
+            return errors
 
     def model_names(self) -> List[str]:
         with self._cond:

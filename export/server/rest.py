@@ -12,9 +12,24 @@ Routes (paths are case-insensitive, as in TF Serving):
 
 Errors answer ``{"error": "<message>"}`` with TF Serving's HTTP status for the
 failure (400 bad input, 404 unknown model/version, 503 unavailable, ...); any
-other ``/v1/`` path is ``400 Malformed request``, any other path 404.
+other ``/v1/`` path is ``400 Malformed request``, any other path 404. Messages
+never carry stack traces or server file paths.
 Connections are HTTP/1.1 keep-alive; on shutdown idle connections are closed and
 in-flight requests finish.
+
+Limits (``ServerOptions``): bodies above ``max_body_bytes`` (default 64 MiB) and
+malformed chunked encodings are answered 400 before anything is buffered; JSON
+nested deeper than :data:`export.server.json_format.MAX_JSON_DEPTH` is 400; at most
+``max_connections`` connections are served at once (one thread each; the next
+ones get 503 and are closed); a connection idle for ``idle_timeout_seconds`` is
+closed. Each response leaves in one ``send`` on a ``TCP_NODELAY`` socket (no
+Nagle / delayed-ACK stall on kept-open connections).
+
+``Host`` / ``Origin`` checks: bound to a loopback address, only loopback names
+(``localhost``, ``127.0.0.1``, ``[::1]``, plus ``allowed_hosts``) are accepted in
+``Host`` and ``Origin`` (403 otherwise), so neither a web page in a local browser
+nor DNS rebinding can reach the models; bound wider, any ``Host`` is accepted and
+an ``Origin`` must name the ``Host`` itself or an ``allowed_hosts`` entry.
 
 Example::
 
@@ -25,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -40,11 +56,17 @@ from google.protobuf import json_format as pb_json
 from export.server import json_format
 from export.server.core import ModelRef, ServingCore
 from export.server.errors import ServingError
+from export.server.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
-MAX_BODY_BYTES = 1 << 30
+MAX_BODY_BYTES = 64 << 20  # default body limit (ServerOptions.rest_max_body_bytes)
+MAX_LINE_BYTES = 8192  # a chunk-size line longer than this is malformed
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 47\r\nConnection: close\r\n\r\n"
+                  b'{"error": "too many connections, retry later"}\n')
 
 _VERSION = r"(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?"
 _PREDICT_RE = re.compile(r"/v1/models/([^/:]+)" + _VERSION + r":(classify|regress|predict)", re.IGNORECASE)
@@ -60,26 +82,100 @@ def _ref(name: str, version: Optional[str], label: Optional[str], signature: str
     return ModelRef(unquote(name), parsed_version, unquote(label) if label else None, signature)
 
 
+TRIM_AFTER_BYTES = 1 << 20  # after a body this large, give freed heap memory back to the OS
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS falls after a large request."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+def _host_name(value: str) -> str:
+    """The host of a ``Host`` header value (``name[:port]``, ``[v6][:port]``), lower-cased."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # RestServer.stop joins handler threads itself, with a deadline
     allow_reuse_address = True
+    request_queue_size = 128
 
-    def __init__(self, address, handler, core: ServingCore, metrics, health):
+    def __init__(self, address, handler, core: ServingCore, metrics, health, max_body_bytes=MAX_BODY_BYTES,
+                 max_connections=64, idle_timeout_seconds=30.0, allowed_hosts=()):
         self.core, self.metrics, self.health = core, metrics, health
+        self.max_body_bytes, self.idle_timeout = int(max_body_bytes), float(idle_timeout_seconds)
+        self.loopback_only = _is_loopback(address[0])
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts) | LOOPBACK_NAMES
         self.stopping = False
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._conn_lock = threading.Lock()
         self._connections = {}  # socket -> busy flag
         self._handler_threads = []
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):  # bounded threads: refuse, never queue unboundedly
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(
-            target=self.process_request_thread, args=(request, client_address), name="tfrec-rest-conn", daemon=True
+            target=self._serve_connection, args=(request, client_address), name="tfrec-rest-conn", daemon=True
         )
         with self._conn_lock:
             self._handler_threads = [t for t in self._handler_threads if t.is_alive()] + [thread]
         thread.start()
+
+    def _serve_connection(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def host_allowed(self, host: Optional[str]) -> bool:
+        """Whether a request's ``Host`` header is acceptable (absent: HTTP/1.0 clients, allowed)."""
+        if host is None or not self.loopback_only:
+            return True
+        name = _host_name(host)
+        return name in self.allowed_hosts or _is_loopback(name)
+
+    def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
+        """Whether a request's ``Origin`` header (sent by browsers) is acceptable."""
+        if origin is None:
+            return True
+        name = _host_name(urlsplit(origin).netloc) if "://" in origin else ""
+        if not name:  # "null" (sandboxed pages, files) or garbage
+            return False
+        if name in self.allowed_hosts or _is_loopback(name):
+            return True
+        return not self.loopback_only and host is not None and name == _host_name(host)
 
     def join_handlers(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -114,10 +210,15 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tfrec-model-server"
-    timeout = 120  # idle keep-alive connections are dropped after this many seconds
+    sys_version = ""
 
     def setup(self):
+        self.timeout = self.server.idle_timeout  # idle (or stalled) connections are dropped after this
         super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.server.track(self.connection, False)
 
     def finish(self):
@@ -136,12 +237,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        if self.server.stopping:
+        if self.server.stopping or self.close_connection:
             self.close_connection = True
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
+        # Status line, headers and body leave in one write (one send on a TCP_NODELAY socket).
+        self._headers_buffer.append(b"\r\n")
+        self._headers_buffer.append(body)
+        self.flush_headers()
         if not self.server.track(self.connection, False):  # idle again; close if the server is stopping
             self.close_connection = True
 
@@ -151,30 +253,50 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_error(self, err: ServingError) -> None:
         self._send_json(err.http_status, {"error": err.message})
 
+    def _bad_body(self, message: str) -> ServingError:
+        self.close_connection = True  # the rest of the body was not read: the connection is out of sync
+        return ServingError.invalid_argument(message)
+
+    def _read_line(self) -> bytes:
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise self._bad_body("chunked encoding: line too long")
+        return line
+
+    def _read_exact(self, size: int) -> bytes:
+        data = self.rfile.read(size)
+        if len(data) != size:
+            raise ConnectionError("client closed the connection inside the body")
+        return data
+
     def _read_body(self) -> bytes:
+        limit = self.server.max_body_bytes
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks, total = [], 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                text = self._read_line().split(b";")[0].strip()
+                if not text or not re.fullmatch(rb"[0-9a-fA-F]{1,16}", text):
+                    raise self._bad_body(f"chunked encoding: bad chunk size {text[:32].decode('latin-1')!r}")
+                size = int(text, 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self._read_line() not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
                 total += size
-                if total > MAX_BODY_BYTES:
-                    raise ServingError.invalid_argument(f"request body larger than {MAX_BODY_BYTES} bytes")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
+                if total > limit:
+                    raise self._bad_body(f"request body larger than {limit} bytes")
+                chunks.append(self._read_exact(size))
+                if self._read_line() not in (b"\r\n", b"\n"):
+                    raise self._bad_body("chunked encoding: chunk data not followed by CRLF")
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
-        try:
-            length = int(length)
-        except ValueError:
-            raise ServingError.invalid_argument(f"bad Content-Length {length!r}") from None
-        if length < 0 or length > MAX_BODY_BYTES:
-            raise ServingError.invalid_argument(f"Content-Length {length} out of range (max {MAX_BODY_BYTES})")
-        return self.rfile.read(length)
+        if not re.fullmatch(r"[0-9]{1,19}", length.strip()):
+            raise self._bad_body(f"bad Content-Length {length[:32]!r}")
+        length = int(length)
+        if length > limit:
+            raise self._bad_body(f"Content-Length {length} exceeds the body limit of {limit} bytes")
+        return self._read_exact(length)
 
     # --- dispatch ---------------------------------------------------------------------
     def do_GET(self):  # noqa: N802
@@ -193,26 +315,40 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PATCH")
 
     def _dispatch(self, method: str) -> None:
+        large = False
         try:
+            host, origin = self.headers.get("Host"), self.headers.get("Origin")
+            if not self.server.host_allowed(host) or not self.server.origin_allowed(origin, host):
+                self.close_connection = True
+                raise ServingError.permission_denied(
+                    "Host or Origin not allowed: this server accepts loopback names only "
+                    "(start it with --rest_allowed_hosts, or bound to a wider interface, to accept others)"
+                )
             path = urlsplit(self.path).path
             body = self._read_body()  # always consumed, so a keep-alive connection stays in sync
+            large = len(body) > TRIM_AFTER_BYTES
             if path == PROMETHEUS_PATH and method == "GET":
-                text = self.server.metrics.render() if self.server.metrics is not None else ""
-                return self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4")
+                text = self.server.metrics.render() if self.server.metrics is not None else b""
+                return self._send(200, text, CONTENT_TYPE)
             if path == "/healthz" and method == "GET":
                 ok, detail = self.server.health()
                 return self._send_json(200 if ok else 503, detail)
             if not path.lower().startswith("/v1/"):
                 return self._send_json(404, {"error": f"Not found: {path}"})
             status, obj = self._v1(method, path, body)
+            del body
             self._send_json(status, obj)
+            del obj
         except ServingError as err:
             self._send_error(err)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception as err:  # noqa: BLE001 - answer 500, keep serving
-            logger.exception("REST request %s %s failed", method, self.path)
+            logger.exception("REST request %s %.200s failed", method, self.path)
             self._send_error(ServingError.from_exception(err))
+        finally:
+            if large:
+                release_memory()
 
     def _v1(self, method: str, path: str, body: bytes):
         core: ServingCore = self.server.core
@@ -221,6 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
             if match:
                 name, version, label, verb = match.groups()
                 doc = json_format.parse_body(body)
+                del body  # parsed: let large bodies go
                 ref = _ref(name, version, label, doc.get("signature_name", ""))
                 if verb.lower() == "predict":
                     return 200, self._predict(core, ref, doc)
@@ -249,7 +386,12 @@ class _Handler(BaseHTTPRequestHandler):
         fmt = {}
 
         def decode(signature, document):
-            arrays, fmt["format"] = json_format.predict_inputs_from_json(document, signature)
+            try:
+                arrays, fmt["format"] = json_format.predict_inputs_from_json(document, signature)
+            except ServingError:
+                raise
+            except (ValueError, TypeError, OverflowError) as err:  # numpy refusing a shape etc.: bad input
+                raise ServingError.invalid_argument(f"cannot convert the request to tensors: {err}") from None
             return arrays
 
         from export.server.servable import SignatureNotFound
@@ -283,12 +425,17 @@ class RestServer:
         core: ``ServingCore``. metrics: optional ``ServingMetrics`` (``/monitoring/prometheus/metrics``).
         host: ``str`` to bind, default loopback. port: ``int``, 0 picks a free port.
         health: ``callable() -> (ok, detail_dict)`` for ``/healthz``.
+        max_body_bytes, max_connections, idle_timeout_seconds, allowed_hosts: see the module docstring
+            (``ServerOptions.rest_*``).
     """
 
-    def __init__(self, core: ServingCore, metrics=None, host: str = "127.0.0.1", port: int = 8501, health=None):
+    def __init__(self, core: ServingCore, metrics=None, host: str = "127.0.0.1", port: int = 8501, health=None,
+                 max_body_bytes: int = MAX_BODY_BYTES, max_connections: int = 64,
+                 idle_timeout_seconds: float = 30.0, allowed_hosts=()):
         health = health or (lambda: (not core.draining, {"status": "ok" if not core.draining else "shutting down"}))
         try:
-            self._httpd = _HTTPServer((host, port), _Handler, core, metrics, health)
+            self._httpd = _HTTPServer((host, port), _Handler, core, metrics, health, max_body_bytes,
+                                      max_connections, idle_timeout_seconds, allowed_hosts)
         except OSError as err:
             raise ValueError(f"cannot bind REST API to {host}:{port}: {err}") from None
         self.host, self.port = host, self._httpd.server_address[1]

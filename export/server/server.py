@@ -62,11 +62,12 @@ class ModelServer:
                            "need batching (--enable_batching): ignored")
         self.registry = ModelRegistry(
             self.configs, self.options.file_system_poll_wait_seconds, batch_scheduler=self.batch_scheduler,
-            per_model_batching=self.options.per_model_batching, **kwargs
+            per_model_batching=self.options.per_model_batching,
+            allowed_python_modules=self.options.allowed_python_modules, **kwargs
         )
         self.core = ServingCore(self.registry, self.metrics)
         self.registry.context = self.core
-        self.metrics.model_versions._collect = self.registry.version_states
+        self.metrics.set_version_states(self.registry.version_states)
         self._grpc: Optional[grpc.Server] = None
         self._rest: Optional[RestServer] = None
         self.grpc_port: Optional[int] = None
@@ -83,13 +84,20 @@ class ModelServer:
         return None if self.rest_port is None else f"http://{_hostport(self.options.host, self.rest_port)}"
 
     def health(self):
-        """``(ok, detail)``: ok when not shutting down and every model has an available version."""
+        """``(ok, detail)``: ok when not shutting down and every model has an available version.
+
+        A model whose base path cannot be read is listed under ``models_with_errors`` and
+        does not hold the others' health (it serves nothing until its path is readable).
+        """
         if self.core.draining:
             return False, {"status": "shutting down"}
-        missing = [name for name in self.registry.model_names() if not self.registry.is_available(name)]
+        errors = self.registry.model_errors()
+        missing = [name for name in self.registry.model_names()
+                   if name not in errors and not self.registry.is_available(name)]
+        detail = {"models_with_errors": sorted(errors)} if errors else {}
         if missing:
-            return False, {"status": "not ready", "models_without_available_version": missing}
-        return True, {"status": "ok"}
+            return False, {"status": "not ready", "models_without_available_version": missing, **detail}
+        return True, {"status": "ok", **detail}
 
     def start(self) -> "ModelServer":
         """Load the models present now, then open the gRPC and REST ports."""
@@ -101,11 +109,11 @@ class ModelServer:
             ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="tfrec-grpc"),
             options=[
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-                ("grpc.max_receive_message_length", 2**31 - 1),
-                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", options.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", options.grpc_max_message_bytes),
             ],
         )
-        add_services(server, self.core)
+        add_services(server, self.core, options.grpc_use_tensor_content)
         try:
             port = server.add_insecure_port(_hostport(options.host, options.port))
         except RuntimeError as err:
@@ -118,7 +126,11 @@ class ModelServer:
         self.grpc_port = port
         if options.rest_api_port >= 0:
             try:
-                self._rest = RestServer(self.core, self.metrics, options.host, options.rest_api_port, self.health)
+                self._rest = RestServer(self.core, self.metrics, options.host, options.rest_api_port, self.health,
+                                        max_body_bytes=options.rest_max_body_bytes,
+                                        max_connections=options.rest_max_connections,
+                                        idle_timeout_seconds=options.rest_idle_timeout_seconds,
+                                        allowed_hosts=options.rest_allowed_hosts)
             except ValueError:
                 self.registry.close(timeout=1)
                 raise

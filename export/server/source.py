@@ -18,9 +18,19 @@ import os
 from typing import Dict, Optional
 
 
+MAX_VERSION_FILES = 100_000  # a "version" folder with more files is not a SavedModel (e.g. /proc/<pid>)
+
+
 def snapshot(path: str) -> Optional[tuple]:
-    """(relative path, size, mtime) of every file under ``path``; ``None`` without saved_model.pb."""
+    """(relative path, size, mtime) of every file under ``path``; ``None`` without saved_model.pb,
+    when a file cannot be read, or beyond :data:`MAX_VERSION_FILES` files."""
     entries = []
+    if "://" not in path:
+        try:
+            if not {"saved_model.pb", "saved_model.pbtxt"} & set(os.listdir(path)):
+                return None  # checked first: never walk a folder that is no SavedModel
+        except OSError:
+            return None
     if "://" in path:
         import tensorflow as tf
 
@@ -35,9 +45,11 @@ def snapshot(path: str) -> Optional[tuple]:
                 full = os.path.join(root, name)
                 try:
                     stat = os.stat(full)
-                except FileNotFoundError:  # removed while listing: not stable
+                except OSError:  # removed while listing, or unreadable: not stable
                     return None
                 entries.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
+                if len(entries) > MAX_VERSION_FILES:
+                    return None
     names = {e[0] for e in entries}
     if not names & {"saved_model.pb", "saved_model.pbtxt"}:
         return None
@@ -45,7 +57,11 @@ def snapshot(path: str) -> Optional[tuple]:
 
 
 def list_versions(base_path: str) -> Optional[Dict[int, str]]:
-    """Numbered version folders of ``base_path``; ``None`` if the folder does not exist."""
+    """Numbered version folders of ``base_path``; ``None`` if the folder does not exist.
+
+    Other failures (permission denied, I/O errors) raise ``OSError``: the registry marks
+    that model as failed and goes on with the others.
+    """
     if "://" in base_path:
         import tensorflow as tf
 

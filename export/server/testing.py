@@ -6,6 +6,7 @@
   that cannot be split by rows (``count_rows``), and Classify/Regress-shaped
   signatures over serialized ``tf.Example`` s. Every numeric answer is scaled
   by ``scale``, so a response tells which version produced it.
+- :func:`save_half_plus_two`: TF Serving's ``half_plus_two`` test model (``y = x / 2 + 2``).
 - :class:`SleepServable` (a Python servable that waits, for shutdown tests) and
   :class:`ScaledTotal` (a composite calling another model through the server).
 
@@ -85,6 +86,27 @@ def save_toy_model(path: str, scale: float = 1.0) -> str:
         "regress": toy.regress,
     }
     tf.saved_model.save(toy, path, signatures=signatures)
+    return path
+
+
+def save_half_plus_two(path: str) -> str:
+    """Write a SavedModel like TF Serving's ``half_plus_two`` test model to ``path``:
+    ``serving_default`` maps ``x`` (float32 ``[None]``) to ``y = 0.5 * x + 2``; ``fail``
+    asserts ``x > 0`` (an op error carrying TensorFlow's trace, for error tests)."""
+    import tensorflow as tf
+
+    class HalfPlusTwo(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def predict(self, x):
+            return {"y": 0.5 * x + 2.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def fail(self, x):
+            with tf.control_dependencies([tf.debugging.assert_positive(x, message="x must be positive")]):
+                return {"y": tf.identity(x)}
+
+    module = HalfPlusTwo()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.predict, "fail": module.fail})
     return path
 
 
