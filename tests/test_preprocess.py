@@ -321,3 +321,39 @@ def test_leave_one_out_errors():
         leave_one_out([np.array([2, 3, 4])], min_length=2)
     sp = leave_one_out([])
     assert sp.eval_users.shape == (0,) and sp.train == []
+
+
+# ----------------------------------------------------------------------------- issue 21: loader
+def _log(tmp_path, text):
+    path = tmp_path / "log.tsv"
+    path.write_text("user_id\titem_id\ttimestamp\n" + text)
+    return path
+
+
+def test_prepare_counts_duplicates_and_cli_drops_them_on_request(tmp_path, capsys):
+    from tfrec.cli import main
+
+    path = _log(tmp_path, "u1\ti1\t1\nu1\ti1\t1\nu1\ti2\t2\nu2\ti1\t1\nu2\ti1\t1\nu2\ti1\t1\n")
+    df = pd.read_csv(path, sep="\t", dtype=str).assign(timestamp=lambda d: d.timestamp.astype("int64"))
+    assert prepare(df).duplicate_rows == 3 and prepare(df).metadata["num_interactions"] == 6
+    assert main(["prepare", "--input", str(path), "--out", str(tmp_path / "kept")]) == 0
+    assert "3 duplicate interaction rows (same user, item and timestamp) kept" in capsys.readouterr().err
+    assert main(["prepare", "--input", str(path), "--out", str(tmp_path / "dropped"), "--drop-duplicates"]) == 0
+    assert "3 duplicate interaction rows (same user, item and timestamp) dropped" in capsys.readouterr().err
+    assert load_prepared(tmp_path / "dropped").metadata["num_interactions"] == 3
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda t: t / "a_file" / "out", "is not a folder"),
+    (lambda t: t / "a_file", "is not a folder"),
+    (lambda t: t / "a_file" / "deeper" / "out", "is not a folder"),
+    (lambda t: "  ", "--out is empty"),
+])
+def test_prepare_out_path_problems_are_clean_errors(tmp_path, capsys, make_out, message):
+    from tfrec.cli import main
+
+    (tmp_path / "a_file").write_text("a regular file")
+    path = _log(tmp_path, "u1\ti1\t1\nu1\ti2\t2\n")
+    assert main(["prepare", "--input", str(path), "--out", str(make_out(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfrec prepare: error: ") and message in err and "Traceback" not in err

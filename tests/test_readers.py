@@ -283,3 +283,19 @@ def test_error_is_value_error_and_picklable():
     assert str(err) == "/d/f.tsv: line 7: empty user_id"
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.path, copy.line, copy.problem, str(copy)) == (err.path, 7, err.problem, str(err))
+
+
+# ------------------------------------------------------------ token length limit (issue 21)
+
+def test_overlong_token_is_rejected_naming_the_line(tmp_path):
+    from tfrec.data.readers import MAX_TOKEN_CHARS
+
+    path = tmp_path / "log.tsv"
+    long_item = "x" * (MAX_TOKEN_CHARS + 1)
+    path.write_bytes(HEADER + b"u1\ti1\t1\nu1\t" + long_item.encode() + b"\t2\nu2\ti1\t3\n")
+    with pytest.raises(DataFormatError) as info:
+        read_interactions(path)
+    assert info.value.line == 3 and "longer than the limit of 1024" in str(info.value)
+    ok = tmp_path / "ok.tsv"
+    ok.write_bytes(HEADER + b"u1\t" + b"y" * MAX_TOKEN_CHARS + b"\t1\n")  # exactly the limit: fine
+    assert read_interactions(ok)["item_id"].str.len().tolist() == [MAX_TOKEN_CHARS]

@@ -37,10 +37,11 @@ def _tables(results):
 
 
 def _cmd_prepare(args):
-    from tfrec.data.preprocess import PrepareConfig, prepare, save_prepared
+    from tfrec.data.preprocess import PrepareConfig, check_output_dir, prepare, save_prepared
     from tfrec.data.readers import DATASETS, load_dataset, read_interactions
 
-    config = PrepareConfig(user_core=args.user_core, item_core=args.item_core)
+    check_output_dir(args.out)  # before any work: a bad --out is a clean error
+    config = PrepareConfig(user_core=args.user_core, item_core=args.item_core, dedupe=args.drop_duplicates)
     if args.input:
         path, read_kwargs = args.input, {}
     elif args.dataset in DATASETS:
@@ -58,7 +59,14 @@ def _cmd_prepare(args):
         run_prepare_beam(path, args.out, config, beam_args=args.beam_args or None, read_kwargs=read_kwargs)
     else:
         data = prepare(read_interactions(path, **read_kwargs), config, source=str(path))
-        save_prepared(data, args.out)
+        if data.duplicate_rows:
+            action = "dropped" if config.dedupe else "kept (pass --drop-duplicates to drop them)"
+            print(f"tfrec prepare: {data.duplicate_rows} duplicate interaction rows "
+                  f"(same user, item and timestamp) {action}", file=sys.stderr)
+        try:
+            save_prepared(data, args.out)
+        except Exception as err:  # noqa: BLE001 - OSError, tf.errors.OpError: a clean error naming --out
+            raise ValueError(f"--out {args.out}: cannot write: {getattr(err, 'message', None) or err}") from None
     meta = json.loads((Path(args.out) / "metadata.json").read_text())
     print(
         f"prepared {meta['num_interactions']} interactions, {meta['num_users']} users, "
@@ -134,6 +142,8 @@ def build_parser():
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--user-core", type=int, default=0)
     prep.add_argument("--item-core", type=int, default=0)
+    prep.add_argument("--drop-duplicates", action="store_true",
+                      help="drop exact repeats of (user, item, timestamp), keeping the first (default: keep, report)")
     prep.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline")
     prep.add_argument("--beam-args", nargs="*", help="Beam pipeline options, e.g. --runner=DirectRunner")
     prep.set_defaults(func=_cmd_prepare)

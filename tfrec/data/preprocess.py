@@ -52,7 +52,8 @@ class PrepareConfig:
         user_core / item_core: keep users / items with >= that many interactions (0/1 = off).
         max_core_rounds: k-core rounds (see ``kcore_filter``) before giving up with ``RuntimeError``.
         dedupe: drop exact repeats of (user_id, item_id, timestamp), keeping the first row
-            (applied before k-core).
+            (applied before k-core; ``tfrec prepare --drop-duplicates``). Off by default: repeats
+            are kept and counted (``PreparedData.duplicate_rows``; ``tfrec prepare`` reports them).
     """
 
     user_core: int = 0
@@ -200,6 +201,7 @@ class PreparedData:
     sequences: list
     timestamps: list
     metadata: dict
+    duplicate_rows: int = 0  # exact (user, item, timestamp) repeats in the input (dropped with dedupe)
 
     def item_counts(self) -> np.ndarray:
         """Interactions per item id, int64 array of shape ``(item_vocab.size,)`` (0 for 0/1)."""
@@ -230,8 +232,10 @@ def prepare(df: pd.DataFrame, config: PrepareConfig = PrepareConfig(), source: O
     data = canonical_interactions(df)
     fingerprint = fingerprint_hex(fingerprint_partial(
         np.arange(len(data)), data["user_id"], data["item_id"], data["timestamp"]))
+    duplicated = data.duplicated(list(COLUMNS), keep="first")
+    duplicate_rows = int(duplicated.sum())
     if config.dedupe:
-        data = data[~data.duplicated(list(COLUMNS), keep="first")]
+        data = data[~duplicated]
     data = kcore_filter(data, config.user_core, config.item_core, config.max_core_rounds)
     if len(data) == 0:
         raise ValueError(f"no interactions left after filtering with {config}")
@@ -244,7 +248,37 @@ def prepare(df: pd.DataFrame, config: PrepareConfig = PrepareConfig(), source: O
     bounds = np.cumsum(np.bincount(uid, minlength=user_vocab.size)[NUM_RESERVED:])[:-1]
     metadata = build_metadata(len(user_vocab.tokens), len(item_vocab.tokens), len(data),
                               config, fingerprint, source)
-    return PreparedData(item_vocab, user_vocab, np.split(iid[order], bounds), np.split(ts[order], bounds), metadata)
+    return PreparedData(item_vocab, user_vocab, np.split(iid[order], bounds), np.split(ts[order], bounds), metadata,
+                        duplicate_rows)
+
+
+def check_output_dir(out_dir) -> None:
+    """``ValueError`` naming the problem when ``out_dir`` cannot be (created as) a folder to write into.
+
+    Local paths only (URLs are left to the writer): empty, an existing non-folder, a parent
+    that is a file, or a folder without write permission.
+
+    >>> check_output_dir("/dev/null/out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --out /dev/null/out: /dev/null is not a folder
+    """
+    text = os.fspath(out_dir)
+    if not text.strip():
+        raise ValueError("--out is empty")
+    if "://" in text:
+        return
+    path = os.path.abspath(text)
+    probe = path
+    while not os.path.exists(probe):  # the deepest existing ancestor decides
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out {text}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {text}: no permission to write in {probe}")
 
 
 def _join(out_dir, name: str) -> str:

@@ -10,7 +10,9 @@ column order:
 - optional ``rating`` (float64) and ``label`` (float64), kept when present.
 
 Row order is always the file order (it is the chronological tie-break); nothing
-is sorted or deduplicated. Blank lines are skipped.
+is sorted or deduplicated (``tfrec prepare`` reports exact duplicate rows and drops
+them with ``--drop-duplicates``). Blank lines are skipped. User and item tokens
+longer than ``MAX_TOKEN_CHARS`` (1024) characters are malformed input.
 
 Supported formats (``fmt``, inferred from the file name when ``None``; a ``.gz``
 suffix means gzip for any text format): ``tsv`` (.tsv/.txt), ``csv`` (.csv),
@@ -191,13 +193,22 @@ def _require(path, df, required):
                                     f"found {list(df.columns)}")
 
 
+MAX_TOKEN_CHARS = 1024  # longest user/item token accepted; longer ones are malformed input
+
+
 def _ids(path, df, col, row_lines) -> pd.Series:
-    """Id tokens as str, whitespace-stripped; stripping runs on the unique values."""
+    """Id tokens as str, whitespace-stripped; stripping runs on the unique values. Tokens
+    longer than :data:`MAX_TOKEN_CHARS` are rejected, naming the first line holding one."""
     codes, uniques = pd.factorize(df[col])  # missing -> code -1
     tokens = np.asarray(uniques.astype(str).str.strip(), dtype=object)
     bad = np.append(tokens == "", True)[codes]
     if bad.any():
         _fail(path, f"empty {col}", int(np.argmax(bad)), row_lines)
+    too_long = np.fromiter((len(t) > MAX_TOKEN_CHARS for t in tokens), bool, len(tokens))[codes]
+    if too_long.any():
+        pos = int(np.argmax(too_long))
+        _fail(path, f"{col} of {len(tokens[codes[pos]])} characters is longer than the limit of "
+                    f"{MAX_TOKEN_CHARS}", pos, row_lines)
     return pd.Series(tokens[codes], index=df.index, name=col)
 
 
