@@ -217,3 +217,28 @@ def test_configuration_errors_name_the_option(make, message):
     with pytest.raises(ValueError) as caught:
         make()
     assert message in str(caught.value)
+
+
+def test_tf_serving_example_style_client_reads_typed_fields(server, stub):
+    """As TF Serving's example clients: `outputs[...].float_val` / `string_val`, no make_ndarray (issue 21)."""
+    def raw(model, signature, **inputs):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = signature
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        return stub.Predict(request, 30).outputs
+
+    history = HISTORIES[:2]
+    outputs = raw("seq", "recommend", history=history, exclude_history=np.array([True, False]))
+    expected = server.core.predict_outputs("seq", {"history": history, "exclude_history": np.array([True, False])},
+                                           signature="recommend")
+    for name, field in (("item_ids", "string_val"), ("scores", "float_val")):
+        assert not outputs[name].tensor_content
+        assert [d.size for d in outputs[name].tensor_shape.dim] == list(expected[name].shape)
+        assert list(getattr(outputs[name], field)) == pytest.approx(expected[name].ravel().tolist())
+    candidates = np.array([[b"item-4", b"item-6", b""]] * 2, dtype=object)
+    outputs = raw("ctr", "score", history=history, candidates=candidates)
+    expected = server.core.predict_outputs("ctr", {"history": history, "candidates": candidates}, signature="score")
+    assert list(outputs["probabilities"].float_val) == pytest.approx(expected["probabilities"].ravel().tolist())
+    assert len(outputs["probabilities"].float_val) == 6
