@@ -59,6 +59,9 @@ Configuration (TF Serving model config file; options as a URL query of
       }
     }
 
+served with `tfrec serve --model_config_file ... --allowed_python_modules export.two_stage`
+(python servables come only from modules the command line allows).
+
 Example (inside a server; `context` is the serving core):
 >>> servable = factory("two_stage", context, ranker="ranker", k="5")  # doctest: +SKIP
 >>> servable.run("recommend", {"history": np.array([[b"i1", b"i7", b""]], dtype=object)})["item_ids"]  # doctest: +SKIP

@@ -20,6 +20,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from export.client import PredictClient
 from export.server import ModelConfig, ModelServer, ServerOptions
 from export.server.config import to_model_server_config
 from export.server.testing import save_half_plus_two
@@ -127,6 +128,8 @@ def test_tf_serving_style_client_reads_float_val(server):
     y = response.outputs["y"]
     assert list(y.float_val) == [2.5, 3.0, 4.5] and not y.tensor_content
     assert [d.size for d in y.tensor_shape.dim] == [3]
+    with PredictClient(server.grpc_address) as client:  # our client (tfrec query / ask) reads typed fields
+        assert client.predict("half_plus_two", {"x": [1.0, 2.0]})["y"].tolist() == [2.5, 3.0]
 
 
 def test_tensor_content_on_request(hpt_base):
@@ -137,6 +140,8 @@ def test_tensor_content_on_request(hpt_base):
         y = tf_serving_style_predict(srv.grpc_address, "half_plus_two", {"x": np.array([2.0], np.float32)}).outputs["y"]
         assert y.tensor_content and not y.float_val
         assert tf.make_ndarray(y).tolist() == [3.0]
+        with PredictClient(srv.grpc_address) as client:  # and packed tensor_content
+            assert client.predict("half_plus_two", {"x": [2.0, 4.0]})["y"].tolist() == [3.0, 4.0]
 
 
 # --- 3, 6, 9. REST parsing, limits and status codes -------------------------------------------------------

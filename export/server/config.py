@@ -17,6 +17,9 @@ One extension of ours: ``model_platform: 'python'`` with ``base_path: 'package.m
 serves a composite servable written in Python (see ``export.server.servable.PythonServable``);
 options for the factory follow as a URL query, ``'package.module:factory?key=value&key2=value2'``
 (values are strings, ``%``-escaped as in URLs; see :func:`python_factory_spec`).
+Such modules must be allowed by the operator (``ServerOptions.allowed_python_modules``,
+``--allowed_python_modules``): a config file or a reload request cannot add one
+(:func:`check_python_module_allowed`).
 
 Batching options follow TF Serving's ``BatchingParameters`` names; a
 ``--batching_parameters_file`` in TF Serving's text format is read by

@@ -344,6 +344,7 @@ class PythonServable(Servable):
     Configure one with ``model_platform: 'python'`` and ``base_path: 'pkg.module:factory'``
     where ``factory(name, context)`` returns the servable (a subclass itself works);
     ``base_path: 'pkg.module:factory?key=value&...'`` calls ``factory(name, context, key="value", ...)``.
+    The server builds it only when ``pkg.module`` is in ``--allowed_python_modules``.
 
     Args:
         name: ``str``, model name. context: the serving core (``None`` outside a server).
