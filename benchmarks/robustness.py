@@ -121,11 +121,14 @@ def reload_attack(server, tmp):
     import grpc
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
-    victim = Path(tmp) / "victim"
+    # Before the fix the server called shutil.rmtree(<model name>, core): a folder of that
+    # name in the server's working folder (ROOT) is the victim; removed again below.
+    name = f".tfrec-robustness-victim-{os.getpid()}"
+    victim = ROOT / name
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     request = model_management_pb2.ReloadConfigRequest()
-    request.config.model_config_list.config.add(name=str(victim), base_path="shutil:rmtree", model_platform="python")
+    request.config.model_config_list.config.add(name=name, base_path="shutil:rmtree", model_platform="python")
     request.config.model_config_list.config.add(name="half_plus_two", base_path=str(Path(tmp) / "half_plus_two"),
                                                 model_platform="tensorflow")
     with grpc.insecure_channel(server.address) as channel:
@@ -134,7 +137,9 @@ def reload_attack(server, tmp):
             code = "OK"
         except grpc.RpcError as err:
             code = err.code().name
-    return {"code": code, "victim_folder_intact": (victim / "precious.txt").is_file()}
+    intact = (victim / "precious.txt").is_file()
+    shutil.rmtree(victim, ignore_errors=True)
+    return {"code": code, "victim_folder_intact": intact}
 
 
 def metrics_flood(server, channel):

@@ -311,3 +311,16 @@ def test_large_ints_and_bools_take_the_exact_path(server):
     for instances, status in [([1, 2.5], 200), ([True, 2.0], 400), ([2**60, 1.0], 400), (["1"], 400)]:
         response = requests.post(url, json={"instances": instances}, timeout=10)
         assert response.status_code == status, (instances, response.text)
+
+
+def test_huge_client_names_do_not_come_back_in_errors(server):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "half_plus_two"
+    request.model_spec.signature_name = "s" * (5 << 20)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, 30.0)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and len(info.value.details()) < 1100
+    response = requests.post(server.rest_url + "/v1/models/half_plus_two:predict",
+                             json={"signature_name": "s" * 500_000, "instances": [1.0]}, timeout=30)
+    assert response.status_code == 400 and len(response.text) < 1100

@@ -74,6 +74,16 @@ def clean_message(message: str) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
+def wire_message(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE_CHARS` for a client: messages may quote what the
+    client sent (a model or signature name), which must not come back megabytes long.
+
+    >>> len(wire_message("Serving signature key " + "s" * 10**6 + " not found"))
+    1003
+    """
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+
+
 def http_status(code: grpc.StatusCode) -> int:
     """The HTTP status TF Serving's REST API answers for a gRPC status code."""
     return _HTTP_STATUS.get(code, 500)

@@ -33,7 +33,7 @@ from tensorflow_serving.apis import (
 
 from export.server.config import from_model_server_config
 from export.server.core import ModelRef, ServingCore
-from export.server.errors import ServingError, clean_message
+from export.server.errors import ServingError, clean_message, wire_message
 from export.server.servable import Signature, check_input_names, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def serialized_examples(input_proto) -> list:
 
 def _abort(context, err: BaseException):
     error = ServingError.from_exception(err)
-    context.abort(error.code, error.message)
+    context.abort(error.code, wire_message(error.message))
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -269,7 +269,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         except Exception as err:  # noqa: BLE001
             error = ServingError.from_exception(err)
         logger.error("config reload failed: %s", error.message)
-        context.abort(error.code, error.message)
+        context.abort(error.code, wire_message(error.message))
 
 
 def add_services(server: grpc.Server, core: ServingCore, use_tensor_content: bool = False) -> None:

@@ -415,6 +415,8 @@ def _json_values(name: str, array: np.ndarray) -> Any:
         flat = [float(str(v)) for v in array.flat]  # shortest text that round-trips the float32
     else:
         return array.tolist()
+    if array.ndim == 1:
+        return flat
     out = np.empty(len(flat), dtype=object)
     out[:] = flat
     return out.reshape(array.shape).tolist()

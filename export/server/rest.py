@@ -55,7 +55,7 @@ from google.protobuf import json_format as pb_json
 
 from export.server import json_format
 from export.server.core import ModelRef, ServingCore
-from export.server.errors import ServingError
+from export.server.errors import ServingError, wire_message
 from export.server.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode("utf-8"))
 
     def _send_error(self, err: ServingError) -> None:
-        self._send_json(err.http_status, {"error": err.message})
+        self._send_json(err.http_status, {"error": wire_message(err.message)})
 
     def _bad_body(self, message: str) -> ServingError:
         self.close_connection = True  # the rest of the body was not read: the connection is out of sync
@@ -360,7 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
                 del body  # parsed: let large bodies go
                 ref = _ref(name, version, label, doc.get("signature_name", ""))
                 if verb.lower() == "predict":
-                    return 200, self._predict(core, ref, doc)
+                    holder = [doc]  # decode takes the document out: large bodies are freed once converted
+                    del doc
+                    return 200, self._predict(core, ref, holder)
                 examples = json_format.examples_from_json(doc, verb.lower())
                 if verb.lower() == "classify":
                     results = core.classify(ref, examples, protocol="rest")[3]
@@ -382,10 +384,11 @@ class _Handler(BaseHTTPRequestHandler):
         raise ServingError.invalid_argument(f"Malformed request: {method} {path}")
 
     @staticmethod
-    def _predict(core: ServingCore, ref: ModelRef, doc: dict) -> dict:
+    def _predict(core: ServingCore, ref: ModelRef, holder: list) -> dict:
         fmt = {}
 
-        def decode(signature, document):
+        def decode(signature, holder):
+            document = holder.pop()
             try:
                 arrays, fmt["format"] = json_format.predict_inputs_from_json(document, signature)
             except ServingError:
@@ -397,7 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
         from export.server.servable import SignatureNotFound
 
         try:
-            result = core.predict(ref, doc, decode=decode, protocol="rest")
+            result = core.predict(ref, holder, decode=decode, protocol="rest")
         except SignatureNotFound as err:  # REST reports it as a bad request (GetInfoMap)
             raise ServingError.invalid_argument(
                 f'Serving signature name: "{err.signature_name}" not found in signature def'
