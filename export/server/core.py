@@ -35,6 +35,27 @@ from export.server.servable import (
 )
 
 
+TRIM_AFTER_BYTES = 1 << 20  # after a body this large, give freed heap memory back to the OS
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS falls after a large request."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
     """What a request asks for: model ``name``, optional ``version`` or ``label``, a ``signature``."""

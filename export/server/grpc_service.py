@@ -32,7 +32,7 @@ from tensorflow_serving.apis import (
 )
 
 from export.server.config import from_model_server_config
-from export.server.core import ModelRef, ServingCore
+from export.server.core import TRIM_AFTER_BYTES, ModelRef, ServingCore, release_memory
 from export.server.errors import ServingError, clean_message, wire_message
 from export.server.servable import Signature, check_input_names, dtype_name
 
@@ -178,6 +178,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             return response
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
+        finally:
+            if request.ByteSize() > TRIM_AFTER_BYTES:
+                release_memory()
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         try:

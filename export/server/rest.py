@@ -54,7 +54,7 @@ from urllib.parse import unquote, urlsplit
 from google.protobuf import json_format as pb_json
 
 from export.server import json_format
-from export.server.core import ModelRef, ServingCore
+from export.server.core import TRIM_AFTER_BYTES, ModelRef, ServingCore, release_memory
 from export.server.errors import ServingError, wire_message
 from export.server.metrics import CONTENT_TYPE
 
@@ -80,27 +80,6 @@ def _ref(name: str, version: Optional[str], label: Optional[str], signature: str
         if parsed_version >= 2**63:
             raise ServingError.invalid_argument(f"Failed to convert version: {version} to numeric.")
     return ModelRef(unquote(name), parsed_version, unquote(label) if label else None, signature)
-
-
-TRIM_AFTER_BYTES = 1 << 20  # after a body this large, give freed heap memory back to the OS
-
-
-def _load_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS falls after a large request."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _is_loopback(host: str) -> bool:
