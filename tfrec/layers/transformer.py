@@ -42,9 +42,10 @@ class TransformerBlock(keras.layers.Layer):
         attention_mask: bool `(batch, seq_len, seq_len)`; True = may attend.
 
     Example:
+    >>> import numpy as np
     >>> block = TransformerBlock(num_heads=2, ffn_dim=32)
-    >>> block(np.zeros((2, 5, 8), "float32")).shape
-    TensorShape([2, 5, 8])
+    >>> tuple(block(np.zeros((2, 5, 8), "float32")).shape)
+    (2, 5, 8)
     """
 
     def __init__(
@@ -151,11 +152,12 @@ class TransformerBackbone(keras.layers.Layer):
             as BERT and RecBole's SASRec).
 
     Example:
+    >>> import numpy as np
     >>> bb = TransformerBackbone(max_length=10, num_layers=1, num_heads=2, causal=True)
     >>> out = bb({"item_embeddings": np.zeros((2, 4, 8), "float32"),
     ...           "padding_mask": np.ones((2, 4), bool)})
-    >>> out.shape
-    TensorShape([2, 4, 8])
+    >>> tuple(out.shape)
+    (2, 4, 8)
     """
 
     def __init__(
