@@ -140,12 +140,58 @@ def test_backbone_num_layers_and_config_fields(name, num_layers):
         assert GRU4RecBackbone.causal is True
 
 
-def test_sasrec_and_bert4rec_ignore_causal_kwarg():
-    """The subclasses fix `causal`; from_config of a saved config must not flip it."""
-    assert SASRecBackbone(4, causal=False).causal is True
-    assert BERT4RecBackbone(4, causal=True).causal is False
+def test_sasrec_and_bert4rec_reject_a_contradicting_causal_kwarg():
+    """The subclasses fix `causal`: a contradicting value is an error, never dropped;
+    the same value (as their saved config holds) is accepted."""
+    with pytest.raises(ValueError, match="SASRecBackbone is always causal=True"):
+        SASRecBackbone(4, causal=False)
+    with pytest.raises(ValueError, match="BERT4RecBackbone is always causal=False"):
+        BERT4RecBackbone(4, causal=True)
+    assert SASRecBackbone(4, causal=True).causal is True
+    assert BERT4RecBackbone(4, causal=False).causal is False
     config = BERT4RecBackbone(4).get_config()
+    assert config["causal"] is False
     assert BERT4RecBackbone.from_config(config).causal is False
+    assert SASRecBackbone.from_config(SASRecBackbone(4).get_config()).causal is True
+
+
+@pytest.mark.parametrize("normalize_first", [False, True])
+def test_transformer_block_equals_keras_hub_transformer_encoder(normalize_first):
+    """Same weights -> same outputs as keras_hub.layers.TransformerEncoder (why we
+    keep our class anyway: the module docstring), and the position table equals
+    keras_hub.layers.PositionEmbedding's."""
+    import keras_hub
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, SEQ_LEN, DIM)).astype("float32")
+    mask = np.tril(np.ones((SEQ_LEN, SEQ_LEN), bool))[None].repeat(2, 0)
+    keras.utils.set_random_seed(0)
+    ours = TransformerBlock(num_heads=2, ffn_dim=16, normalize_first=normalize_first,
+                            layer_norm_epsilon=1e-6)
+    ours.build(x.shape)
+    hub = keras_hub.layers.TransformerEncoder(intermediate_dim=16, num_heads=2, activation="gelu",
+                                              layer_norm_epsilon=1e-6, normalize_first=normalize_first)
+    hub.build(x.shape)
+    pairs = [(ours.attention, hub._self_attention_layer),
+             (ours.attention_norm, hub._self_attention_layer_norm),
+             (ours.ffn_norm, hub._feedforward_layer_norm),
+             (ours.ffn_inner, hub._feedforward_intermediate_dense),
+             (ours.ffn_outer, hub._feedforward_output_dense)]
+    for a, b in pairs:  # random non-trivial weights (LayerNorm gammas/betas too)
+        a.set_weights([rng.normal(size=w.shape).astype("float32") for w in a.get_weights()])
+        b.set_weights(a.get_weights())
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(hub(x, attention_mask=mask)),
+        keras.ops.convert_to_numpy(ours(x, attention_mask=mask)), rtol=1e-5, atol=1e-5)
+
+    backbone = TransformerBackbone(max_length=10, num_layers=1, dropout=0.0)
+    backbone(backbone_inputs())
+    positions = keras_hub.layers.PositionEmbedding(sequence_length=10)
+    positions.build((None, 10, DIM))
+    positions.set_weights(backbone.position_embedding.get_weights())
+    table = keras.ops.convert_to_numpy(backbone.position_embedding(np.arange(SEQ_LEN)))  # (seq, dim)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(positions(x)),  # (batch, seq, dim)
+                                  np.broadcast_to(table, x.shape))
 
 
 def test_transformer_backbone_ffn_dim_and_scaling():
