@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from _plots import save_plot  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 
 K = 10
@@ -342,7 +343,7 @@ def write_reports(payload, out):
         lines += [f"## {catalog}: {spec['num_items']:,} items, dim {spec['dim']}", "",
                   f"Queries: {spec['queries']}", "", format_metrics_table(rows), ""]
     (out / "scann.md").write_text("\n".join(lines) + "\n")
-    plot(payload["records"], out / "scann_recall_qps.png")
+    plot(payload["records"], out / "scann_recall_qps.png", out / "scann.json")
 
 
 def pareto_front(records):
@@ -360,7 +361,7 @@ def pareto_front(records):
     return front
 
 
-def plot(records, path):
+def plot(records, path, source):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,8 +401,7 @@ def plot(records, path):
         ax.set_title(f"query batch size {batch_size}")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, path, source)  # stamped with the sha256 of `source` (the JSON)
 
 
 # --------------------------------------------------------------------- main
