@@ -1,22 +1,18 @@
 """Tests for tfrec.layers: item encoder, Transformer block, SASRec / BERT4Rec / GRU4Rec backbones.
 
-Style follows keras-hub's `run_layer_test`: one shared helper checks the output
-shape and dtype, the number of trainable weights, a symbolic call, gradients,
-and `get_config`/`from_config` plus `serialize_keras_object` round trips (the
-restored layer has the same config and, with copied weights, the same outputs).
+Every layer goes through the shared `layer_testing.run_layer_test` (output
+shape and dtype, weights, gradients, a symbolic call, and the `get_config`,
+`serialize_keras_object` and `.keras` file round trips with the same outputs).
 Then behavioural properties: causality, padding invariance, dropout only in
 training, and error messages for bad shapes and arguments.
 
 Models are tiny (dim 8, one layer) so the whole file runs in seconds.
 """
 
-import json
-
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-
+from layer_testing import run_layer_test
 from tfrec.layers import (
     BERT4RecBackbone,
     GRU4RecBackbone,
@@ -50,72 +46,12 @@ def backbone_inputs(batch=2, seq_len=SEQ_LEN, dim=DIM, lengths=None, seed=0):
     return {"item_embeddings": emb, "padding_mask": mask}
 
 
-def symbolic_like(inputs):
-    """KerasTensors with unknown batch and sequence length (last dim kept)."""
-    if isinstance(inputs, dict):
-        return {
-            "item_embeddings": keras.KerasTensor((None, None, inputs["item_embeddings"].shape[-1])),
-            "padding_mask": keras.KerasTensor((None, None), dtype="bool"),
-        }
-    shape = (None, None, inputs.shape[-1]) if inputs.ndim == 3 else (None,) * inputs.ndim
-    return keras.KerasTensor(shape, dtype=inputs.dtype)
-
-
-def assert_same_outputs(restored, layer, inputs, expected):
-    restored(inputs)  # build
-    restored.set_weights(layer.get_weights())
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(inputs)), expected, atol=1e-6)
-
-
-def run_layer_test(cls, init_kwargs, inputs, expected_output_shape, expected_num_trainable_weights):
-    """Shared checks for every layer (see module docstring)."""
-    keras.utils.set_random_seed(0)
-    layer = cls(**init_kwargs)
-    output = layer(inputs)
-    assert layer.built
-    assert tuple(output.shape) == expected_output_shape
-    assert keras.backend.standardize_dtype(output.dtype) == "float32"
-    assert len(layer.trainable_weights) == expected_num_trainable_weights > 0
-    assert layer.non_trainable_weights == []
-    names = [w.path for w in layer.weights]
-    assert len(set(names)) == len(names), f"duplicate weight paths: {names}"
-    expected = keras.ops.convert_to_numpy(output)
-    assert np.all(np.isfinite(expected))
-
-    # Every trainable weight is connected to the output.
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(layer(inputs, training=False)))
-    grads = tape.gradient(loss, layer.trainable_variables)
-    missing = [v.path for v, g in zip(layer.trainable_variables, grads) if g is None]
-    assert not missing, f"weights without gradient: {missing}"
-
-    # Symbolic call with unknown batch / sequence length.
-    symbolic = cls(**init_kwargs)(symbolic_like(inputs))
-    assert tuple(symbolic.shape) == (None, None, expected_output_shape[-1])
-
-    # get_config -> from_config: same config, and same outputs with the same weights.
-    config = layer.get_config()
-    json.dumps(config)  # plain JSON
-    clone = cls.from_config(config)
-    assert clone.get_config() == config
-    assert_same_outputs(clone, layer, inputs, expected)
-
-    # serialize_keras_object -> deserialize_keras_object (registered class).
-    serialized = keras.saving.serialize_keras_object(layer)
-    json.dumps(serialized)
-    restored = keras.saving.deserialize_keras_object(json.loads(json.dumps(serialized)))
-    assert type(restored) is cls
-    assert restored.get_config() == config
-    assert_same_outputs(restored, layer, inputs, expected)
-    return layer, expected
-
-
 # --------------------------------------------------------------------- layer tests
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_backbone_layer_basics(name):
+def test_backbone_layer_basics(name, tmp_path):
     cls, kwargs, num_weights = BACKBONES[name]
     inputs = backbone_inputs(lengths=[SEQ_LEN, 3])
-    run_layer_test(cls, kwargs, inputs, (2, SEQ_LEN, DIM), num_weights)
+    run_layer_test(cls, kwargs, inputs, (2, SEQ_LEN, DIM), num_weights, tmp_path)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
@@ -194,7 +130,7 @@ def test_transformer_block_equals_keras_hub_transformer_encoder(normalize_first)
                                   np.broadcast_to(table, x.shape))
 
 
-def test_transformer_backbone_ffn_dim_and_scaling():
+def test_transformer_backbone_ffn_dim_and_scaling(tmp_path):
     keras.utils.set_random_seed(0)
     inputs = backbone_inputs()
     layer = TransformerBackbone(8, num_layers=1, ffn_dim=12, dropout=0.0, scale_embeddings=True)
@@ -206,21 +142,22 @@ def test_transformer_backbone_ffn_dim_and_scaling():
     default(inputs)
     assert tuple(default.blocks[0].ffn_inner.kernel.shape) == (DIM, 4 * DIM)
     run_layer_test(TransformerBackbone, dict(max_length=8, num_layers=1, ffn_dim=12, dropout=0.0,
-                                             scale_embeddings=True), inputs, (2, SEQ_LEN, DIM), 19)
+                                             scale_embeddings=True), inputs, (2, SEQ_LEN, DIM), 19, tmp_path)
 
 
-def test_transformer_block_basics():
+def test_transformer_block_basics(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, SEQ_LEN, DIM)).astype("float32")
-    run_layer_test(TransformerBlock, dict(num_heads=2, ffn_dim=16, dropout=0.0), x, (2, SEQ_LEN, DIM), 16)
+    run_layer_test(TransformerBlock, dict(num_heads=2, ffn_dim=16, dropout=0.0), x, (2, SEQ_LEN, DIM), 16, tmp_path)
     # Non-default activation and epsilon survive the config round trip.
     block = TransformerBlock(num_heads=4, ffn_dim=8, activation="relu", layer_norm_epsilon=1e-3)
     config = TransformerBlock.from_config(block.get_config()).get_config()
     assert config["activation"] == "relu" and config["layer_norm_epsilon"] == 1e-3
 
 
-def test_id_item_encoder_basics():
+def test_id_item_encoder_basics(tmp_path):
     ids = np.array([[2, 3, 0, 0, 0], [4, 5, 6, 7, 1]])
-    layer, out = run_layer_test(IdItemEncoder, dict(vocab_size=10, embedding_dim=DIM), ids, (2, SEQ_LEN, DIM), 1)
+    layer, out = run_layer_test(IdItemEncoder, dict(vocab_size=10, embedding_dim=DIM), ids, (2, SEQ_LEN, DIM), 1,
+                                tmp_path)
     table = keras.ops.convert_to_numpy(layer.all_items())
     assert table.shape == (10, DIM)
     np.testing.assert_array_equal(out, table[ids])  # lookup == rows of all_items, in id order
