@@ -9,6 +9,8 @@ scripts are run, not imported, and the directory would shadow packages such
 as `scann` if pytest put it on `sys.path`.)
 """
 
+from pathlib import Path
+
 import pytest
 
 # TEMPORARY (issue 23, phase A): files whose doctests are being fixed by the
@@ -25,7 +27,7 @@ DOCTESTS_PENDING = (
 
 
 def pytest_collection_modifyitems(config, items):
-    root = config.rootpath
+    root = Path(__file__).resolve().parent
     pending = {root / p for p in DOCTESTS_PENDING}
     for item in items:
         if isinstance(item, pytest.DoctestItem) and item.path in pending:
