@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tfrec.config import load_config  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from tfrec.training import train_sequential  # noqa: E402
+from _plots import save_plot  # noqa: E402
 from _records import kept_records, sequential_records  # noqa: E402
 
 DATASETS = ("amazon-beauty", "amazon-sports", "amazon-toys")
@@ -114,7 +115,7 @@ def write_reports(records, out):
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "backbones_val_ndcg10.png", dpi=100)
+    save_plot(fig, out / "backbones_val_ndcg10.png", out / "backbones.json")
 
 
 def main():

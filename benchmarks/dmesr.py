@@ -46,6 +46,7 @@ from tfrec.data.preprocess import leave_one_out, save_prepared  # noqa: E402
 from tfrec.evaluation import SequentialEvaluator  # noqa: E402
 from tfrec.metrics import format_metrics_table, ranking_metrics_from_ranks  # noqa: E402
 from tfrec.training import _evaluator_args, prepare_split, train_sequential  # noqa: E402
+from _plots import save_plot  # noqa: E402
 from _records import kept_records, sequential_records  # noqa: E402
 
 MODELS = ("sasrec", "bert4rec", "gru4rec")
@@ -237,7 +238,7 @@ def write_reports(records, out):
     ax.set_title("Amazon Beauty: DMESR variants vs ID-only")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "dmesr_ndcg10.png", dpi=100)
+    save_plot(fig, out / "dmesr_ndcg10.png", out / "dmesr.json")
 
 
 def main():

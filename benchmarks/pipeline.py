@@ -48,6 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _plots import save_plot  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from tfx_pipeline.config import load_pipeline_config  # noqa: E402
 from tfx_pipeline.runner import NOT_RUN, PipelineRunError, format_report, run_pipeline  # noqa: E402
@@ -220,10 +221,10 @@ def write_reports(payload, out):
     lines += ["", "## Aim", "", f"A first (full) run on Amazon Beauty under {aim['beauty_full_run_under_seconds']} s: "
               f"**{met}**" + "".join(f"; {c['config']}: {c['total_seconds']:.0f} s" for c in aim["checked"])]
     (out / "pipeline.md").write_text("\n".join(lines) + "\n")
-    plot_components(records, out / "pipeline_components.png")
+    plot_components(records, out / "pipeline_components.png", out / "pipeline.json")
 
 
-def plot_components(records, path):
+def plot_components(records, path, source):
     """Horizontal bars: seconds per component, first vs cached, one panel per config."""
     import matplotlib
 
@@ -251,8 +252,7 @@ def plot_components(records, path):
         ax.set_title(f"{Path(config).stem}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, path, source)  # stamped with the sha256 of `source` (the JSON)
 
 
 def main():

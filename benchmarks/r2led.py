@@ -65,6 +65,7 @@ from tfrec.ctr_training import (  # noqa: E402
     encode_lifelong_store, load_ctr_config, load_ctr_data, load_store_for, needs_semantics, popularity_metrics,
     prepare_item_semantics, train_ctr)
 from tfrec.metrics import format_metrics_table  # noqa: E402
+from _plots import save_plot  # noqa: E402
 from tfrec.models.ctr_baselines import CTR_BASELINES  # noqa: E402
 from tfrec.models.r2led import R2LED_VARIANTS  # noqa: E402
 
@@ -277,8 +278,7 @@ def plot(groups, median_cost, lengths, popularity_auc, out):
     ax.set_title("Inference cost vs history length")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "r2led_cost.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out / "r2led_cost.png", out / "r2led.json")
 
     runs = list(groups)
     means = [statistics.mean(r["metrics"]["auc"] for r in groups[run]) for run in runs]
@@ -296,8 +296,7 @@ def plot(groups, median_cost, lengths, popularity_auc, out):
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_title("movielens-1m-subset lifelong CTR")
     fig.tight_layout()
-    fig.savefig(out / "r2led_auc.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out / "r2led_auc.png", out / "r2led.json")
 
 
 def main():

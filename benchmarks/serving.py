@@ -81,6 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from _plots import save_plot  # noqa: E402
 from _serving_load import TFREC, ServeProcess, measure, write_models_config  # noqa: E402
 
 ENDPOINTS = ("recommend", "score", "two_stage")
@@ -395,7 +396,7 @@ def write_reports(payload, out):
                   f"{payload['inputs'][endpoint]['history_length']['mean']:.0f}).", "",
                   format_metrics_table(table), ""]
     (out / "serving.md").write_text("\n".join(lines) + "\n")
-    plot(payload["summary"], out / "serving_qps_p99.png")
+    plot(payload["summary"], out / "serving_qps_p99.png", out / "serving.json")
 
 
 def _round(value, digits):
@@ -406,7 +407,7 @@ def _span(values, digits):
     return "" if not values else f"{_round(values[0], digits)}–{_round(values[1], digits)}"
 
 
-def plot(runs, path):
+def plot(runs, path, source):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -439,8 +440,7 @@ def plot(runs, path):
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, path, source)  # stamped with the sha256 of `source` (the JSON)
 
 
 # --------------------------------------------------------------------- main

@@ -1,12 +1,27 @@
 """Retrieval indexes: the top-K items of a catalog table for query embeddings.
 
-One interface, interchangeable backends (as `tfrs.layers.factorized_top_k.TopK`):
+One interface, interchangeable backends, each built on the TensorFlow
+Recommenders layer of the same name (`tfrs.layers.factorized_top_k`):
 
-- `BruteForceIndex`: exact, a matmul plus `top_k` — stock TensorFlow ops only,
-  so its SavedModel runs on stock TF Serving;
+- `BruteForceIndex`: exact, TFRS `BruteForce` (a matmul plus `top_k`) — stock
+  TensorFlow ops only, so its SavedModel runs on stock TF Serving;
 - `ScaNNIndex`: approximate (tree partitioning + anisotropic hashing + exact
-  re-ordering) with ScaNN's custom ops. Its SavedModel needs a server that
-  loaded ScaNN (`import scann` before `tf.saved_model.load`).
+  re-ordering), TFRS `ScaNN` with ScaNN's custom ops. Its SavedModel needs a
+  server that loaded ScaNN (`import scann` before `tf.saved_model.load`).
+
+TFRS 0.7.7 subclasses `tf.keras`, so it needs `tf.keras` to be tf_keras:
+`TF_USE_LEGACY_KERAS=1` is set below before TensorFlow is imported (and by the
+`tfrec` CLI and the tests' conftest, before anything imports TensorFlow);
+`import keras` stays Keras 3. Only TFRS's top-k layers are used: its
+`tasks`/`models` do not work with Keras 3 models.
+
+Exclusions (the sequential servable leaves the user's history out) are our
+own `BruteForceIndex.search(queries, exclude_rows)`, not TFRS's
+`TopK.query_with_exclusions`, which (measured, 0.7.7) cannot trace an
+exclusion list of dynamic width (`k + exclusions.shape[1]` with `None`:
+TypeError), fails when `k + num_excluded` exceeds the catalog (ValueError
+from `top_k`), and returns excluded items with their real scores when fewer
+than `k` items remain; ours returns empty slots there.
 
 Every index is a `tf.Module` with one `tf.function`, `retrieve`:
 `queries: float32 (batch, dim)` -> `{"item_ids": string (batch, k),
@@ -28,12 +43,17 @@ Example:
 """
 
 import math
+import os
+import types
 
-import numpy as np
-import tensorflow as tf
+# Before TensorFlow is first imported: `tf.keras` = tf_keras, which TFRS needs.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from tfrec.data.vocab import Vocabulary
-from tfrec.serving import EXCLUDED_SCORE
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfrec.data.vocab import Vocabulary  # noqa: E402
+from tfrec.serving import EXCLUDED_SCORE  # noqa: E402
 
 RETRIEVE_SIGNATURE = "retrieve"
 # Score of an empty slot (no item found or every remaining item excluded).
@@ -60,6 +80,23 @@ def _check_table(item_table, item_tokens, k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= table.shape[0]:
         raise ValueError(f"k must be an int in [1, {table.shape[0]}] (the number of items), got {k!r}")
     return table, tokens, int(k)
+
+
+def _factorized_top_k():
+    """`tensorflow_recommenders.layers.factorized_top_k`, or a clear error when
+    `tf.keras` is Keras 3 in this process (TF_USE_LEGACY_KERAS was not set
+    before TensorFlow resolved `tf.keras`)."""
+    if os.environ.get("TF_USE_LEGACY_KERAS") not in ("1", "true", "True") or not tf.keras.__name__.startswith(
+        "tf_keras"
+    ):
+        raise RuntimeError(
+            "retrieval indexes use TensorFlow Recommenders, which needs tf.keras = tf_keras: set "
+            "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (the tfrec CLI and export.retrieval do); "
+            f"here tf.keras is {tf.keras.__name__!r}"
+        )
+    from tensorflow_recommenders.layers import factorized_top_k
+
+    return factorized_top_k
 
 
 class RetrievalIndex(tf.Module):
@@ -98,6 +135,18 @@ class RetrievalIndex(tf.Module):
         """Build the backend's state from the validated float32 `(n, dim)` table."""
         raise NotImplementedError
 
+    def _set_top_k(self, layer):
+        """Keep the TFRS layer out of the saved object graph: saving a tf_keras
+        layer traces its Keras functions (measured: 16 s instead of 2 s for a
+        12k-item export) and writes Keras metadata nobody loads. Subclasses
+        track the variables and modules its calls read instead."""
+        self._tfrs = types.SimpleNamespace(layer=layer)  # not a Trackable: not tracked
+
+    @property
+    def top_k(self):
+        """The `tfrs.layers.factorized_top_k` layer doing the search."""
+        return self._tfrs.layer
+
     def search(self, queries):
         """`(scores float32 (batch, k), rows int32 (batch, k))`, best first; row -1 = empty slot."""
         raise NotImplementedError
@@ -123,7 +172,8 @@ class RetrievalIndex(tf.Module):
 
 
 class BruteForceIndex(RetrievalIndex):
-    """Exact top-K by a dot product with every item (stock TF ops only).
+    """Exact top-K by a dot product with every item (TFRS `BruteForce`; stock
+    TF ops only).
 
     Args:
         item_table, item_tokens, k, name: see `RetrievalIndex`.
@@ -137,7 +187,10 @@ class BruteForceIndex(RetrievalIndex):
     kind = "bruteforce"
 
     def _index(self, table):
-        self.item_table = tf.Variable(table, trainable=False, name="item_table")  # (n, dim)
+        self._set_top_k(_factorized_top_k().BruteForce(k=self.k, name="bruteforce"))
+        self.top_k.index(tf.constant(table))  # identifiers = rows 0..n-1
+        self.item_table = self.top_k._candidates  # (n, dim) float32
+        self.item_rows = self.top_k._identifiers  # (n,) int32, 0..n-1
 
     def search(self, queries, exclude_rows=None):
         """Exact top-K, optionally skipping given rows.
@@ -152,14 +205,17 @@ class BruteForceIndex(RetrievalIndex):
             above kept ones; slots left only with excluded items get row -1 and
             `EXCLUDED_SCORE`.
         """
+        if exclude_rows is None:
+            values, rows = self.top_k(queries)  # (batch, k) each, TFRS BruteForce
+            return values, tf.where(values > EXCLUDED_SCORE, rows, -1)
+        # Exclusions: our own path (why not TFRS's query_with_exclusions: module docstring).
         scores = tf.linalg.matmul(queries, self.item_table, transpose_b=True)  # (batch, n)
-        if exclude_rows is not None:
-            exclude_rows = tf.cast(exclude_rows, tf.int64)
-            where = tf.where(exclude_rows >= 0)  # (e, 2): (query, position)
-            cells = tf.stack([where[:, 0], tf.gather_nd(exclude_rows, where)], axis=1)  # (e, 2): (query, row)
-            scores = tf.tensor_scatter_nd_update(
-                scores, cells, tf.fill(tf.shape(cells)[:1], tf.constant(EXCLUDED_SCORE, tf.float32))
-            )
+        exclude_rows = tf.cast(exclude_rows, tf.int64)
+        where = tf.where(exclude_rows >= 0)  # (e, 2): (query, position)
+        cells = tf.stack([where[:, 0], tf.gather_nd(exclude_rows, where)], axis=1)  # (e, 2): (query, row)
+        scores = tf.tensor_scatter_nd_update(
+            scores, cells, tf.fill(tf.shape(cells)[:1], tf.constant(EXCLUDED_SCORE, tf.float32))
+        )
         top = tf.math.top_k(scores, k=self.k)  # (batch, k)
         rows = tf.where(top.values > EXCLUDED_SCORE, top.indices, -1)
         return top.values, rows
@@ -284,6 +340,26 @@ class ScaNNIndex(RetrievalIndex):
     def _index(self, table, **options):
         self.options = options = self._resolve_options(*table.shape, **options)
         scann_ops = _scann_ops()
+        self._set_top_k(_factorized_top_k().ScaNN(
+            k=self.k,
+            num_leaves=max(options["num_leaves"], 1),
+            num_leaves_to_search=max(options["num_leaves_to_search"], 1),
+            training_iterations=options["training_iterations"],
+            dimensions_per_block=options["dimensions_per_block"],
+            num_reordering_candidates=options["reorder"] or None,
+            parallelize_batch_searches=options["parallel"],
+            name="scann",
+        ))
+        # TFRS's own builder always partitions and fixes the anisotropic threshold
+        # (NaN) and the training sample; ours honours every option above. The
+        # layer keeps the searcher's serialised state (a raw handle cannot be
+        # saved) and rebuilds the searcher inside its `call`.
+        self.top_k._build_searcher = lambda candidates: self._builder(scann_ops, candidates).build()
+        self.top_k.index(tf.constant(table))
+        self.scann_state = self.top_k._serialized_searcher  # tf.Module of the searcher's variables
+
+    def _builder(self, scann_ops, table):
+        options = self.options
         builder = scann_ops.builder(table, self.k, "dot_product")
         if options["num_leaves"]:
             builder = builder.tree(
@@ -299,16 +375,10 @@ class ScaNNIndex(RetrievalIndex):
         )
         if options["reorder"]:
             builder = builder.reorder(options["reorder"])
-        # A raw searcher handle cannot be saved ("untracked resource"): keep its
-        # serialised state (variables) and rebuild the handle inside `search`.
-        self.scann_state = builder.build().serialize_to_module()
+        return builder
 
     def search(self, queries):
-        scann_ops = _scann_ops()
-        searcher = scann_ops.searcher_from_module(self.scann_state)
-        search = searcher.search_batched_parallel if self.options["parallel"] else searcher.search_batched
-        result = search(queries, final_num_neighbors=self.k)
-        rows, scores = result.indices, result.distances  # (batch, <= k); dot products, best first
+        scores, rows = self.top_k(queries)  # (batch, <= k); dot products, best first
         missing = self.k - tf.shape(rows)[1]  # ScaNN may find fewer than k
         rows = tf.pad(rows, [[0, 0], [0, missing]], constant_values=-1)
         scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=EXCLUDED_SCORE)

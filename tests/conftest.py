@@ -1,6 +1,13 @@
 """Shared test helpers."""
 
-import numpy as np
+import os
+
+# Before anything imports TensorFlow: `tf.keras` = tf_keras, which TensorFlow
+# Recommenders (export.retrieval) needs; `import keras` stays Keras 3. The tfrec
+# CLI sets the same (tfrec/runtime.py).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np  # noqa: E402
 
 
 def assert_prepared_equal(a, b):

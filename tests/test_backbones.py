@@ -1,22 +1,18 @@
 """Tests for tfrec.layers: item encoder, Transformer block, SASRec / BERT4Rec / GRU4Rec backbones.
 
-Style follows keras-hub's `run_layer_test`: one shared helper checks the output
-shape and dtype, the number of trainable weights, a symbolic call, gradients,
-and `get_config`/`from_config` plus `serialize_keras_object` round trips (the
-restored layer has the same config and, with copied weights, the same outputs).
+Every layer goes through the shared `layer_testing.run_layer_test` (output
+shape and dtype, weights, gradients, a symbolic call, and the `get_config`,
+`serialize_keras_object` and `.keras` file round trips with the same outputs).
 Then behavioural properties: causality, padding invariance, dropout only in
 training, and error messages for bad shapes and arguments.
 
 Models are tiny (dim 8, one layer) so the whole file runs in seconds.
 """
 
-import json
-
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-
+from layer_testing import run_layer_test
 from tfrec.layers import (
     BERT4RecBackbone,
     GRU4RecBackbone,
@@ -50,72 +46,12 @@ def backbone_inputs(batch=2, seq_len=SEQ_LEN, dim=DIM, lengths=None, seed=0):
     return {"item_embeddings": emb, "padding_mask": mask}
 
 
-def symbolic_like(inputs):
-    """KerasTensors with unknown batch and sequence length (last dim kept)."""
-    if isinstance(inputs, dict):
-        return {
-            "item_embeddings": keras.KerasTensor((None, None, inputs["item_embeddings"].shape[-1])),
-            "padding_mask": keras.KerasTensor((None, None), dtype="bool"),
-        }
-    shape = (None, None, inputs.shape[-1]) if inputs.ndim == 3 else (None,) * inputs.ndim
-    return keras.KerasTensor(shape, dtype=inputs.dtype)
-
-
-def assert_same_outputs(restored, layer, inputs, expected):
-    restored(inputs)  # build
-    restored.set_weights(layer.get_weights())
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(inputs)), expected, atol=1e-6)
-
-
-def run_layer_test(cls, init_kwargs, inputs, expected_output_shape, expected_num_trainable_weights):
-    """Shared checks for every layer (see module docstring)."""
-    keras.utils.set_random_seed(0)
-    layer = cls(**init_kwargs)
-    output = layer(inputs)
-    assert layer.built
-    assert tuple(output.shape) == expected_output_shape
-    assert keras.backend.standardize_dtype(output.dtype) == "float32"
-    assert len(layer.trainable_weights) == expected_num_trainable_weights > 0
-    assert layer.non_trainable_weights == []
-    names = [w.path for w in layer.weights]
-    assert len(set(names)) == len(names), f"duplicate weight paths: {names}"
-    expected = keras.ops.convert_to_numpy(output)
-    assert np.all(np.isfinite(expected))
-
-    # Every trainable weight is connected to the output.
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(layer(inputs, training=False)))
-    grads = tape.gradient(loss, layer.trainable_variables)
-    missing = [v.path for v, g in zip(layer.trainable_variables, grads) if g is None]
-    assert not missing, f"weights without gradient: {missing}"
-
-    # Symbolic call with unknown batch / sequence length.
-    symbolic = cls(**init_kwargs)(symbolic_like(inputs))
-    assert tuple(symbolic.shape) == (None, None, expected_output_shape[-1])
-
-    # get_config -> from_config: same config, and same outputs with the same weights.
-    config = layer.get_config()
-    json.dumps(config)  # plain JSON
-    clone = cls.from_config(config)
-    assert clone.get_config() == config
-    assert_same_outputs(clone, layer, inputs, expected)
-
-    # serialize_keras_object -> deserialize_keras_object (registered class).
-    serialized = keras.saving.serialize_keras_object(layer)
-    json.dumps(serialized)
-    restored = keras.saving.deserialize_keras_object(json.loads(json.dumps(serialized)))
-    assert type(restored) is cls
-    assert restored.get_config() == config
-    assert_same_outputs(restored, layer, inputs, expected)
-    return layer, expected
-
-
 # --------------------------------------------------------------------- layer tests
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_backbone_layer_basics(name):
+def test_backbone_layer_basics(name, tmp_path):
     cls, kwargs, num_weights = BACKBONES[name]
     inputs = backbone_inputs(lengths=[SEQ_LEN, 3])
-    run_layer_test(cls, kwargs, inputs, (2, SEQ_LEN, DIM), num_weights)
+    run_layer_test(cls, kwargs, inputs, (2, SEQ_LEN, DIM), num_weights, tmp_path)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
@@ -140,15 +76,61 @@ def test_backbone_num_layers_and_config_fields(name, num_layers):
         assert GRU4RecBackbone.causal is True
 
 
-def test_sasrec_and_bert4rec_ignore_causal_kwarg():
-    """The subclasses fix `causal`; from_config of a saved config must not flip it."""
-    assert SASRecBackbone(4, causal=False).causal is True
-    assert BERT4RecBackbone(4, causal=True).causal is False
+def test_sasrec_and_bert4rec_reject_a_contradicting_causal_kwarg():
+    """The subclasses fix `causal`: a contradicting value is an error, never dropped;
+    the same value (as their saved config holds) is accepted."""
+    with pytest.raises(ValueError, match="SASRecBackbone is always causal=True"):
+        SASRecBackbone(4, causal=False)
+    with pytest.raises(ValueError, match="BERT4RecBackbone is always causal=False"):
+        BERT4RecBackbone(4, causal=True)
+    assert SASRecBackbone(4, causal=True).causal is True
+    assert BERT4RecBackbone(4, causal=False).causal is False
     config = BERT4RecBackbone(4).get_config()
+    assert config["causal"] is False
     assert BERT4RecBackbone.from_config(config).causal is False
+    assert SASRecBackbone.from_config(SASRecBackbone(4).get_config()).causal is True
 
 
-def test_transformer_backbone_ffn_dim_and_scaling():
+@pytest.mark.parametrize("normalize_first", [False, True])
+def test_transformer_block_equals_keras_hub_transformer_encoder(normalize_first):
+    """Same weights -> same outputs as keras_hub.layers.TransformerEncoder (why we
+    keep our class anyway: the module docstring), and the position table equals
+    keras_hub.layers.PositionEmbedding's."""
+    import keras_hub
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, SEQ_LEN, DIM)).astype("float32")
+    mask = np.tril(np.ones((SEQ_LEN, SEQ_LEN), bool))[None].repeat(2, 0)
+    keras.utils.set_random_seed(0)
+    ours = TransformerBlock(num_heads=2, ffn_dim=16, normalize_first=normalize_first,
+                            layer_norm_epsilon=1e-6)
+    ours.build(x.shape)
+    hub = keras_hub.layers.TransformerEncoder(intermediate_dim=16, num_heads=2, activation="gelu",
+                                              layer_norm_epsilon=1e-6, normalize_first=normalize_first)
+    hub.build(x.shape)
+    pairs = [(ours.attention, hub._self_attention_layer),
+             (ours.attention_norm, hub._self_attention_layer_norm),
+             (ours.ffn_norm, hub._feedforward_layer_norm),
+             (ours.ffn_inner, hub._feedforward_intermediate_dense),
+             (ours.ffn_outer, hub._feedforward_output_dense)]
+    for a, b in pairs:  # random non-trivial weights (LayerNorm gammas/betas too)
+        a.set_weights([rng.normal(size=w.shape).astype("float32") for w in a.get_weights()])
+        b.set_weights(a.get_weights())
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(hub(x, attention_mask=mask)),
+        keras.ops.convert_to_numpy(ours(x, attention_mask=mask)), rtol=1e-5, atol=1e-5)
+
+    backbone = TransformerBackbone(max_length=10, num_layers=1, dropout=0.0)
+    backbone(backbone_inputs())
+    positions = keras_hub.layers.PositionEmbedding(sequence_length=10)
+    positions.build((None, 10, DIM))
+    positions.set_weights(backbone.position_embedding.get_weights())
+    table = keras.ops.convert_to_numpy(backbone.position_embedding(np.arange(SEQ_LEN)))  # (seq, dim)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(positions(x)),  # (batch, seq, dim)
+                                  np.broadcast_to(table, x.shape))
+
+
+def test_transformer_backbone_ffn_dim_and_scaling(tmp_path):
     keras.utils.set_random_seed(0)
     inputs = backbone_inputs()
     layer = TransformerBackbone(8, num_layers=1, ffn_dim=12, dropout=0.0, scale_embeddings=True)
@@ -160,21 +142,22 @@ def test_transformer_backbone_ffn_dim_and_scaling():
     default(inputs)
     assert tuple(default.blocks[0].ffn_inner.kernel.shape) == (DIM, 4 * DIM)
     run_layer_test(TransformerBackbone, dict(max_length=8, num_layers=1, ffn_dim=12, dropout=0.0,
-                                             scale_embeddings=True), inputs, (2, SEQ_LEN, DIM), 19)
+                                             scale_embeddings=True), inputs, (2, SEQ_LEN, DIM), 19, tmp_path)
 
 
-def test_transformer_block_basics():
+def test_transformer_block_basics(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, SEQ_LEN, DIM)).astype("float32")
-    run_layer_test(TransformerBlock, dict(num_heads=2, ffn_dim=16, dropout=0.0), x, (2, SEQ_LEN, DIM), 16)
+    run_layer_test(TransformerBlock, dict(num_heads=2, ffn_dim=16, dropout=0.0), x, (2, SEQ_LEN, DIM), 16, tmp_path)
     # Non-default activation and epsilon survive the config round trip.
     block = TransformerBlock(num_heads=4, ffn_dim=8, activation="relu", layer_norm_epsilon=1e-3)
     config = TransformerBlock.from_config(block.get_config()).get_config()
     assert config["activation"] == "relu" and config["layer_norm_epsilon"] == 1e-3
 
 
-def test_id_item_encoder_basics():
+def test_id_item_encoder_basics(tmp_path):
     ids = np.array([[2, 3, 0, 0, 0], [4, 5, 6, 7, 1]])
-    layer, out = run_layer_test(IdItemEncoder, dict(vocab_size=10, embedding_dim=DIM), ids, (2, SEQ_LEN, DIM), 1)
+    layer, out = run_layer_test(IdItemEncoder, dict(vocab_size=10, embedding_dim=DIM), ids, (2, SEQ_LEN, DIM), 1,
+                                tmp_path)
     table = keras.ops.convert_to_numpy(layer.all_items())
     assert table.shape == (10, DIM)
     np.testing.assert_array_equal(out, table[ids])  # lookup == rows of all_items, in id order

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from tfrec import metrics as M
 
@@ -321,6 +321,17 @@ def test_logloss_hand_computed():
     # clipping: prediction 0 for a positive -> -ln(1e-7) = 16.1180956510; prediction 1 for a negative likewise
     assert M.logloss(np.array([1, 0]), np.array([0.0, 1.0])) == pytest.approx(-math.log(1e-7), rel=1e-6)
     assert M.logloss(np.array([1]), np.array([0.0]), eps=1e-3) == pytest.approx(-math.log(1e-3))
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+def test_logloss_matches_sklearn(extreme):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 2000)
+    preds = np.clip(rng.random(2000) * 0.8 + 0.2 * labels, 0.0, 1.0)
+    if extreme:  # exact 0 and 1 predictions: ours clips to [1e-7, 1 - 1e-7], so clip for sklearn too
+        preds[:50], preds[50:100] = 0.0, 1.0
+    reference = log_loss(labels, np.clip(preds, 1e-7, 1 - 1e-7), labels=[0, 1])
+    assert M.logloss(labels, preds) == pytest.approx(reference, rel=1e-9)
 
 
 # ---------------------------------------------------------------- table

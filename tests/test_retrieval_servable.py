@@ -58,6 +58,34 @@ def test_bruteforce_is_exact_and_survives_save_and_reload(catalog, tmp_path):
         np.testing.assert_array_equal(texts(again["item_ids"]), tokens[exact[:20]])
 
 
+def test_tfrs_layers_answer_as_the_pre_tfrs_code(catalog):
+    """The indexes are TFRS `factorized_top_k` layers; answers equal those of the
+    code they replaced: brute force = `tf.math.top_k` of the dot products (ids and
+    scores bit-identical); ScaNN = a searcher built and queried with `scann_ops`
+    directly with the same options."""
+    import tensorflow_recommenders as tfrs
+    from scann.scann_ops.py import scann_ops
+
+    table, tokens, queries, _ = catalog
+    brute = BruteForceIndex(table, tokens, k=K)
+    assert isinstance(brute.top_k, tfrs.layers.factorized_top_k.BruteForce)
+    out = brute.retrieve(queries)
+    top = tf.math.top_k(tf.linalg.matmul(queries, table, transpose_b=True), k=K)
+    np.testing.assert_array_equal(out["scores"].numpy(), top.values.numpy())
+    np.testing.assert_array_equal(texts(out["item_ids"]), tokens[top.indices.numpy()])
+
+    scann = ScaNNIndex(table, tokens, k=K, num_leaves=100, num_leaves_to_search=30, reorder=200)
+    assert isinstance(scann.top_k, tfrs.layers.factorized_top_k.ScaNN)
+    found = scann.retrieve(queries)
+    direct = scann._builder(scann_ops, table).build().search_batched_parallel(queries, final_num_neighbors=K)
+    # Two ScaNN builds (threaded k-means) may differ in a few neighbours; measured: equal
+    # in 3 runs of 4, >= 99.6% of ids otherwise. Scores of shared ids are the same dot products.
+    assert recall_at_k(texts(found["item_ids"]), tokens[direct.indices.numpy()]) >= 0.99
+    same = found["item_ids"].numpy() == tokens[direct.indices.numpy()].astype(bytes)  # (200, K)
+    assert same.mean() >= 0.99
+    np.testing.assert_allclose(found["scores"].numpy()[same], direct.distances.numpy()[same], rtol=1e-5)
+
+
 def test_bruteforce_excludes_rows_and_marks_empty_slots():
     table = np.diag([4.0, 3.0, 2.0, 1.0]).astype("float32")  # with all-ones queries item i scores 4 - i
     index = BruteForceIndex(table, list("abcd"), k=3)

@@ -273,6 +273,7 @@ def test_semantic_components_join_the_dag_only_when_configured():
     assert not {"ItemSemantics", "SemanticIds"} & set(ids())
     components = ids("pipeline.item_semantics=true", "pipeline.semantic_ids=true")
     semantics, sids = components["ItemSemantics"], components["SemanticIds"]
+    assert type(semantics).__name__ == "ItemSemanticsGen"  # node id kept, class renamed (issue 23)
     assert semantics.inputs["transform_graph"].producer_component_id == "Transform"
     assert sids.inputs["semantic_store"].producer_component_id == "ItemSemantics"
     assert semantics.exec_properties["dataset"] == "movielens-100k"

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tfrec import runtime  # before anything imports TensorFlow
 
 
 def _tables(results):
@@ -133,6 +133,8 @@ def recorded_data_fingerprint(run_dir):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="tfrec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log lines and all warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="filter, build vocabularies and sequences, save them")
@@ -186,6 +188,8 @@ def _add_module_commands(subparsers, module_name):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    runtime.configure(verbose="--verbose" in argv)  # before TensorFlow is imported
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     try:

@@ -10,7 +10,7 @@ Modules (importing this package imports nothing heavy):
 - `trainer`: the Trainer's `run_fn` (tfrec model, `model.fit`).
 - `serving`: the SavedModel signatures (raw tokens in, transform graph inside).
 - `tfma_metrics`: NDCG/HR/MRR@K for the Evaluator.
-- `components`: custom components (AnomalyGate, ItemSemantics, SemanticIds).
+- `components`: custom components (AnomalyGate, ItemSemanticsGen, SemanticIds).
 - `pipeline`: `create_pipeline(config)`.
 - `runner`: `run_pipeline` (LocalDagRunner + report), `compile_pipeline` (Kubeflow/Vertex).
 - `commands`: `tfrec pipeline run|compile`.

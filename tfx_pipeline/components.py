@@ -4,9 +4,13 @@
   split has one, naming split, feature and problem. Transform depends on it,
   so corrupted data stops the pipeline before anything is trained or pushed
   (ExampleValidator itself only records anomalies).
-- `ItemSemantics`: item text -> a versioned semantic store
+- `ItemSemanticsGen`: item text -> a versioned semantic store
   (`tfrec.semantics.encode.encode_items`), aligned with the Transform
-  vocabulary (ids = line + 2, tfrec's layout).
+  vocabulary (ids = line + 2, tfrec's layout). Named `...Gen` like TFX's
+  generators, and so as not to clash with `tfrec.ctr_training.ItemSemantics`
+  (the semantics a CTR model trains on); in the pipeline its node id stays
+  `ItemSemantics` (`ITEM_SEMANTICS_ID`), the name runs, caches and reports
+  know it by.
 - `SemanticIds`: residual-quantizer semantic IDs of the store's item vectors
   (`tfrec.semantics.sids.sids_from_store`).
 - `SemanticTrainer`: the stock TFX Trainer (same executor, same `run_fn`
@@ -88,8 +92,12 @@ def AnomalyGate(anomalies: InputArtifact[standard_artifacts.ExampleAnomalies]) -
         )
 
 
+# Pipeline node id of ItemSemanticsGen (unchanged by the rename: MLMD, caching, reports).
+ITEM_SEMANTICS_ID = "ItemSemantics"
+
+
 @tfx.dsl.components.component
-def ItemSemantics(
+def ItemSemanticsGen(
     transform_graph: InputArtifact[standard_artifacts.TransformGraph],
     semantic_store: OutputArtifact[SemanticStoreArtifact],
     dataset: Parameter[str] = "",
@@ -166,7 +174,7 @@ class SemanticTrainerExecutor(trainer_executor.GenericExecutor):
 
 
 class SemanticTrainer(base_component.BaseComponent):
-    """The TFX Trainer with optional `semantic_store` (`ItemSemantics`) and `semantic_ids` (`SemanticIds`) inputs.
+    """The TFX Trainer with optional `semantic_store` (`ItemSemanticsGen`) and `semantic_ids` (`SemanticIds`) inputs.
 
     Same outputs (`model`, `model_run`) and `run_fn` contract as
     `tfx.components.Trainer`; with `semantic_store` wired, `run_fn` finds the

@@ -33,7 +33,13 @@ import json
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
-from tfx_pipeline.components import AnomalyGate, ItemSemantics, SemanticIds, SemanticTrainer
+from tfx_pipeline.components import (
+    ITEM_SEMANTICS_ID,
+    AnomalyGate,
+    ItemSemanticsGen,
+    SemanticIds,
+    SemanticTrainer,
+)
 from tfx_pipeline.config import CTR
 from tfx_pipeline.data import EVAL, HISTORY_BUCKET, LABEL, SPLITS, TEST, TRAIN
 from tfx_pipeline.serving import EVALUATE, RANK_OUTPUT
@@ -189,7 +195,9 @@ def create_pipeline(config, local=True):
 
     semantic_store = semantic_ids = None
     if opts.item_semantics:
-        semantics = ItemSemantics(transform_graph=transform.outputs["transform_graph"], **_item_semantics_args(config))
+        semantics = ItemSemanticsGen(
+            transform_graph=transform.outputs["transform_graph"], **_item_semantics_args(config)
+        ).with_id(ITEM_SEMANTICS_ID)
         components.append(semantics)
         if opts.semantic_ids:
             sids = SemanticIds(semantic_store=semantics.outputs["semantic_store"], **_semantic_ids_args(config))

@@ -24,11 +24,12 @@ class GRU4RecBackbone(keras.layers.Layer):
         dropout: float. Dropout on the input vectors and between layers.
 
     Example:
+    >>> import numpy as np
     >>> bb = GRU4RecBackbone(hidden_dim=16)
     >>> out = bb({"item_embeddings": np.zeros((2, 4, 8), "float32"),
     ...           "padding_mask": np.ones((2, 4), bool)})
-    >>> out.shape
-    TensorShape([2, 4, 8])
+    >>> tuple(out.shape)
+    (2, 4, 8)
     """
 
     causal = True

@@ -31,11 +31,12 @@ class IdItemEncoder(keras.layers.Layer):
         embeddings_regularizer: optional regularizer for the table.
 
     Example:
+    >>> import numpy as np
     >>> enc = IdItemEncoder(vocab_size=10, embedding_dim=4)
-    >>> enc(np.array([[2, 3, 0]])).shape
-    TensorShape([1, 3, 4])
-    >>> enc.all_items().shape
-    TensorShape([10, 4])
+    >>> tuple(enc(np.array([[2, 3, 0]])).shape)
+    (1, 3, 4)
+    >>> tuple(enc.all_items().shape)
+    (10, 4)
     """
 
     def __init__(

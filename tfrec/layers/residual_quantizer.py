@@ -150,8 +150,8 @@ class ResidualQuantizer(keras.layers.Layer):
     >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     >>> rq = ResidualQuantizer(num_levels=2, codebook_size=4).fit_rqkmeans(x)
     >>> codes = rq.compute_codes(x)            # (64, 2) int32
-    >>> rq.reconstruct(codes).shape            # sum of the chosen codewords
-    TensorShape([64, 8])
+    >>> tuple(rq.reconstruct(codes).shape)     # sum of the chosen codewords
+    (64, 8)
     """
 
     MODES = ("rqkmeans", "rqvae")

@@ -1,8 +1,9 @@
 """Self-attention sequential backbones: SASRec (causal) and BERT4Rec (bidirectional).
 
-Both are the same stack of pre-norm Transformer blocks over a sequence of item
-vectors plus learned absolute position embeddings; they differ only in the
-attention mask. A backbone takes item *vectors* (from any item encoder) and a
+Both are the same stack of Transformer blocks over a sequence of item vectors
+plus learned absolute position embeddings; they differ only in the attention
+mask. Blocks are post-norm by default (`LN(x + f(x))`, as BERT and RecBole's
+SASRec); `normalize_first=True` makes them pre-norm (`x + f(LN(x))`). A backbone takes item *vectors* (from any item encoder) and a
 padding mask, and returns one state per position:
 
     inputs  {"item_embeddings": (batch, seq_len, dim), "padding_mask": (batch, seq_len) bool}
@@ -11,6 +12,17 @@ padding mask, and returns one state per position:
 Sequences are right-padded: position 0 is the oldest item of the window, so an
 item's position embedding is the same for every prefix it belongs to, which is
 what training on all positions at once needs.
+
+Why not `keras_hub.layers.TransformerEncoder` / `PositionEmbedding`:
+`TransformerBlock` computes exactly what `keras_hub.layers.TransformerEncoder`
+computes (same sub-layers, same order, post- or pre-norm; with the same weights
+the outputs are equal, `tests/test_backbones.py` checks it), and the position
+table is what `keras_hub.layers.PositionEmbedding` holds. We keep our own
+classes because Keras 3 saves weights under the attribute paths of the layers
+(`block_0/attention/...` here, `block_0/_self_attention_layer/...` in
+keras-hub): swapping them in would change every weight path, so `.keras` files
+and checkpoints saved by earlier versions would no longer load, and the
+configs would change (`TransformerEncoder` adds `kernel_initializer` etc.).
 
 References:
 - Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
@@ -42,9 +54,10 @@ class TransformerBlock(keras.layers.Layer):
         attention_mask: bool `(batch, seq_len, seq_len)`; True = may attend.
 
     Example:
+    >>> import numpy as np
     >>> block = TransformerBlock(num_heads=2, ffn_dim=32)
-    >>> block(np.zeros((2, 5, 8), "float32")).shape
-    TensorShape([2, 5, 8])
+    >>> tuple(block(np.zeros((2, 5, 8), "float32")).shape)
+    (2, 5, 8)
     """
 
     def __init__(
@@ -151,11 +164,12 @@ class TransformerBackbone(keras.layers.Layer):
             as BERT and RecBole's SASRec).
 
     Example:
+    >>> import numpy as np
     >>> bb = TransformerBackbone(max_length=10, num_layers=1, num_heads=2, causal=True)
     >>> out = bb({"item_embeddings": np.zeros((2, 4, 8), "float32"),
     ...           "padding_mask": np.ones((2, 4), bool)})
-    >>> out.shape
-    TensorShape([2, 4, 8])
+    >>> tuple(out.shape)
+    (2, 4, 8)
     """
 
     def __init__(
@@ -276,25 +290,39 @@ class TransformerBackbone(keras.layers.Layer):
         return config
 
 
+def _fixed_causal(cls_name, fixed, kwargs):
+    """`causal` of a subclass that fixes it: absent or equal (as in its own saved
+    config) is accepted; any other value is an error, never silently dropped."""
+    causal = kwargs.pop("causal", fixed)
+    if bool(causal) is not fixed:
+        raise ValueError(
+            f"{cls_name} is always causal={fixed}; got causal={causal!r}. "
+            "Use TransformerBackbone(causal=...) to choose the mask."
+        )
+    return fixed
+
+
 @keras.saving.register_keras_serializable(package="tfrec")
 class SASRecBackbone(TransformerBackbone):
     """SASRec: causal self-attention over the item sequence (`causal=True`).
 
-    Args: as `TransformerBackbone` (without `causal`).
+    Args: as `TransformerBackbone`; `causal` may be omitted or True (its
+    config stores it), anything else is a `ValueError`.
     """
 
     def __init__(self, max_length, **kwargs):
-        kwargs.pop("causal", None)
-        super().__init__(max_length, causal=True, **kwargs)
+        causal = _fixed_causal("SASRecBackbone", True, kwargs)
+        super().__init__(max_length, causal=causal, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="tfrec")
 class BERT4RecBackbone(TransformerBackbone):
     """BERT4Rec: bidirectional self-attention (`causal=False`), trained by cloze.
 
-    Args: as `TransformerBackbone` (without `causal`).
+    Args: as `TransformerBackbone`; `causal` may be omitted or False (its
+    config stores it), anything else is a `ValueError`.
     """
 
     def __init__(self, max_length, **kwargs):
-        kwargs.pop("causal", None)
-        super().__init__(max_length, causal=False, **kwargs)
+        causal = _fixed_causal("BERT4RecBackbone", False, kwargs)
+        super().__init__(max_length, causal=causal, **kwargs)

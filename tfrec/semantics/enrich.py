@@ -26,10 +26,20 @@ Output (the contract `tfrec encode --mllm-outputs` reads): a JSONL file, one lin
 
 Example:
 
+>>> import json, tempfile
+>>> from pathlib import Path
+>>> import pandas as pd
 >>> from tfrec.semantics.mllm_backends import JsonlImportBackend
->>> summary = enrich_items("items.tsv", "out.jsonl", JsonlImportBackend("done.jsonl"))  # doctest: +SKIP
->>> summary.done, summary.resumed  # doctest: +SKIP
-(24, 0)
+>>> work = Path(tempfile.mkdtemp())
+>>> done = [{"item_id": i, "view": "text", "text": f"Item {i}."} for i in ("a", "b")]
+>>> _ = (work / "done.jsonl").write_text(chr(10).join(json.dumps(d) for d in done))
+>>> items = pd.DataFrame({"item_id": ["a", "b"], "title": ["Red polish", "Blue shampoo"]})
+>>> summary = enrich_items(items, work / "out.jsonl", JsonlImportBackend(work / "done.jsonl"), views=["text"])
+>>> summary.done, summary.resumed
+(2, 0)
+>>> again = enrich_items(items, work / "out.jsonl", JsonlImportBackend(work / "done.jsonl"), views=["text"])
+>>> again.done, again.resumed  # a second run resumes: nothing left to do
+(0, 2)
 """
 
 from __future__ import annotations

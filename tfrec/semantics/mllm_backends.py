@@ -21,9 +21,12 @@ connection errors) is retried by the job with exponential backoff.
 
 Example:
 
->>> backend = JsonlImportBackend("outputs.jsonl")  # doctest: +SKIP
->>> backend.generate([MLLMRequest("1", "text", "Describe ...")])  # doctest: +SKIP
-['A red nail polish ...']
+>>> import json, tempfile
+>>> path = Path(tempfile.mkdtemp()) / "outputs.jsonl"
+>>> _ = path.write_text(json.dumps({"item_id": "1", "view": "text", "text": "A red nail polish."}))
+>>> backend = JsonlImportBackend(path)
+>>> backend.generate([MLLMRequest("1", "text", "Describe ...")])
+['A red nail polish.']
 """
 
 from __future__ import annotations

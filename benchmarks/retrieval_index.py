@@ -39,7 +39,7 @@ Writes (partial reports after every catalog):
 - `scann_recall_qps.png`: recall@10 vs queries/s per catalog, one panel per batch size.
 
 Usage (from the repository root, where the configs' relative paths resolve):
-    .venv/bin/python benchmarks/scann.py [--skip-beauty | --beauty-model PATH]
+    .venv/bin/python benchmarks/retrieval_index.py [--skip-beauty | --beauty-model PATH]
         [--sizes 100000 1000000] [--tunings default 1:0.2:250 ...] [--batch-sizes 1 256]
         [--quick] [--out reports]
 """
@@ -57,13 +57,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
-# This file is named like the `scann` package: keep its folder off the import
-# path, or `import scann` (in export.retrieval) would import this script.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from _plots import save_plot  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 
 K = 10
@@ -133,7 +131,7 @@ def synthetic_catalog(num_items, num_queries, dim=DIM, clusters=1024, spread=0.5
 
     table = draw(num_items, np.random.default_rng([seed, num_items]), True)
     queries = draw(num_queries, np.random.default_rng([seed, 1]), False)
-    spec = {"generator": "clustered Gaussian mixture (benchmarks/scann.py::synthetic_catalog)",
+    spec = {"generator": "clustered Gaussian mixture (benchmarks/retrieval_index.py::synthetic_catalog)",
             "dim": dim, "clusters": clusters, "cluster_weights": "Dirichlet(1)",
             "centers": "N(0, C), C = R diag(s^2) R^T, R random rotation, s_i ∝ (i+1)^-decay, mean s^2 = 1",
             "spectrum_decay": spectrum_decay, "member_spread": spread,
@@ -316,7 +314,7 @@ def write_reports(payload, out):
     (out / "scann.json").write_text(json.dumps(payload, indent=2))
     setup = payload["setup"]
     lines = ["# ScaNN vs brute-force retrieval: recall@10 and queries/s", "",
-             "Written by `benchmarks/scann.py`; do not edit by hand. Indexes of `export/retrieval.py` called "
+             "Written by `benchmarks/retrieval_index.py`; do not edit by hand. Indexes of `export/retrieval.py` called "
              f"through `retrieve` (k = {K}); recall@10 against the brute-force top 10 on {setup['num_queries']} "
              f"queries; queries/s = median of {setup['repeats']} timed passes over the same queries in batches of "
              f"`batch` after {setup['warmup_batches']} warm-up batches; build = index construction. Machine: "
@@ -345,7 +343,7 @@ def write_reports(payload, out):
         lines += [f"## {catalog}: {spec['num_items']:,} items, dim {spec['dim']}", "",
                   f"Queries: {spec['queries']}", "", format_metrics_table(rows), ""]
     (out / "scann.md").write_text("\n".join(lines) + "\n")
-    plot(payload["records"], out / "scann_recall_qps.png")
+    plot(payload["records"], out / "scann_recall_qps.png", out / "scann.json")
 
 
 def pareto_front(records):
@@ -363,7 +361,7 @@ def pareto_front(records):
     return front
 
 
-def plot(records, path):
+def plot(records, path, source):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,8 +401,7 @@ def plot(records, path):
         ax.set_title(f"query batch size {batch_size}")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, path, source)  # stamped with the sha256 of `source` (the JSON)
 
 
 # --------------------------------------------------------------------- main
