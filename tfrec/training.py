@@ -81,7 +81,7 @@ def build_item_encoder(config: ExperimentConfig, item_vocab):
     if mc.item_encoder == "id":
         return IdItemEncoder(item_vocab.size, mc.embedding_dim)
     if mc.item_encoder == "dmesr":
-        from tfrec.models.dmesr import build_dmesr_item_encoder, load_dmesr_tables
+        from tfrec.semantics.dmesr import build_dmesr_item_encoder, load_dmesr_tables
 
         tables = load_dmesr_tables(None, config.dmesr, item_vocab=item_vocab)  # reads dmesr.store_path
         return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim)
