@@ -441,3 +441,10 @@ def test_semantic_init_table_is_used():
 def test_encoder_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DMESRItemEncoder(V, DIM, **kwargs)
+
+
+def test_alignment_uses_at_most_align_max_items_distinct_items():
+    encoder = make_encoder(align_max_items=3)
+    ids = np.array([[6, 2, 6, 7, 8, 9, 3]])
+    encoder(ids, training=True)
+    assert float(encoder.losses[0]) == pytest.approx(0.1 * float(encoder.alignment_loss(np.array([6, 2, 7]))), rel=1e-5)

@@ -57,6 +57,7 @@ class ModelConfig:
     normalize_first: bool = False
     dropout: float = 0.5
     gru_hidden_dim: int = 64
+    gru_input_norm: bool = False  # LayerNorm on GRU4Rec inputs (GRU4RecBackbone(input_norm=...))
     loss: str = "softmax"
     num_negatives: int = 1024
     sampling: str = "uniform"
@@ -129,6 +130,7 @@ class DMESRConfig:
     align_anchor: str = "generated"
     align_pairs: tuple = ()
     exclude_duplicates: bool = True
+    align_max_items: int = 512
     projection_dim: Optional[int] = None
     head_layers: int = 0
     fuse: bool = True

@@ -49,7 +49,8 @@ def build_backbone(model_config):
     if mc.backbone == "bert4rec":
         return BERT4RecBackbone(mc.max_length, **transformer_args)
     if mc.backbone == "gru4rec":
-        return GRU4RecBackbone(mc.gru_hidden_dim, num_layers=mc.num_layers, dropout=mc.dropout)
+        return GRU4RecBackbone(mc.gru_hidden_dim, num_layers=mc.num_layers, dropout=mc.dropout,
+                               input_norm=mc.gru_input_norm)
     raise ValueError(f"unknown backbone {mc.backbone!r}; choose one of {BACKBONES}")
 
 
