@@ -85,7 +85,7 @@ def build_item_encoder(config: ExperimentConfig, item_vocab):
         from tfrec.semantics.dmesr import build_dmesr_item_encoder, load_dmesr_tables
 
         tables = load_dmesr_tables(None, config.dmesr, item_vocab=item_vocab)  # reads dmesr.store_path
-        return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim)
+        return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim, log=print)
     raise ValueError(f"unknown model.item_encoder {mc.item_encoder!r}; choose one of {ITEM_ENCODERS}")
 
 
