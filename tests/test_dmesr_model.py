@@ -1,12 +1,12 @@
-"""Tests for DMESR inside the next-item task (`tfrec.models.dmesr` + `NextItemRecommender`).
+"""Tests for DMESR inside the next-item task (`tfrec.semantics.dmesr` + `NextItemRecommender`).
 
 A DMESR item encoder built from small random tables (2 views, attributes, token
 states) replaces `IdItemEncoder` in SASRec, BERT4Rec (cloze) and GRU4Rec with
 no change to backbone or task code: `model.fit` lowers the loss, the
 alignment loss reaches the task's total loss, scores survive save/load, and
-the materialised table serves the same scores. Then the catalog cache, the
-builder (PCA, token truncation, attribute renumbering, variants) and the
-semantic-store loader. Training runs eagerly (a handful of steps: tracing the
+the materialised table serves the same scores. Then the ablation switches, the
+builder (PCA, token clusters, attribute renumbering, content-PCA ID init,
+variants) and the semantic-store loader. Training runs eagerly (a handful of steps: tracing the
 train step would cost more than running it), except where the behaviour under
 test is the traced train step itself.
 """
@@ -22,7 +22,7 @@ from tfrec.config import _build
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 from tfrec.layers import BERT4RecBackbone, GRU4RecBackbone, SASRecBackbone
 from tfrec.layers.dmesr_encoder import DMESRItemEncoder
-from tfrec.models.dmesr import (
+from tfrec.semantics.dmesr import (
     DMESR_VARIANTS,
     DMESRConfig,
     DMESRTables,
@@ -30,6 +30,7 @@ from tfrec.models.dmesr import (
     fit_pca,
     load_dmesr_tables,
     reduce_rows,
+    token_clusters,
 )
 from tfrec.models.next_item import NextItemRecommender
 
@@ -39,10 +40,10 @@ L = 6
 DIM = 16
 BACKBONES = {
     "sasrec": ("causal", lambda: SASRecBackbone(L, num_layers=1, num_heads=1, dropout=0.0)),
-    "gru4rec": ("causal", lambda: GRU4RecBackbone(DIM, num_layers=1, dropout=0.0)),
+    "gru4rec": ("causal", lambda: GRU4RecBackbone(DIM, num_layers=1, dropout=0.0, input_norm=True)),
     "bert4rec": ("cloze", lambda: BERT4RecBackbone(L, num_layers=1, num_heads=1, dropout=0.0)),
 }
-SMALL = dict(view_pca_dim=8, token_pca_dim=6, max_tokens=4, dropout=0.0)
+SMALL = dict(token_pca_dim=6, max_tokens=4, token_clusters=2, dropout=0.0)
 
 
 def np_(x):
@@ -56,7 +57,7 @@ def random_tables(seed=0, vocab=VOCAB):
     tokens = rng.normal(size=(vocab, 5, 10)).astype("float16")
     token_mask = np.arange(5)[None, :] < rng.integers(0, 6, vocab)[:, None]
     attributes = rng.choice([0, 7, 40, 41, 900], size=(vocab, 3))
-    return DMESRTables(view_embeddings=views, view_mask=view_mask, view_names=("title", "mllm_text"),
+    return DMESRTables(view_embeddings=views, view_mask=view_mask, view_names=("title", "generated"),
                        token_states=tokens, token_mask=token_mask, attribute_ids=attributes)
 
 
@@ -164,11 +165,13 @@ def test_alignment_loss_reaches_the_total_loss():
 
 def test_tables_survive_a_lazy_build_inside_fit():
     """An encoder first built while `fit` traces its train step (graph mode) still holds the
-    given tables (they are initial values, not assignments a trace could drop)."""
+    given features (they are initial values, not assignments a trace could drop)."""
     keras.utils.set_random_seed(0)
     tables = random_tables()
-    encoder = DMESRItemEncoder(VOCAB, DIM, view_embeddings=tables.view_embeddings, view_mask=tables.view_mask,
-                               attribute_ids=tables.attribute_ids, align=False, combine="add")
+    coarse = np.transpose(tables.view_embeddings, (1, 0, 2))
+    features = {"coarse": coarse, "coarse_mask": tables.view_mask.T, "attributes": tables.attribute_ids}
+    encoder = DMESRItemEncoder(VOCAB, DIM, config=DMESRConfig(align=False, combine="add"), features=features,
+                               view_names=tables.view_names)
     assert not encoder.built
     model = NextItemRecommender(encoder, GRU4RecBackbone(DIM, dropout=0.0), max_length=L)
     model.compile(optimizer="adam", jit_compile=False)
@@ -176,58 +179,50 @@ def test_tables_survive_a_lazy_build_inside_fit():
     model.fit({"item_ids": x}, y, batch_size=len(x), epochs=1, verbose=0)
     mask = tables.view_mask.T.copy()
     mask[:NUM_RESERVED] = False
-    np.testing.assert_array_equal(np_(encoder.view_mask_table) > 0, mask)
-    np.testing.assert_allclose(np_(encoder.view_table)[NUM_RESERVED:],
-                               np.transpose(tables.view_embeddings, (1, 0, 2))[NUM_RESERVED:])
+    np.testing.assert_array_equal(np_(encoder.coarse_mask_table) > 0, mask)
+    np.testing.assert_allclose(np_(encoder.coarse_table)[NUM_RESERVED:], coarse[NUM_RESERVED:])
     assert np_(encoder.attribute_table).max() == 900
 
 
-def test_catalog_cache_training_step():
-    """catalog_refresh_steps > 0: fit works; the cache is refreshed every N training steps and
-    gets the batch's items written back; outside training all_items() stays exact."""
-    model = make_model("sasrec", catalog_refresh_steps=3)
-    encoder = model.item_encoder
-    x, y = training_data(model)
-    losses = model.fit({"item_ids": x}, y, batch_size=14, epochs=2, verbose=0, shuffle=False).history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert int(np_(encoder.cache_age)) == 4  # 2 epochs x 2 batches
-    cache = np_(encoder.semantic_cache)
-    exact = np.concatenate([np_(v) for v in encoder._semantic(None)[0]], axis=-1)
-    # Refreshed at step 4 (age 3), before the last update: close to, not equal to, the current values.
-    assert cache.shape == exact.shape and np.abs(cache).sum() > 0
-    assert not np.allclose(cache, exact, atol=1e-7) and np.allclose(cache, exact, atol=0.5)
-    want = encoder._combine(encoder.id_encoder.all_items(), encoder._semantic(None)[0], False)
-    np.testing.assert_allclose(np_(encoder.all_items()), np_(want), atol=1e-6)
+def test_ablation_switches_change_only_what_they_name():
+    """Each variant differs from the full model only in its named part: same features elsewhere,
+    same weights elsewhere (same seed), and the named part off."""
+    tables = random_tables()
 
+    def build(name):
+        keras.utils.set_random_seed(0)
+        return build_dmesr_item_encoder(DMESRConfig.variant(name, **SMALL), tables, VOCAB, DIM)
 
-def test_catalog_cache_in_a_traced_step():
-    """In a traced step the batch's rows of all_items() are fresh and carry gradients to the
-    semantic weights; the other rows come from the cache (no gradient through them)."""
-    keras.utils.set_random_seed(0)
-    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL, catalog_refresh_steps=2, align=False),
-                                       random_tables(), VOCAB, DIM)
-    batch = np.array([[2, 3, 4]])
-    kernel = encoder.view_projection_kernel
-
-    @tf.function
-    def step(row):
-        with tf.GradientTape() as tape:
-            encoder(batch, training=True)
-            table = encoder.all_items()
-            loss = tf.reduce_sum(tf.square(table[row]))
-        return table, tape.gradient(loss, kernel.value)
-
-    table, grad = step(tf.constant(3))  # age 0: refresh, then the batch on top
-    np.testing.assert_allclose(np_(table), np_(encoder.all_items()), atol=1e-6)  # nothing stale yet
-    assert grad is not None and np.abs(np_(grad)).sum() > 0  # item 3 is in the batch: fresh
-    kernel.assign(kernel * 1.5)  # the weights move; the cache does not (age 1: no refresh)
-    table, grad = step(tf.constant(9))  # item 9 is not in the batch: cached row, no gradient
-    cached = np_(encoder.semantic_cache)
-    exact = np_(encoder.all_items())
-    np.testing.assert_allclose(np_(table)[[2, 3, 4]], exact[[2, 3, 4]], atol=1e-5)
-    assert not np.allclose(np_(table)[9], exact[9], atol=1e-4)
-    assert grad is None or np.abs(np_(grad)).sum() == 0
-    assert int(np_(encoder.cache_age)) == 2 and cached.shape == (VOCAB, 2 * DIM)
+    full = build("dmesr")
+    weights = {w.path: np_(w) for w in full.weights}
+    named = {
+        "dmesr-no-align": ("aligner",),
+        "dmesr-no-fusion": ("fuser", "token_projection", "semantic_projection"),
+        "dmesr-no-text-tokens": ("fuser", "tokens", "token_mask", "semantic_projection", "groups", "aligner"),
+        "dmesr-no-generated-view": ("coarse", "coarse_mask", "adapter", "groups", "aligner", "fuser",
+                                    "semantic_projection"),
+        "dmesr-no-semantic-init": ("id_encoder",),
+    }
+    expected_parts = {
+        "dmesr-no-align": {"alignment"}, "dmesr-no-fusion": {"fusion"},
+        "dmesr-no-text-tokens": {"fusion", "text_tokens"}, "dmesr-no-generated-view": {"generated"},
+        "dmesr-no-semantic-init": set(),
+    }
+    for name, parts in named.items():
+        variant = build(name)
+        assert set(full.active_parts()) - set(variant.active_parts()) == expected_parts[name], name
+        paths = {w.path for w in variant.weights}
+        # Weights the variant lacks or adds belong to the named parts only.
+        for path in paths.symmetric_difference(weights):
+            assert any(p in path for p in parts), (name, path)
+        for w in variant.non_trainable_weights:  # the frozen features outside the named parts are identical
+            if w.path in weights and not any(p in w.path for p in parts):
+                np.testing.assert_array_equal(np_(w), weights[w.path], err_msg=f"{name}: {w.path}")
+    no_init = build("dmesr-no-semantic-init")
+    assert not np.allclose(np_(no_init.id_encoder.all_items()), np_(full.id_encoder.all_items()))
+    # The full model's ID table is the content PCA, at the ID initialiser's std.
+    assert np_(full.id_encoder.all_items()).std() == pytest.approx(0.02, rel=0.1)
+    assert np_(build("dmesr-no-align").id_encoder.all_items()) == pytest.approx(np_(full.id_encoder.all_items()))
 
 
 # ------------------------------------------------------------------------- builder and config
@@ -235,21 +230,32 @@ def test_builder_reduces_tables_and_renumbers_attributes():
     tables = random_tables()
     encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL), tables, VOCAB, DIM)
     config = encoder.get_config()
-    assert (config["num_views"], config["semantic_dim"]) == (2, 8)
-    assert (config["num_tokens"], config["token_dim"]) == (4, 6)
-    assert config["num_attributes"] == 4  # {7, 40, 41, 900} -> 1..4
-    attributes = np_(encoder.attribute_table)
+    assert config["shapes"] == {"coarse": [2, 12], "tokens": [2, 6], "attributes": [3], "num_attributes": 4}
+    attributes = np_(encoder.attribute_table)  # {7, 40, 41, 900} -> 1..4
     assert set(np.unique(attributes)) <= {0, 1, 2, 3, 4}
     np.testing.assert_array_equal(attributes[NUM_RESERVED:] > 0, tables.attribute_ids[NUM_RESERVED:] > 0)
-    view_mask = np_(encoder.view_mask_table) > 0  # (vocab, views)
-    assert not view_mask[:NUM_RESERVED].any()
-    np.testing.assert_array_equal(view_mask[NUM_RESERVED:], tables.view_mask.T[NUM_RESERVED:])
+    coarse_mask = np_(encoder.coarse_mask_table) > 0  # (vocab, views)
+    assert not coarse_mask[:NUM_RESERVED].any()
+    np.testing.assert_array_equal(coarse_mask[NUM_RESERVED:], tables.view_mask.T[NUM_RESERVED:])
     token_mask = np_(encoder.token_mask_table) > 0
-    np.testing.assert_array_equal(token_mask[NUM_RESERVED:], tables.token_mask[NUM_RESERVED:, :4])
+    has_tokens = tables.token_mask[:, :4].any(axis=1)
+    np.testing.assert_array_equal(token_mask[NUM_RESERVED:, 0], has_tokens[NUM_RESERVED:])
     assert np.all(np_(encoder.token_table)[~token_mask] == 0)
-    # Without reduction the tables are kept as they are (float32).
-    raw = build_dmesr_item_encoder(DMESRConfig(view_pca_dim=None, token_pca_dim=None, max_tokens=5), tables, VOCAB, DIM)
-    np.testing.assert_allclose(np_(raw.view_table)[5, 0], tables.view_embeddings[0, 5] * tables.view_mask[0, 5])
+    groups = np_(encoder.group_table)
+    assert groups.shape == (VOCAB, 3) and (groups[:, 2] > 0).sum() < VOCAB  # shared attribute sets share a group
+
+
+def test_token_clusters_average_contiguous_real_tokens():
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(3, 5, 4)).astype("float16")
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    clusters, cmask = token_clusters(tokens, mask, 2)
+    t = tokens.astype(np.float32)
+    np.testing.assert_allclose(clusters[0], [t[0, :3].mean(0), t[0, 3:].mean(0)], atol=1e-6)
+    np.testing.assert_allclose(clusters[1], [t[1, 0], t[1, 1]], atol=1e-6)
+    assert cmask.tolist() == [[True, True], [True, True], [False, False]] and np.all(clusters[2] == 0)
+    one, one_mask = token_clusters(tokens, mask, 5)  # more clusters than tokens: the rest masked
+    assert one_mask[1].tolist() == [True, False, True, False, False]
 
 
 def test_pca_is_deterministic_and_exact_on_low_rank_data():
@@ -265,37 +271,40 @@ def test_pca_is_deterministic_and_exact_on_low_rank_data():
 
 
 def test_variants_and_config_types():
-    assert set(DMESR_VARIANTS) == {"dmesr", "dmesr-no-align", "dmesr-no-fusion", "dmesr-no-text-tokens"}
-    tables = random_tables()
-    built = {name: build_dmesr_item_encoder(DMESRConfig.variant(name, **SMALL), tables, VOCAB, DIM)
-             for name in DMESR_VARIANTS}
-    assert built["dmesr"].aligner is not None and built["dmesr"].fuser is not None
-    assert built["dmesr-no-align"].aligner is None and built["dmesr-no-align"].fuser is not None
-    assert built["dmesr-no-fusion"].fuser is None and built["dmesr-no-fusion"].token_projection is not None
-    assert built["dmesr-no-text-tokens"].num_tokens is None and built["dmesr-no-text-tokens"].fuser is None
+    assert set(DMESR_VARIANTS) == {"dmesr", "dmesr-no-align", "dmesr-no-fusion", "dmesr-no-text-tokens",
+                                   "dmesr-no-generated-view", "dmesr-no-semantic-init"}
     with pytest.raises(ValueError, match="unknown DMESR variant 'dmesr-x'"):
         DMESRConfig.variant("dmesr-x")
     # The dataclass loads through the project's YAML config machinery (as `dmesr:`).
     config = _build(DMESRConfig, {"align_pairs": ["title:attributes"], "view_pca_dim": None,
                                   "alignment_weight": 1, "combine": "add"}, "dmesr.")
     assert config.align_pairs == ("title:attributes",) and config.alignment_weight == 1.0
-    assert [f.name for f in dataclasses.fields(DMESRConfig)]  # every option is a field
-    encoder = build_dmesr_item_encoder(dataclasses.replace(config, **SMALL), tables, VOCAB, DIM)
-    assert encoder.aligner.pairs == [(0, 2)]
+    encoder = build_dmesr_item_encoder(dataclasses.replace(config, **SMALL), random_tables(), VOCAB, DIM)
+    assert encoder.aligner.pairs == [(0, 2)] and encoder.config.combine == "add"
 
 
 @pytest.mark.parametrize("config, tables, match", [
     (dict(align_pairs=("title:image",)), {}, "align_pairs entry 'title:image'"),
     (dict(combine="mean"), {}, "dmesr.combine must be one of"),
-    ({}, dict(token_states=None), "use_tokens is true but the tables have no token states"),
+    (dict(token_clusters=-1), {}, "token_clusters must be >= 0"),
     ({}, dict(attribute_ids=None), "use_attributes is true"),
     ({}, dict(view_embeddings=np.zeros((2, VOCAB + 3, 4))), "view_embeddings has 33 item rows, expected 30"),
     ({}, dict(view_names=("title",)), "must name each of the 2 views"),
+    (dict(semantic_init_view="mllm_image"), {}, "semantic_init needs the pooled view 'mllm_image'"),
 ])
 def test_builder_errors(config, tables, match):
     with pytest.raises(ValueError, match=match):
         build_dmesr_item_encoder(DMESRConfig(**{**SMALL, **config}), dataclasses.replace(random_tables(), **tables),
                                  VOCAB, DIM)
+
+
+def test_builder_degrades_without_tokens():
+    """Sports/Toys: only the generated text view (no tokens): fusion off, said by active_parts()."""
+    tables = dataclasses.replace(random_tables(), token_states=None, token_mask=None)
+    messages = []
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL), tables, VOCAB, DIM, log=messages.append)
+    assert "fusion" not in encoder.active_parts() and "text_tokens" not in encoder.active_parts()
+    assert "generated text view" in messages[0] and "not MLLM" in messages[0]
 
 
 # ------------------------------------------------------------------------- semantic store
@@ -304,7 +313,7 @@ def test_load_tables_from_semantic_store(tmp_path):
     vocab = Vocabulary([f"i{k}" for k in range(VOCAB - NUM_RESERVED)])
     t = random_tables()
     views = []
-    for v, name in enumerate(("title", "mllm_text")):
+    for v, name in enumerate(("title", "generated")):
         mask = t.view_mask[v].copy()
         mask[:NUM_RESERVED] = False
         pooled = t.view_embeddings[v] * mask[:, None]
@@ -320,18 +329,20 @@ def test_load_tables_from_semantic_store(tmp_path):
     path = store_mod.save_version(tmp_path / "store", store)
 
     tables = load_dmesr_tables(tmp_path / "store", DMESRConfig(), item_vocab=vocab)
-    assert tables.view_names == ("title", "mllm_text")
+    assert tables.view_names == ("title", "generated")
     assert tables.view_embeddings.shape == (2, VOCAB, 12) and tables.token_states.shape == (VOCAB, 5, 12)
     np.testing.assert_array_equal(tables.view_mask[1], views[1].mask)
     encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL), tables, VOCAB, DIM)
     assert np_(encoder.all_items()).shape == (VOCAB, DIM)
 
-    only_text = load_dmesr_tables(str(path), DMESRConfig(views=("mllm_text",), use_tokens=False, use_attributes=False))
-    assert only_text.view_names == ("mllm_text",) and only_text.token_states is None and only_text.attribute_ids is None
+    only_text = load_dmesr_tables(str(path), DMESRConfig(views=("generated",), use_tokens=False, use_attributes=False))
+    assert only_text.view_names == ("generated",) and only_text.token_states is None and only_text.attribute_ids is None
+    assert tables.store_version == str(path)
+    no_generated = build_dmesr_item_encoder(DMESRConfig(**SMALL, use_generated_view=False), tables, VOCAB, DIM)
+    assert no_generated.view_names == ("title",)
     with pytest.raises(KeyError, match="no view 'mllm_image'"):
         load_dmesr_tables(store, DMESRConfig(views=("mllm_image",)))
-    with pytest.raises(ValueError, match="'mllm_text' of the semantic store has no token states"):
-        load_dmesr_tables(store, DMESRConfig(token_view="mllm_text"))
+    assert load_dmesr_tables(store, DMESRConfig(token_view="generated")).token_states is None  # degrades
     with pytest.raises(store_mod.VocabularyMismatchError):
         load_dmesr_tables(store, DMESRConfig(), item_vocab=Vocabulary(["x", "y"]))
     with pytest.raises(FileNotFoundError):
@@ -356,7 +367,7 @@ def test_train_sequential_with_dmesr_item_encoder(tmp_path):
         f"data.interactions_path={interactions}", f"output_dir={tmp_path / 'runs'}", "name=dmesr",
         "model.max_length=6", "model.embedding_dim=8", "model.num_layers=1", "model.num_heads=1",
         "train.epochs=2", "train.batch_size=8", "eval.protocols=[full]",
-        "model.item_encoder=dmesr", "dmesr.view_pca_dim=8", "dmesr.token_pca_dim=6", "dmesr.max_tokens=4",
+        "model.item_encoder=dmesr", "dmesr.token_pca_dim=6", "dmesr.max_tokens=4",
     ]
     with pytest.raises(ValueError, match="dmesr.store_path"):
         train_sequential(load_config(None, overrides), verbose=0, save=False)
@@ -369,7 +380,7 @@ def test_train_sequential_with_dmesr_item_encoder(tmp_path):
     token_mask = np.broadcast_to(mask[:, None], (size, 5)).copy()
     view = store_mod.SemanticView("title", pooled * mask[:, None], mask, tokens, token_mask)
     mllm = rng.normal(size=(size, 12)).astype(np.float32) * mask[:, None]
-    mllm_view = store_mod.SemanticView("mllm_text", mllm, mask)  # a second view, so alignment has a pair
+    mllm_view = store_mod.SemanticView("generated", mllm, mask)  # a second view, so alignment has a pair
     store_mod.save_version(tmp_path / "store", store_mod.SemanticStore(data.item_vocab, [view, mllm_view]))
     config = load_config(None, overrides + [f"dmesr.store_path={tmp_path / 'store'}", "dmesr.use_attributes=false"])
 
@@ -413,4 +424,4 @@ def test_item_table_copy_and_export_serve_the_model_scores(trained, name, tmp_pa
     np.testing.assert_array_equal(got, top)
     # The semantic tables (token states) stay out of the SavedModel: only the (vocab, dim) table.
     shapes = [tuple(shape) for _, shape in tf.train.list_variables(str(path / "variables" / "variables"))]
-    assert (VOCAB, DIM) in shapes and tuple(model.item_encoder.token_table.shape) not in shapes
+    assert (VOCAB, DIM) in shapes and tuple(model.item_encoder.coarse_table.shape) not in shapes

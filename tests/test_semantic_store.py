@@ -11,7 +11,7 @@ from tfrec.cli import main
 from tfrec.data.preprocess import prepare, save_prepared
 from tfrec.data.readers import DEFAULT_DATA_ROOT, DataFormatError, read_items
 from tfrec.data.vocab import Vocabulary
-from tfrec.semantics.encode import encode_items, item_texts, read_mllm_outputs
+from tfrec.semantics.encode import encode_items, item_texts, read_generated_texts, read_mllm_outputs
 from tfrec.semantics.store import (
     LATEST_FILE, SemanticStore, SemanticStoreError, SemanticView, UnknownViewError,
     VocabularyMismatchError, list_versions, save_version)
@@ -287,3 +287,54 @@ def test_item_text_layouts():
     if movies_dat.exists():  # the bundled file, read as `tfrec encode --dataset` reads it
         first = item_texts(read_items(movies_dat, encoding="latin-1"))[0]
         assert first["1"] == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+
+
+# ------------------------------------------------------------------ generated text view
+GENERATED = {"i01": "red nail lacquer", "i03": "ionic hair dryer", "i04": "", "i05": "  hand  cream &amp; balm "}
+
+
+def write_generated(path, rows):
+    path.write_text("item_id\tasin\tgenerated_text\n" + "".join(f"{i}\tA{k}\t{t}\n" for k, (i, t) in enumerate(rows)))
+    return path
+
+
+def test_generated_view_loader(inputs, tmp_path):
+    vocab = inputs["vocab"]
+    path = write_generated(tmp_path / "gen.tsv", GENERATED.items())
+    assert read_generated_texts(path, vocab) == {"i01": "red nail lacquer", "i03": "ionic hair dryer",
+                                                 "i05": "hand cream & balm"}  # empty text: no view
+    bad = write_generated(tmp_path / "unknown.tsv", [("i01", "a"), ("i77", "b")])
+    with pytest.raises(DataFormatError, match="unknown.tsv: line 3: unknown item_id 'i77'"):
+        read_generated_texts(bad, vocab)
+    dup = write_generated(tmp_path / "dup.tsv", [("i01", "a"), ("i01", "b")])
+    with pytest.raises(DataFormatError, match="dup.tsv: line 3: duplicate item_id 'i01' \\(first at line 2\\)"):
+        read_generated_texts(dup, vocab)
+    short = tmp_path / "short.tsv"
+    short.write_text("item_id\tasin\tgenerated_text\ni01\tA1\n")
+    with pytest.raises(DataFormatError, match="short.tsv: line 2: expected 3 tab-separated columns, got 2"):
+        read_generated_texts(short, vocab)
+    header = tmp_path / "header.tsv"
+    header.write_text("id\ttext\ni01\tx\n")
+    with pytest.raises(DataFormatError, match="header.tsv: line 1: expected a header"):
+        read_generated_texts(header, vocab)
+    with pytest.raises(DataFormatError, match="file not found"):
+        read_generated_texts(tmp_path / "none.tsv", vocab)
+
+
+def test_generated_view_is_encoded_into_the_store(inputs, encoder, tmp_path):
+    """Only generated text (as Amazon Sports/Toys): a store with the pooled `generated` view."""
+    path = write_generated(tmp_path / "gen.tsv", GENERATED.items())
+    log = []
+    store = encode_items(inputs["prepared"], None, tmp_path / "store", max_tokens=MAX_TOKENS, batch_size=BATCH,
+                         generated_path=path, progress_every=1, log=log.append)
+    assert store.views == ["generated"]
+    view = store.view("generated")
+    assert not view.has_tokens and view.text_fields == ["generated_text"]
+    vocab = inputs["vocab"]
+    texts = [clean_text(GENERATED.get(item, "")) for item in vocab.tokens]
+    np.testing.assert_array_equal(view.mask[2:], [bool(t) for t in texts])
+    rows = [k for k, t in enumerate(texts) if t]
+    want = encoder.encode([texts[k] for k in rows], return_tokens=False).pooled
+    np.testing.assert_allclose(view.pooled[2:][rows], want, atol=1e-5)
+    assert any("generated text view (language-model output, not MLLM)" in line for line in log)
+    assert store.metadata["extra"]["sources"]["generated"] == str(path)

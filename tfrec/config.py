@@ -57,6 +57,7 @@ class ModelConfig:
     normalize_first: bool = False
     dropout: float = 0.5
     gru_hidden_dim: int = 64
+    gru_input_norm: bool = False  # LayerNorm on GRU4Rec inputs (GRU4RecBackbone(input_norm=...))
     loss: str = "softmax"
     num_negatives: int = 1024
     sampling: str = "uniform"
@@ -99,38 +100,48 @@ DMESR_VARIANTS = {
     "dmesr-no-align": {"align": False},
     "dmesr-no-fusion": {"fuse": False},
     "dmesr-no-text-tokens": {"use_tokens": False},
+    "dmesr-no-generated-view": {"use_generated_view": False},
+    "dmesr-no-semantic-init": {"semantic_init": False},
 }
 
 
 @dataclasses.dataclass
 class DMESRConfig:
-    """Every DMESR option (YAML section `dmesr:`); defaults and their origins are
-    tabled in `tfrec.models.dmesr`. Used when `model.item_encoder=dmesr`."""
+    """Every DMESR option (YAML section `dmesr:`), passed as is to `DMESRItemEncoder`;
+    defaults and their origins (paper / ours) are tabled in `tfrec.semantics.dmesr`.
+    Used when `model.item_encoder=dmesr`."""
 
     store_path: Optional[str] = None
     views: tuple = ()
     token_view: str = "title"
+    generated_view: str = "generated"
+    use_generated_view: bool = True
     use_attributes: bool = True
     use_tokens: bool = True
     max_tokens: int = 32
-    view_pca_dim: Optional[int] = 128
+    token_clusters: int = 4
     token_pca_dim: Optional[int] = 64
-    trainable_semantics: bool = False
-    shared_view_projection: bool = False
+    view_pca_dim: Optional[int] = None
+    adapter_init_scale: float = 0.02
     align: bool = True
     alignment_weight: float = 0.1
     temperature: float = 0.1
     learnable_temperature: bool = False
+    align_anchor: str = "generated"
     align_pairs: tuple = ()
+    exclude_duplicates: bool = True
+    align_max_items: int = 512
     projection_dim: Optional[int] = None
     head_layers: int = 0
     fuse: bool = True
+    fuse_token_view_pooled: bool = False
     fusion_heads: int = 2
     fusion_key_dim: Optional[int] = None
     fusion_dropout: float = 0.0
     combine: str = "gate"
     dropout: float = 0.1
-    catalog_refresh_steps: int = 50
+    semantic_init: bool = True
+    semantic_init_view: str = ""
 
     @classmethod
     def variant(cls, name, **overrides):

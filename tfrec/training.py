@@ -49,7 +49,8 @@ def build_backbone(model_config):
     if mc.backbone == "bert4rec":
         return BERT4RecBackbone(mc.max_length, **transformer_args)
     if mc.backbone == "gru4rec":
-        return GRU4RecBackbone(mc.gru_hidden_dim, num_layers=mc.num_layers, dropout=mc.dropout)
+        return GRU4RecBackbone(mc.gru_hidden_dim, num_layers=mc.num_layers, dropout=mc.dropout,
+                               input_norm=mc.gru_input_norm)
     raise ValueError(f"unknown backbone {mc.backbone!r}; choose one of {BACKBONES}")
 
 
@@ -81,10 +82,10 @@ def build_item_encoder(config: ExperimentConfig, item_vocab):
     if mc.item_encoder == "id":
         return IdItemEncoder(item_vocab.size, mc.embedding_dim)
     if mc.item_encoder == "dmesr":
-        from tfrec.models.dmesr import build_dmesr_item_encoder, load_dmesr_tables
+        from tfrec.semantics.dmesr import build_dmesr_item_encoder, load_dmesr_tables
 
         tables = load_dmesr_tables(None, config.dmesr, item_vocab=item_vocab)  # reads dmesr.store_path
-        return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim)
+        return build_dmesr_item_encoder(config.dmesr, tables, item_vocab.size, mc.embedding_dim, log=print)
     raise ValueError(f"unknown model.item_encoder {mc.item_encoder!r}; choose one of {ITEM_ENCODERS}")
 
 

@@ -91,6 +91,7 @@ class CrossAttentionFuser(keras.layers.Layer):
         `return_attention=True`.
 
     Example:
+    >>> import numpy as np
     >>> fuser = CrossAttentionFuser(num_heads=2)
     >>> out = fuser({"views": np.ones((3, 2, 8), "float32"), "view_mask": np.ones((3, 2), bool),
     ...              "tokens": np.ones((3, 5, 6), "float32"), "token_mask": np.ones((3, 5), bool)})

@@ -22,6 +22,9 @@ class GRU4RecBackbone(keras.layers.Layer):
         hidden_dim: int. GRU units per layer.
         num_layers: int. Stacked GRU layers. Defaults to 1.
         dropout: float. Dropout on the input vectors and between layers.
+        input_norm: bool. LayerNorm on the input item vectors (ours: item
+            vectors of composite encoders such as DMESR have no fixed scale,
+            and a GRU takes its inputs raw). Defaults to False.
 
     Example:
     >>> import numpy as np
@@ -34,7 +37,7 @@ class GRU4RecBackbone(keras.layers.Layer):
 
     causal = True
 
-    def __init__(self, hidden_dim, num_layers=1, dropout=0.2, **kwargs):
+    def __init__(self, hidden_dim, num_layers=1, dropout=0.2, input_norm=False, **kwargs):
         super().__init__(**kwargs)
         if hidden_dim < 1 or num_layers < 1:
             raise ValueError(
@@ -45,6 +48,7 @@ class GRU4RecBackbone(keras.layers.Layer):
         self.hidden_dim = int(hidden_dim)
         self.num_layers = int(num_layers)
         self.dropout = float(dropout)
+        self.input_norm = bool(input_norm)
         self.max_length = None  # any length
 
     def build(self, input_shape):
@@ -54,6 +58,10 @@ class GRU4RecBackbone(keras.layers.Layer):
             raise ValueError("GRU4RecBackbone: the last dimension of item_embeddings must be known.")
         self.dim = int(dim)
         self.input_dropout = keras.layers.Dropout(self.dropout)
+        self.input_layer_norm = None
+        if self.input_norm:
+            self.input_layer_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="input_norm")
+            self.input_layer_norm.build((None, None, self.dim))
         self.grus = []
         in_dim = self.dim
         for i in range(self.num_layers):
@@ -68,6 +76,8 @@ class GRU4RecBackbone(keras.layers.Layer):
     def call(self, inputs, training=False):
         x = inputs["item_embeddings"]  # (batch, seq_len, dim)
         padding_mask = ops.cast(inputs["padding_mask"], "bool")  # (batch, seq_len)
+        if self.input_layer_norm is not None:
+            x = self.input_layer_norm(x)
         h = self.input_dropout(x, training=training)
         for gru in self.grus:
             h = gru(h, mask=padding_mask, training=training)
@@ -81,6 +91,7 @@ class GRU4RecBackbone(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "dropout": self.dropout}
+            {"hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "dropout": self.dropout,
+             "input_norm": self.input_norm}
         )
         return config

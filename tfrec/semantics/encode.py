@@ -59,6 +59,8 @@ from tfrec.semantics.text_encoder import (
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_num_workers=1",
                      "--direct_running_mode=in_memory")
 MLLM_VIEWS = {"image": "mllm_image", "text": "mllm_text", "both": "mllm_both"}
+GENERATED_VIEW = "generated"
+GENERATED_FILE = "items_generated.tsv"  # bundled Amazon datasets: the generated text view
 DEFAULT_PROGRESS_EVERY = 20
 
 
@@ -141,6 +143,55 @@ def read_mllm_outputs(path) -> dict:
                                             f"(first at line {seen[key]})", line_no)
             seen[key] = line_no
             out[MLLM_VIEWS[key[1]]][key[0]] = record["text"]
+    return out
+
+
+def read_generated_texts(path, item_vocab: Vocabulary) -> dict:
+    r"""Read a generated text view (`items_generated.tsv`: `item_id, asin, generated_text`).
+
+    The generated text view is language-model output written from the item's
+    richer metadata (see ../shared/data/README.md); it is *not* an MLLM
+    description of images. Returns `{item_id: text}` for the items that have a
+    non-empty text (an empty or whitespace-only text means "no generated view").
+    Raises `DataFormatError` naming the file and line for a missing header, a
+    line without the three columns, a repeated item id, or an item id that is
+    not in `item_vocab` (the view must describe the items being trained on).
+
+    Example:
+    >>> import tempfile
+    >>> path = tempfile.mktemp(suffix=".tsv")
+    >>> _ = open(path, "w").write("item_id\tasin\tgenerated_text\na\tX1\tred nail polish\nb\tX2\t\n")
+    >>> read_generated_texts(path, Vocabulary(["a", "b"]))
+    {'a': 'red nail polish'}
+    """
+    path = Path(path)
+    known = set(item_vocab.tokens)
+    try:
+        handle = open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise DataFormatError(path, "file not found") from None
+    out, seen = {}, {}
+    with handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+        if header[:1] != ["item_id"] or "generated_text" not in header:
+            raise DataFormatError(path, f"expected a header 'item_id<TAB>asin<TAB>generated_text', got {header}", 1)
+        text_col = header.index("generated_text")
+        for line_no, raw in enumerate(handle, start=2):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise DataFormatError(path, f"expected {len(header)} tab-separated columns, got {len(fields)}", line_no)
+            item = fields[0].strip()
+            if item in seen:
+                raise DataFormatError(path, f"duplicate item_id {item!r} (first at line {seen[item]})", line_no)
+            if item not in known:
+                raise DataFormatError(path, f"unknown item_id {item!r}: not in the item vocabulary", line_no)
+            seen[item] = line_no
+            text = clean_text(fields[text_col])
+            if text:
+                out[item] = text
     return out
 
 
@@ -309,7 +360,7 @@ def encode_items(prepared_dir, items_path=None, out_dir=None, *, dataset: Option
                  mllm_outputs=None, attributes_path=None, preset: Optional[str] = None,
                  beam_args: Optional[Sequence[str]] = None, force: bool = False,
                  progress_every: int = DEFAULT_PROGRESS_EVERY, data_root=None,
-                 log=print) -> SemanticStore:
+                 generated_path=None, log=print) -> SemanticStore:
     """Encode the items of a prepared dataset into a versioned `SemanticStore`.
 
     Args:
@@ -328,6 +379,9 @@ def encode_items(prepared_dir, items_path=None, out_dir=None, *, dataset: Option
         force: encode and write a new version even if an identical one exists.
         progress_every: print progress every that many batches.
         data_root: folder of the bundled datasets (default `$TFREC_DATA_ROOT` / ../shared/data).
+        generated_path: optional generated text view (`read_generated_texts`) -> view
+            `generated` (pooled only). With `dataset`, defaults to the bundled
+            `items_generated.tsv` when the dataset has one (Amazon Beauty, Sports, Toys).
         log: callable for status lines.
 
     Returns:
@@ -353,9 +407,11 @@ def encode_items(prepared_dir, items_path=None, out_dir=None, *, dataset: Option
             items_path, encoding = folder / spec.items, spec.encoding
         if attributes_path is None and spec.item_attributes:
             attributes_path = folder / spec.item_attributes
-    if items_path is None and mllm_outputs is None:
-        raise ValueError("nothing to encode: no item table (the dataset has none; pass --items) "
-                         "and no MLLM outputs")
+        if generated_path is None and (folder / GENERATED_FILE).is_file():
+            generated_path = folder / GENERATED_FILE
+    if items_path is None and mllm_outputs is None and generated_path is None:
+        raise ValueError("nothing to encode: no item table (the dataset has none; pass --items), "
+                         "no generated text view and no MLLM outputs")
 
     view_texts, view_fields, sources = {}, {}, {}
     if items_path is not None:
@@ -372,6 +428,13 @@ def encode_items(prepared_dir, items_path=None, out_dir=None, *, dataset: Option
             log(f"tfrec encode: {len(unknown)} item id(s) in {mllm_outputs} are not in the item "
                 f"vocabulary and are ignored, e.g. {unknown[:3]}")
         sources["mllm_outputs"] = str(mllm_outputs)
+    if generated_path is not None:
+        generated = read_generated_texts(generated_path, item_vocab)
+        view_texts[GENERATED_VIEW] = _aligned(item_vocab, pd.Series(generated, dtype=object))
+        view_fields[GENERATED_VIEW] = ["generated_text"]
+        sources["generated"] = str(generated_path)
+        log(f"tfrec encode: generated text view (language-model output, not MLLM): "
+            f"{len(generated)} items with text from {generated_path}")
     attributes = attribute_vocab = None
     if attributes_path is not None:
         attributes, attribute_vocab = attribute_table(item_vocab, read_item_attributes(attributes_path))
@@ -442,7 +505,8 @@ def _cmd_encode(args) -> None:
                          encoding=args.encoding, max_tokens=args.max_tokens, batch_size=args.batch_size,
                          mllm_outputs=args.mllm_outputs, attributes_path=args.attributes,
                          preset=args.preset, beam_args=args.beam_args or None, force=args.force,
-                         progress_every=args.progress_every, data_root=args.data_root)
+                         progress_every=args.progress_every, data_root=args.data_root,
+                         generated_path=args.generated)
     counts = ", ".join(f"{name} {int(np.count_nonzero(store.view(name).mask))}" for name in store.views)
     print(f"semantic store {store.path}: {store.item_vocab.size} rows; items with a view: {counts}"
           + ("" if store.attributes is None else
@@ -460,6 +524,8 @@ def add_commands(subparsers) -> None:
     cmd.add_argument("--text-fields", help="comma-separated item columns forming the text (default: by layout)")
     cmd.add_argument("--encoding", default="utf-8", help="text encoding of --items (default utf-8)")
     cmd.add_argument("--attributes", help="item_attributes.json ({item_id: [attribute ids]})")
+    cmd.add_argument("--generated", help="generated text view TSV (item_id, asin, generated_text); "
+                                         "default with --dataset: its items_generated.tsv if any")
     cmd.add_argument("--mllm-outputs", help="JSONL of MLLM outputs from `tfrec enrich`")
     cmd.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                      help=f"tokens per text incl. [CLS]/[SEP] (default {DEFAULT_MAX_TOKENS})")

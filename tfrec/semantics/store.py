@@ -5,7 +5,10 @@ Row `i` of every array is the item with id `i` in the item vocabulary: row 0
 
 - named **views** (`VIEW_NAMES`): `title` = the item's own text (pooled + token
   states: the fine-grained text of DMESR); `mllm_image`, `mllm_text`, `mllm_both` =
-  the three MLLM enrichment outputs (pooled only). Each view has
+  the three MLLM enrichment outputs (pooled only); `generated` = the generated
+  text view (a language model's short description written from the item's
+  richer metadata, e.g. `items_generated.tsv` of the Amazon datasets; pooled
+  only; language-model output, not an MLLM description of images). Each view has
   `pooled (V, d) float32`, `mask (V,) bool` (item has this view) and optionally
   `tokens (V, T, d) float16` + `token_mask (V, T) bool`. Rows with mask False are zeros.
 - optional structured **attributes** `(V, A) int32`: attribute ids from the saved
@@ -58,7 +61,7 @@ from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 
 FORMAT_NAME = "tfrec-semantic-store"
 FORMAT_VERSION = 1
-VIEW_NAMES = ("title", "mllm_image", "mllm_text", "mllm_both")
+VIEW_NAMES = ("title", "generated", "mllm_image", "mllm_text", "mllm_both")
 METADATA_FILE = "metadata.json"
 ITEM_VOCAB_FILE = "item_vocab.txt"
 ATTRIBUTE_VOCAB_FILE = "attribute_vocab.txt"
