@@ -19,8 +19,6 @@ import pytest
 # This is the ONE place where doctests are excluded.
 DOCTESTS_PENDING = (
     "tfrec/layers/bilevel_fusion.py",
-    "tfrec/layers/contrastive.py",
-    "tfrec/layers/cross_attention_fusion.py",
     "tfrec/layers/multi_route_retrieval.py",
     "tfrec/layers/target_attention.py",
 )
