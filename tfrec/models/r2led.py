@@ -27,7 +27,7 @@ from keras import ops
 
 from tfrec.layers.bilevel_fusion import BiLevelFusion
 from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, l2_normalize, shared_prefix_length
-from tfrec.models.ctr_baselines import CTRModel, table_argument
+from tfrec.models.ctr_baselines import CTRModel, repeat_rows, table_argument
 
 R2LED_VARIANTS = ("r2led", "r2led-no-multiroute", "r2led-no-mixed-semantic",
                   "r2led-no-mixed-collaborative", "r2led-no-gate")
@@ -189,36 +189,40 @@ class R2LED(CTRModel):
             "history_mask": history_ids > 0,
         })
 
-    def _candidate_probabilities(self, history_ids, candidate_ids):
+    def _candidate_probabilities(self, features, candidate_ids):
         # The history's item vectors are gathered once per row, not once per candidate:
         # similarities of C candidates to H behaviours are one (C, d) x (d, H) product per row.
+        history_ids = features["history_ids"]
         table = self._retrieval_table()  # (V, d)
         similarity = ops.einsum("bhd,bcd->bch", ops.take(table, history_ids, axis=0),
                                 ops.take(table, candidate_ids, axis=0))  # (B, C, H)
-        repeated = ops.repeat(history_ids, ops.shape(candidate_ids)[1], axis=0)  # (B * C, H)
-        return self._probabilities(repeated, ops.reshape(candidate_ids, (-1,)),
+        repeated = repeat_rows(features, ops.shape(candidate_ids)[1])  # (B * C, ...)
+        return self._probabilities({**repeated, "target_id": ops.reshape(candidate_ids, (-1,))},
                                    similarity=ops.reshape(similarity, (-1, ops.shape(history_ids)[1])))
 
-    def user_interest(self, history_ids, target_ids, training=False, similarity=None):
+    def user_interest(self, history_ids, target_ids, training=False, context=None, similarity=None):
         indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity)  # (B, R, k)
         batch = ops.shape(history_ids)[0]
         flat = ops.reshape(indices, (batch, -1))  # (B, R * k)
         selected = ops.reshape(ops.take_along_axis(history_ids, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        extra = None
+        if context is not None:  # feedback + gap embedding of each retrieved behaviour
+            extra = ops.take_along_axis(context, flat[..., None], axis=1)  # (B, R * k, d)
+            extra = ops.reshape(extra, (batch, indices.shape[1], indices.shape[2], self.embedding_dim))
+        if not self.fusion.built:
+            self.fusion.build({"target_embedding": (None, self.embedding_dim),
+                               "target_sids": (None, self.sids_shape[1])})
         if self.fuse_table:  # SID-level fusion once per item of the table, then gathers
-            if not self.fusion.built:
-                self.fusion.build({"target_embedding": (None, self.embedding_dim),
-                                   "target_sids": (None, self.sids_shape[1])})
             table = self.fusion.fuse_items(self.item_encoder.all_items(), self.item_sids)  # (V, d)
-            fused = self.fusion.fuse_routes(ops.take(table, target_ids, axis=0),
-                                            ops.take(table, selected, axis=0), mask, training=training)
-        else:
-            fused = self.fusion({
-                "target_embedding": self.item_encoder(target_ids),  # (B, d)
-                "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
-                "behaviour_embeddings": self.item_encoder(selected),  # (B, R, k, d)
-                "behaviour_sids": ops.take(self.item_sids, selected, axis=0),  # (B, R, k, L)
-                "behaviour_mask": mask,
-            }, training=training)
+            target = ops.take(table, target_ids, axis=0)  # (B, d)
+            behaviours = ops.take(table, selected, axis=0)  # (B, R, k, d)
+        else:  # SID-level fusion of each retrieved behaviour
+            target = self.fusion.fuse_items(self.item_encoder(target_ids), ops.take(self.item_sids, target_ids, axis=0))
+            behaviours = self.fusion.fuse_items(self.item_encoder(selected),
+                                                ops.take(self.item_sids, selected, axis=0))  # (B, R, k, d)
+        if extra is not None:
+            behaviours = behaviours + extra
+        fused = self.fusion.fuse_routes(target, behaviours, mask, training=training)
         return fused["target"], fused["interest"]
 
     def get_config(self):
