@@ -92,7 +92,11 @@ class CTRModelConfig:
     scalars, and optionally a user-id bias, the user profile and the target's
     genres. `feedback`: behaviours carry their feedback and time-gap embeddings;
     `split_feedback`: separate interests over clicked / not-clicked behaviours.
-    `popularity` and `logreg` are the references (`logreg_c`: inverse L2 strength)."""
+    `popularity` and `logreg` are the references (`logreg_c`: inverse L2 strength).
+    `wide_user_id` is off by default (ours, measured): a user bias fitted on the
+    training samples memorises each user's clicks over the whole training period,
+    while the history scalars see only what came before each sample; with it the
+    logreg reference scores test AUC 0.776, without it 0.789 (ML-1M subset)."""
 
     name: str = "r2led"
     embedding_dim: int = 32
@@ -114,7 +118,7 @@ class CTRModelConfig:
     catalog_scoring: Optional[bool] = None  # R2LED: null = auto (see tfrec.models.r2led.R2LED)
     simhash_bits: int = 32
     wide: bool = True
-    wide_user_id: bool = True
+    wide_user_id: bool = False
     wide_profile: bool = True
     wide_genres: bool = True
     wide_smoothing: float = 5.0

@@ -8,7 +8,9 @@ the two references (`popularity`, `logreg`).
   (strictly earlier events only, as the history itself): the smoothed click rate
   so far (logit), the mean rating, the log history length, the smoothed click
   rate on the behaviours sharing a genre with the target (logit) and the log
-  count of those behaviours (`SCALARS`);
+  count of those behaviours, the smoothed click rate (logit) and mean rating of
+  the `RECENT` latest behaviours, the time-gap bucket of the latest one / 32
+  (`SCALARS`; the recent and gap ones are ours, for drift);
 - the user profile (one weight per value of each field, e.g. gender, age bucket,
   occupation), the target's genres, an optional user-id bias.
 
@@ -36,7 +38,9 @@ import numpy as np
 from keras import ops
 
 FEEDBACK_VOCAB = 9
-SCALARS = ("history_click_rate", "mean_rating", "log_history_length", "genre_click_rate", "log_genre_count")
+SCALARS = ("history_click_rate", "mean_rating", "log_history_length", "genre_click_rate", "log_genre_count",
+           "recent_click_rate", "recent_mean_rating", "last_gap")
+RECENT = 20  # behaviours of the "recent" scalars
 
 
 def _logit(p):
@@ -103,7 +107,7 @@ class WidePart(keras.layers.Layer):
     >>> logit, side = wide({"history_ids": np.array([[2, 3, 0]]), "target_id": np.array([3]),
     ...                     "history_labels": np.array([[0., 1., 0.]])})
     >>> round(float(logit[0]), 3), tuple(side.shape)
-    (1.386, (1, 5))
+    (1.386, (1, 8))
     """
 
     def __init__(self, item_prior, item_genres=None, num_genres=None, num_users=0, profile_sizes=(),
@@ -191,9 +195,24 @@ class WidePart(keras.layers.Layer):
             genre_count = ops.sum(shared * mask, axis=1)
         else:
             genre_rate, genre_count = rate, ops.zeros_like(rate)
+        length = ops.sum(mask, axis=1, keepdims=True)  # (B, 1); right-padded: latest at length - 1
+        position = ops.cast(ops.arange(ops.shape(history_ids)[1])[None, :], "float32")
+        recent = mask * ops.cast(position >= length - RECENT, "float32")  # (B, H)
+        recent_rate = (ops.sum(labels * recent, axis=1) + s * rate) / (ops.sum(known * recent, axis=1) + s)
+        if ratings is not None:
+            recent_rating = (ops.sum(ratings * recent, axis=1)
+                             / ops.maximum(ops.sum(rated * recent, axis=1), 1.0) / 5.0)
+        else:
+            recent_rating = ops.zeros_like(rate)
+        gaps = inputs.get("history_gaps")
+        if gaps is not None:
+            last = mask * ops.cast(position == length - 1, "float32")
+            last_gap = ops.sum(ops.cast(gaps, "float32") * last, axis=1) / 32.0
+        else:
+            last_gap = ops.zeros_like(rate)
         logit = lambda p: ops.log(p) - ops.log(1.0 - p)  # noqa: E731
         return ops.stack([logit(rate), mean_rating, ops.log1p(ops.sum(mask, axis=1)), logit(genre_rate),
-                          ops.log1p(genre_count)], axis=1)
+                          ops.log1p(genre_count), logit(recent_rate), recent_rating, last_gap], axis=1)
 
     def _target_genres(self, inputs):
         genres = ops.take(self.item_genres, ops.cast(inputs["target_id"], "int32"), axis=0)  # (B, G)
