@@ -55,6 +55,7 @@ STORE_COMMAND = "tfrec ctr encode --config CONFIG"
 QUANTIZERS = ("rqkmeans", "rqvae")
 MONITORS = ("auc", "gauc")
 REFERENCES = ("popularity", "logreg")
+WIDE_SIDE = ("auto", "required", "none")
 
 
 # ------------------------------------------------------------------ config
@@ -90,7 +91,8 @@ class CTRModelConfig:
     `wide*`: the wide part every model gets (`tfrec.models.ctr_wide`; ours, the
     issue's item 2): item bias from the training click prior, user-history
     scalars, and optionally a user-id bias, the user profile and the target's
-    genres. `feedback`: behaviours carry their feedback and time-gap embeddings;
+    genres (`wide_profile` / `wide_genres`: "auto" = when the data has them,
+    "required" = a clear error when the data lacks them, "none" = not used). `feedback`: behaviours carry their feedback and time-gap embeddings;
     `split_feedback`: separate interests over clicked / not-clicked behaviours.
     `popularity` and `logreg` are the references (`logreg_c`: inverse L2 strength).
     `wide_user_id` is off by default (ours, measured): a user bias fitted on the
@@ -119,8 +121,8 @@ class CTRModelConfig:
     simhash_bits: int = 32
     wide: bool = True
     wide_user_id: bool = False
-    wide_profile: bool = True
-    wide_genres: bool = True
+    wide_profile: str = "auto"
+    wide_genres: str = "auto"
     wide_smoothing: float = 5.0
     feedback: bool = True
     split_feedback: bool = False
@@ -186,7 +188,9 @@ def check_ctr_config(config: CTRConfig) -> CTRConfig:
     choices = {"model.name": (config.model.name, model_names()),
                "sids.quantizer": (config.sids.quantizer, QUANTIZERS),
                "train.monitor": (config.train.monitor, MONITORS),
-               "data.vocabulary": (config.data.vocabulary, VOCABULARIES)}
+               "data.vocabulary": (config.data.vocabulary, VOCABULARIES),
+               "model.wide_profile": (config.model.wide_profile, WIDE_SIDE),
+               "model.wide_genres": (config.model.wide_genres, WIDE_SIDE)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"config key {key} must be one of {', '.join(allowed)}; got {value!r}")
@@ -425,8 +429,9 @@ def wide_config(config: CTRConfig, data, force: bool = False):
         return None
     if mc.name == "popularity":
         return wide_options(data, user_id=False, profile=False, genres=False, smoothing=mc.wide_smoothing)
-    return wide_options(data, user_id=mc.wide_user_id, profile=mc.wide_profile, genres=mc.wide_genres,
-                        smoothing=mc.wide_smoothing)
+    profile = data.user_profiles is not None if mc.wide_profile == "auto" else mc.wide_profile == "required"
+    genres = data.item_genres is not None if mc.wide_genres == "auto" else mc.wide_genres == "required"
+    return wide_options(data, user_id=mc.wide_user_id, profile=profile, genres=genres, smoothing=mc.wide_smoothing)
 
 
 def fit_reference(config: CTRConfig, data=None, save: bool = True):
