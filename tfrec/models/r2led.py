@@ -246,3 +246,53 @@ class R2LED(CTRModel):
             }
         )
         return config
+
+
+def sid_matches(item_sids, history_ids, target_ids, levels=None):
+    """Mean number of behaviours per sample sharing at least `l` leading SID codes with the
+    target, for each route level `l` (what each route can retrieve semantically).
+
+    Args:
+        item_sids: int `(V, L)` (negative = no code).
+        history_ids: int `(B, H)` (0 = padding); target_ids: int `(B,)`.
+        levels: route levels (default `1..L`).
+
+    Returns:
+        `{level: mean count}`.
+
+    >>> sids = np.array([[-1, -1], [-1, -1], [0, 0], [0, 1], [1, 0]])
+    >>> sid_matches(sids, np.array([[2, 3, 4, 0]]), np.array([2]))
+    {1: 2.0, 2: 1.0}
+    """
+    item_sids = np.asarray(item_sids)
+    history_ids, target_ids = np.asarray(history_ids), np.asarray(target_ids)
+    levels = list(levels or range(1, item_sids.shape[1] + 1))
+    shared = np.asarray(shared_prefix_length(item_sids[history_ids], item_sids[target_ids][:, None, :]))
+    valid = history_ids > 0
+    return {int(level): float(((shared >= level) & valid).sum(1).mean()) for level in levels}
+
+
+def route_overlap(model, history_ids, target_ids):
+    """Mean Jaccard overlap between the behaviour sets two routes of an `R2LED` retrieve,
+    per route pair `"i-j"` (route levels), over the given samples (pairs of empty sets skipped)."""
+    indices, mask = model.retrieve(history_ids, target_ids)
+    indices, mask = np.asarray(indices), np.asarray(mask)
+    levels = model.retrieval.levels
+    out = {}
+    for i in range(len(levels)):
+        for j in range(i + 1, len(levels)):
+            scores = []
+            for b in range(indices.shape[0]):
+                a, c = set(indices[b, i][mask[b, i]].tolist()), set(indices[b, j][mask[b, j]].tolist())
+                if a or c:
+                    scores.append(len(a & c) / len(a | c))
+            out[f"{levels[i]}-{levels[j]}"] = float(np.mean(scores)) if scores else None
+    return out
+
+
+def route_diagnostics(model, history_ids, target_ids):
+    """`{"sid_matches": {level: mean}, "route_overlap": {"i-j": mean Jaccard}}` of an
+    `R2LED` on a batch of requests (the benchmark reports them at history 1,024)."""
+    return {"sid_matches": sid_matches(np.asarray(model.item_sids), history_ids, target_ids,
+                                       model.retrieval.levels if model.retrieval.built else None),
+            "route_overlap": route_overlap(model, history_ids, target_ids)}
