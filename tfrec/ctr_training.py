@@ -11,7 +11,10 @@
    (RQ-KMeans or RQ-VAE, `tfrec.semantics.sids.fit_sids`), and the pooled vectors
    (SIM-soft's frozen semantic table);
 3. the model `model.name` names: `r2led` or an ablation of `R2LED_VARIANTS`, or a
-   baseline of `CTR_BASELINES` (`din`, `sim-hard`, `sim-soft`, `eta`, `twin`, `full`);
+   baseline of `CTR_BASELINES` (`din`, `sim-hard`, `sim-soft`, `eta`, `twin`, `full`),
+   each with the wide part and feedback-carrying behaviours (`tfrec.models.ctr_wide`);
+   or a reference (`popularity`, `logreg`: `fit_reference`, what `tfrec ctr train`
+   runs for them: the logistic regression is scikit-learn's, fitted on training samples);
 4. `model.fit` with log loss; after every epoch (one pass over the training
    samples, or `train.steps_per_epoch` batches) the validation AUC is computed and
    the best weights kept (`tfrec.training.BestEpochTracker`); training stops after
