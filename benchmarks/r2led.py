@@ -15,6 +15,13 @@ Runs (`--models`), one after another in this process, each over `--seeds`:
 | `r2led-rqvae` | r2led | `rqvae` (RQ-VAE SIDs) |
 | `r2led-no-multiroute`, `r2led-no-mixed-semantic`, `r2led-no-mixed-collaborative`, `r2led-no-gate` | r2led | the ablation (`no-...`) |
 | `din`, `sim-hard`, `sim-soft`, `eta`, `twin`, `full` | the baseline | `baseline` |
+| `logreg` | logreg | `reference` (the wide part as a scikit-learn logistic regression) |
+
+Every model reads each behaviour's feedback (click, rating) and time gap and has the
+wide part (`tfrec.models.ctr_wide`); R2LED records carry `route_diagnostics`: per
+route level the mean number of behaviours sharing the target's SID prefix and the
+mean Jaccard overlap of the routes' retrieved sets, on the longest test histories
+tiled to 1,024.
 
 Every run has the same budget: `train.epochs` x `train.steps_per_epoch` batches at
 most, early stopping on validation AUC, and `--max-train-seconds` (checked after
@@ -62,18 +69,18 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from tfrec.ctr_training import (  # noqa: E402
-    encode_lifelong_store, load_ctr_config, load_ctr_data, load_store_for, needs_semantics, popularity_metrics,
-    prepare_item_semantics, train_ctr)
+    REFERENCES, encode_lifelong_store, fit_reference, load_ctr_config, load_ctr_data, load_store_for,
+    needs_semantics, popularity_metrics, prepare_item_semantics, train_ctr)
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from _plots import save_plot  # noqa: E402
 from tfrec.models.ctr_baselines import CTR_BASELINES  # noqa: E402
-from tfrec.models.r2led import R2LED_VARIANTS  # noqa: E402
+from tfrec.models.r2led import R2LED_VARIANTS, route_diagnostics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "r2led_ml1m.yaml"
 METRICS = ("auc", "gauc", "logloss")
 R2LED_RUNS = {"r2led": ("r2led", "rqkmeans"), "r2led-rqvae": ("r2led", "rqvae"),
               **{v: (v, v.replace("r2led-", "")) for v in R2LED_VARIANTS if v != "r2led"}}
-RUNS = (*R2LED_RUNS, *CTR_BASELINES)
+RUNS = (*R2LED_RUNS, *CTR_BASELINES, "logreg")
 
 
 def run_spec(run):
@@ -84,31 +91,43 @@ def run_spec(run):
         return [f"model.name={name}", f"sids.quantizer={quantizer}"], "r2led", variant
     if run in CTR_BASELINES:
         return [f"model.name={run}"], run, "baseline"
+    if run == "logreg":
+        return ["model.name=logreg"], "logreg", "reference"
     raise SystemExit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
 
 
 # ------------------------------------------------------------------- cost
 def cost_requests(data, num_requests, length):
-    """`(history_ids (n, length), target_id (n,))`: the longest test histories, tiled to `length`."""
+    """Feature dict of the longest test histories, each history feature tiled to `length`
+    (`history_ids`, its feedback and gaps), plus `target_id`, `user_id`[, `user_profile`]."""
+    import dataclasses
+
+    from tfrec.data.lifelong import LifelongSamples, lifelong_dataset
+
     samples = data.splits["test"]
     order = np.argsort(-samples.history_length, kind="stable")[:num_requests]
-    histories = data.history(samples)
-    rows = np.stack([np.resize(histories[i], length) for i in order]).astype(np.int32)
-    return rows, samples.target_id[order].astype(np.int32)
+    chosen = LifelongSamples(**{f.name: getattr(samples, f.name)[order] for f in dataclasses.fields(samples)})
+    x, _ = next(iter(lifelong_dataset(data, chosen, batch_size=len(order), max_history=length,
+                                      trim_to_longest=False)))
+    x = {k: v.numpy() for k, v in x.items()}
+    valid = (x["history_ids"] > 0).sum(1)
+    for key in [k for k in x if k.startswith("history_")]:
+        x[key] = np.stack([np.resize(row[:n], length) for row, n in zip(x[key], valid)])
+    return x
 
 
 def inference_ms_per_1k(model, data, length, num_requests=1024, batch_size=256, warmup=2, repeats=5):
     """Median wall time of the forward pass over `num_requests` requests, in ms per 1,000."""
     import tensorflow as tf
 
-    history, target = cost_requests(data, num_requests, length)
-    batches = [(tf.constant(history[i:i + batch_size]), tf.constant(target[i:i + batch_size]))
-               for i in range(0, len(target), batch_size)]
-    forward = tf.function(lambda h, t: model({"history_ids": h, "target_id": t}, training=False))
+    x = cost_requests(data, num_requests, length)
+    n = len(x["target_id"])
+    batches = [{k: tf.constant(v[i:i + batch_size]) for k, v in x.items()} for i in range(0, n, batch_size)]
+    forward = tf.function(lambda features: model(features, training=False))
 
     def one_pass():
-        for h, t in batches:
-            forward(h, t).numpy()
+        for features in batches:
+            forward(features).numpy()
 
     for _ in range(warmup):
         one_pass()
@@ -117,7 +136,7 @@ def inference_ms_per_1k(model, data, length, num_requests=1024, batch_size=256, 
         start = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times) / len(target) * 1000.0
+    return 1000.0 * statistics.median(times) / n * 1000.0
 
 
 # --------------------------------------------------------------- training
@@ -149,7 +168,16 @@ def run_one(run, seed, args, data, semantics_cache):
             print(f"   semantics {key}: {time.time() - start:.0f}s", flush=True)
         semantics = semantics_cache[key]
     print(f"== {run} seed {seed}", flush=True)
-    results, model, _ = train_ctr(config, verbose=0, save=False, data=data, semantics=semantics)
+    if config.model.name in REFERENCES:
+        results, model, _ = fit_reference(config, data=data, save=False)
+        results.update(best_epoch=None, seconds_to_best=results["train_seconds"], samples_per_second=None,
+                       validation_curve=[])
+    else:
+        results, model, _ = train_ctr(config, verbose=0, save=False, data=data, semantics=semantics)
+    diagnostics = None
+    if model_name == "r2led":  # per-route SID matches and route overlap at history 1,024
+        x = cost_requests(data, min(args.cost_requests, 512), 1024)
+        diagnostics = route_diagnostics(model, x["history_ids"], x["target_id"])
     costs = {str(length): inference_ms_per_1k(model, data, length, args.cost_requests, args.cost_batch,
                                               args.warmup, args.repeats) for length in args.lengths}
     test = results["splits"]["test"]
@@ -167,6 +195,7 @@ def run_one(run, seed, args, data, semantics_cache):
         "cost_setup": {"requests": args.cost_requests, "batch_size": args.cost_batch, "warmup": args.warmup,
                        "repeats": args.repeats, "histories": "longest test histories tiled to the length"},
         "parameters": results["model"]["parameters"], "sids": (results["semantics"] or {}).get("diagnostics"),
+        "route_diagnostics": diagnostics,
         "validation_curve": results["validation_curve"],
         "config": {k: results["config"][k] for k in ("data", "model", "sids", "train")},
     }

@@ -165,3 +165,38 @@ def test_train_ctr_beats_popularity_and_round_trips(tmp_path, log, store_root, n
     again = evaluate_saved_ctr(config, loaded, data=data)
     for key in ("auc", "gauc", "logloss"):
         assert again["splits"]["test"][key] == pytest.approx(test[key], abs=1e-6)
+
+
+def test_references_fit_on_training_samples_and_round_trip(tmp_path, log, store_root):
+    from tfrec.ctr_training import fit_reference
+
+    frame, _ = synthetic_log()
+    rng = np.random.default_rng(1)
+    stingy = frame["user_id"].str[1:].astype(int) % 2 == 0  # half the users click 30% as often
+    frame["label"] = np.where(stingy & (rng.random(len(frame)) > 0.3), 0.0, frame["label"])
+    data = build_lifelong_data(frame, valid_fraction=0.15, test_fraction=0.2, source="synthetic")
+    popularity, _, _ = fit_reference(tiny_config(tmp_path, store_root, "popularity"), data=data)
+    # the prior through float32 logit/sigmoid: equal up to ties float rounding may create
+    assert popularity["splits"]["test"] == pytest.approx(popularity["reference"]["popularity"]["test"], abs=1e-4)
+    config = tiny_config(tmp_path, store_root, "logreg")
+    results, model, _ = fit_reference(config, data=data)
+    # the history click-rate scalars carry the users' taste: far above the item prior
+    assert results["splits"]["test"]["auc"] > popularity["splits"]["test"]["auc"] + 0.05
+    loaded, _ = load_ctr_model(config)
+    again = evaluate_saved_ctr(config, loaded, data=data)
+    assert again["splits"]["test"]["auc"] == pytest.approx(results["splits"]["test"]["auc"], abs=1e-6)
+    with pytest.raises(ValueError, match="not a reference"):
+        fit_reference(tiny_config(tmp_path, store_root, "din"), data=data)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.wide_profile=required", "user profile"),
+    ("model.wide_genres=required", "genres"),
+])
+def test_config_asking_for_features_the_data_lacks(tmp_path, log, store_root, override, message):
+    from tfrec.ctr_training import build_ctr_model
+
+    data, _ = log  # no user side file, no item table
+    config = load_ctr_config(None, ["model.name=din", override])
+    with pytest.raises(ValueError, match=message):
+        build_ctr_model(config, data, None)

@@ -10,12 +10,16 @@ import pandas as pd
 import pytest
 
 from tfrec.data.lifelong import (
+    attach_user_profiles,
+    batch_indices,
     build_lifelong_data,
+    gap_bucket,
     lifelong_dataset,
     load_lifelong_dataset,
+    read_user_profiles,
     time_cutoffs,
 )
-from tfrec.data.readers import DEFAULT_DATA_ROOT
+from tfrec.data.readers import DEFAULT_DATA_ROOT, DataFormatError
 
 # user, item, timestamp, label -- rows in file order (u1's two events at t=20 tie).
 ROWS = [("u1", "a", 10, 1), ("u2", "b", 11, 0), ("u1", "b", 20, 0), ("u1", "c", 20, 1), ("u2", "a", 30, 1),
@@ -122,7 +126,8 @@ def test_dataset_batches_pad_right_and_keep_most_recent(hand):
     assert features["history_ids"].dtype.name == "int32" and features["history_ids"].shape == (3, 3)
     assert features["history_ids"].numpy().tolist() == [[3, 4, 5], [4, 5, 2], [3, 2, 1]]
     assert features["target_id"].numpy().tolist() == [2, 1, 3] and label.numpy().tolist() == [1, 0, 1]
-    wide = next(iter(lifelong_dataset(hand, "test", batch_size=8, max_history=6)))[0]["history_ids"].numpy()
+    wide = next(iter(lifelong_dataset(hand, "test", batch_size=8, max_history=6, trim_to_longest=False))
+                )[0]["history_ids"].numpy()
     assert wide.tolist() == [[2, 3, 4, 5, 0, 0], [2, 3, 4, 5, 2, 0], [3, 2, 1, 0, 0, 0]]
     trimmed = next(iter(lifelong_dataset(hand, "test", batch_size=2, max_history=8, trim_to_longest=True)))
     assert trimmed[0]["history_ids"].shape == (2, 5)
@@ -141,6 +146,79 @@ def test_dataset_errors(hand):
         lifelong_dataset(hand, "dev")
     with pytest.raises(ValueError, match="max_history"):
         lifelong_dataset(hand, "train", max_history=0)
+
+
+def test_dataset_feedback_and_gaps_of_each_behaviour(hand):
+    x, _ = next(iter(lifelong_dataset(hand, "test", batch_size=8, max_history=3, trim_to_longest=False)))
+    # test histories (most recent 3): u1 b c d @20 20 40 | u1 c d a @20 40 60 | u2 b a e @11 30 50
+    assert x["history_labels"].numpy().tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 0]]
+    assert (x["history_ratings"].numpy() == 0).all()  # the hand log has labels, no ratings
+    targets = np.array([60, 70, 60])[:, None]
+    times = np.array([[20, 20, 40], [20, 40, 60], [11, 30, 50]])
+    assert x["history_gaps"].numpy().tolist() == gap_bucket(targets - times).numpy().tolist()
+    assert x["user_id"].numpy().tolist() == [2, 2, 3]  # user index + 2 (0 padding, 1 unknown)
+    padded, _ = next(iter(lifelong_dataset(hand, "test", batch_size=8, max_history=6, trim_to_longest=False)))
+    assert (padded["history_gaps"].numpy()[padded["history_ids"].numpy() == 0] == 0).all()
+
+
+def test_a_planted_future_event_changes_no_feature(hand):
+    """Every feature of a sample comes from strictly earlier events: an event added at or
+    after the target's time (even in the same second) changes none of them."""
+    log = hand_log()
+    planted = pd.concat([log, pd.DataFrame([("u1", "c", 60, 0), ("u1", "b", 65, 1)], columns=log.columns)],
+                        ignore_index=True)
+    other = build_lifelong_data(planted, valid_fraction=0.2, test_fraction=0.2)
+    target = hand.splits["test"]
+    # the sample of u1's target a@60 in both logs
+    k_old = int(np.flatnonzero((target.user == 0) & (target.timestamp == 60))[0])
+    k_new = int(np.flatnonzero((other.splits["test"].user == 0) & (other.splits["test"].timestamp == 60)
+                               & (other.splits["test"].target_id == 2))[0])
+    pick = lambda data, k: next(iter(lifelong_dataset(  # noqa: E731
+        data, dataclasses_replace(data.splits["test"], k), batch_size=1, max_history=8)))[0]
+    old, new = pick(hand, k_old), pick(other, k_new)
+    assert sorted(old) == sorted(new)
+    for key in old:
+        assert old[key].numpy().tolist() == new[key].numpy().tolist(), key
+
+
+def dataclasses_replace(samples, k):
+    import dataclasses
+
+    return type(samples)(**{f.name: getattr(samples, f.name)[k:k + 1] for f in dataclasses.fields(samples)})
+
+
+def test_bucketed_batches_cover_every_sample_once_and_group_lengths():
+    lengths = np.random.default_rng(0).integers(1, 1000, size=1000)
+    batches = batch_indices(lengths, 10, np.random.default_rng(1), bucket_window=20)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 0.1 * (lengths.max() - lengths.min())  # similar lengths per batch
+    # bucketed training batches are trimmed to their longest history
+    data = build_lifelong_data(hand_log(), valid_fraction=0.2, test_fraction=0.2, min_history=0)
+    for x, _ in lifelong_dataset(data, "train", batch_size=2, max_history=8, shuffle=True):
+        widths = (x["history_ids"].numpy() > 0).sum(1)
+        assert x["history_ids"].shape[1] == max(widths.max(), 1)
+
+
+def test_user_profiles(tmp_path, hand):
+    path = tmp_path / "users.dat"
+    path.write_text("u1::F::25::3::111\nu9::M::56::4::222\n")
+    profiles = read_user_profiles(path)
+    data = attach_user_profiles(hand, profiles)
+    # u1 known; u2 missing from the file -> unknown (1) in every field
+    assert data.user_profiles[1].tolist() == [1, 1, 1] and (data.user_profiles[0] >= 2).all()
+    assert data.profile_sizes == [4, 4, 4]  # padding, OOV, two values each
+    x, _ = next(iter(lifelong_dataset(data, "test", batch_size=8, max_history=3)))
+    assert x["user_profile"].numpy().tolist() == [data.user_profiles[0].tolist()] * 2 + [[1, 1, 1]]
+    with pytest.raises(KeyError, match="zip"):
+        attach_user_profiles(hand, profiles, ["gender", "zip"])
+    bad = tmp_path / "bad.dat"
+    bad.write_text("u1::F::25\n")
+    with pytest.raises(DataFormatError, match="fields"):
+        read_user_profiles(bad)
+    tsv = tmp_path / "u.user"
+    tsv.write_text("user_id:token\tage:token\tgender:token\nu1\t24\tM\n")
+    assert read_user_profiles(tsv).columns.tolist() == ["user_id", "age", "gender"]
 
 
 # ------------------------------------------------------------- MovieLens-1M subset
@@ -176,5 +254,11 @@ def test_ml1m_item_side(ml1m):
     genres = ml1m.genre_vocab.to_tokens(ml1m.item_genres[toy_story][ml1m.item_genres[toy_story] > 0])
     assert genres == ["Animation", "Children's", "Comedy"]
     assert len(ml1m.genre_vocab.tokens) == 18 and ml1m.item_genres.shape[0] == ml1m.item_vocab.size
-    x, y = next(iter(lifelong_dataset(ml1m, "test", batch_size=4, max_history=1024)))
+    x, y = next(iter(lifelong_dataset(ml1m, "test", batch_size=4, max_history=1024, trim_to_longest=False)))
     assert x["history_ids"].shape == (4, 1024) and y.shape == (4,)
+
+
+def test_ml1m_user_profile(ml1m):
+    assert ml1m.user_profiles.shape == (len(ml1m.users), 3)
+    assert (ml1m.user_profiles >= 2).all()  # every user of the subset has a profile
+    assert len(ml1m.profile_vocabs["age"].tokens) == 7 and len(ml1m.profile_vocabs["gender"].tokens) == 2

@@ -351,3 +351,21 @@ def test_model_bad_arguments(kwargs, match):
         R2LED(**arguments)
     with pytest.raises(ValueError, match="unknown R2LED variant"):
         r2led_variant("r2led-plus", 3)
+
+
+def test_sid_route_diagnostics_on_a_hand_made_catalogue():
+    from tfrec.models.r2led import route_diagnostics, sid_matches
+
+    # items 2..7: codes (level 1, level 2); the target 2 = (0, 0)
+    sids = np.array([[-1, -1], [-1, -1], [0, 0], [0, 0], [0, 1], [1, 0], [1, 1], [0, 0]])
+    history = np.array([[3, 4, 5, 6, 7, 0], [5, 6, 0, 0, 0, 0]])
+    targets = np.array([2, 2])
+    # row 0: 3, 4, 7 share level 1; 3, 7 share both levels; row 1: none
+    assert sid_matches(sids, history, targets) == {1: 1.5, 2: 1.0}
+    model = R2LED(vocab_size=8, item_sids=sids, embedding_dim=4, top_k=2, mix="semantic")
+    model({"history_ids": history, "target_id": targets})
+    diag = route_diagnostics(model, history, targets)
+    assert diag["sid_matches"] == {1: 1.5, 2: 1.0}
+    # semantic-only routes: level 1 keeps the 2 most recent matches {4, 7} -> positions {1, 4};
+    # level 2 keeps {3, 7} -> positions {0, 4}: Jaccard 1/3 (row 1 retrieves nothing, skipped)
+    assert diag["route_overlap"] == {"1-2": pytest.approx(1 / 3)}

@@ -7,10 +7,16 @@ MLP over `[target, interest, target * interest]` -> sigmoid, trained with log
 loss (`compile()` defaults to `binary_crossentropy`).
 
 Inputs: `{"history_ids": (batch, seq) int, "target_id": (batch,) int}`,
-right-padded with 0 (0 = padding, 1 = OOV); the label is `(batch,)` 0/1, as
-`tfrec.data.lifelong.lifelong_dataset` yields them. `predict` returns click
-probabilities `(batch,)`. `score(history_ids, candidate_ids)` scores several
-candidates per history at once: the inference function export wraps.
+right-padded with 0 (0 = padding, 1 = OOV), plus the optional feedback of every
+behaviour (`history_labels`, `history_ratings`, `history_gaps`, `(batch, seq)`)
+and the user (`user_id (batch,)`, `user_profile (batch, P)`); the label is
+`(batch,)` 0/1, as `tfrec.data.lifelong.lifelong_dataset` yields them. Each
+behaviour the attention reads is its item embedding plus its feedback and
+time-gap embeddings (`feedback=True`); the optional wide part
+(`tfrec.models.ctr_wide.WidePart`) adds a logistic-regression logit. `predict`
+returns click probabilities `(batch,)`. `score(history_ids, candidate_ids,
+**feedback)` scores several candidates per history at once: the inference
+function export wraps.
 
 `TargetAttentionCTR` is the baselines' model; `selector` picks the behaviours
 (every selector keeps `top_k`, ties -> more recent, padding never selected):
@@ -39,8 +45,10 @@ from keras import ops
 
 from tfrec.layers.item_encoder import IdItemEncoder
 from tfrec.layers.multi_route_retrieval import l2_normalize, recency_top_k
+from tfrec.data.lifelong import GAP_BUCKETS
 from tfrec.layers.target_attention import TargetAttention
 from tfrec.metrics import auc, gauc, logloss
+from tfrec.models.ctr_wide import FEEDBACK_VOCAB, WidePart, feedback_tokens
 
 SELECTORS = ("recent", "genre", "semantic", "simhash", "attention", "full")
 CTR_BASELINES = {
@@ -74,6 +82,45 @@ def table_argument(value, name, vocab_size, dtype, ndim=2):
     return values, shape
 
 
+HISTORY_FEATURES = ("history_labels", "history_ratings", "history_gaps")  # (B, H) beside history_ids
+USER_FEATURES = ("user_id", "user_profile")  # (B,) / (B, P)
+
+
+def check_ids(name, value, size):
+    """Raise `ValueError` when numpy `value` holds ids outside `[0, size)` or non-integers."""
+    if isinstance(value, (np.ndarray, list)):
+        arr = np.asarray(value)
+        if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= size):
+            raise ValueError(f"{name} must be integer ids in [0, {size}), "
+                             f"got dtype {arr.dtype}, range [{arr.min()}, {arr.max()}].")
+
+
+def score_candidates(model, history_ids, candidate_ids, features):
+    """`model.score`: click probabilities `(B, C)` of `C` candidates per history.
+
+    `features`: optional `history_labels`, `history_ratings`, `history_gaps` `(B, H)`
+    and `user_id (B,)`, `user_profile (B, P)` (absent = unknown feedback / user)."""
+    unknown = sorted(set(features) - set(HISTORY_FEATURES) - set(USER_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown score features {unknown}; known: {HISTORY_FEATURES + USER_FEATURES}.")
+    check_ids("history_ids", history_ids, model.vocab_size)
+    check_ids("candidate_ids", candidate_ids, model.vocab_size)
+    features = {k: v for k, v in features.items() if v is not None}
+    history_ids = ops.cast(history_ids, "int32")
+    candidate_ids = ops.cast(candidate_ids, "int32")
+    if len(candidate_ids.shape) == 1:
+        candidate_ids = candidate_ids[:, None]
+    features = {"history_ids": history_ids, **features}
+    if not model.built:  # the first call builds the model through keras
+        model({**{k: v[:1] for k, v in features.items()}, "target_id": candidate_ids[:1, 0]})
+    return ops.reshape(model._candidate_probabilities(features, candidate_ids), ops.shape(candidate_ids))
+
+
+def repeat_rows(features, times):
+    """Every `(B, ...)` feature repeated `times` along axis 0 (row `b` -> rows `b * times ...`)."""
+    return {k: ops.repeat(v, times, axis=0) for k, v in features.items()}
+
+
 @keras.saving.register_keras_serializable(package="tfrec")
 class CTRModel(keras.Model):
     """Skeleton of the lifelong CTR models (see module doc); subclasses define `user_interest`.
@@ -83,9 +130,21 @@ class CTRModel(keras.Model):
         embedding_dim: int. Item embedding size. Defaults to 32.
         mlp_units: tuple of int. Hidden layers of the prediction MLP. Defaults to (64, 32).
         dropout: float. Dropout in the MLP. Defaults to 0.
+        wide: dict or None. `tfrec.models.ctr_wide.WidePart` arguments: adds the
+            wide logit and feeds its side features to the MLP; the MLP's output
+            projection then starts at zero (an untrained model scores the wide
+            part's item prior). None (default): no wide part.
+        feedback: bool. Each behaviour enters as its item embedding plus an
+            embedding of its feedback token (`ctr_wide.feedback_tokens`) and of
+            its time-gap bucket (`tfrec.data.lifelong.gap_bucket`). Defaults to True.
+        split_feedback: bool. Compute the interest separately over the clicked
+            and the not-clicked behaviours and concatenate both (needs
+            `history_labels`; without them every behaviour counts as not
+            clicked). Defaults to False (ours; the paper has one sequence).
     """
 
-    def __init__(self, vocab_size, embedding_dim=32, mlp_units=(64, 32), dropout=0.0, **kwargs):
+    def __init__(self, vocab_size, embedding_dim=32, mlp_units=(64, 32), dropout=0.0, wide=None, feedback=True,
+                 split_feedback=False, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
@@ -95,10 +154,22 @@ class CTRModel(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.mlp_units = tuple(int(u) for u in mlp_units)
         self.dropout = float(dropout)
+        self.feedback = bool(feedback)
+        self.split_feedback = bool(split_feedback)
         self.item_encoder = IdItemEncoder(self.vocab_size, self.embedding_dim, name="item_encoder")
         self.mlp = [keras.layers.Dense(u, activation="relu", name=f"mlp_{i}") for i, u in enumerate(self.mlp_units)]
         self.mlp_dropout = keras.layers.Dropout(self.dropout)
-        self.logit = keras.layers.Dense(1, name="logit")
+        self.wide = None
+        if wide:
+            self.wide = WidePart(**wide, name="wide")
+            if self.wide.vocab_size != self.vocab_size:
+                raise ValueError(f"wide item_prior has {self.wide.vocab_size} rows for vocab_size {self.vocab_size}.")
+        zero = {"kernel_initializer": "zeros", "bias_initializer": "zeros"} if wide else {}
+        self.logit = keras.layers.Dense(1, name="logit", **zero)
+        if self.feedback:
+            self.feedback_embedding = keras.layers.Embedding(FEEDBACK_VOCAB, self.embedding_dim,
+                                                             name="feedback_embedding")
+            self.gap_embedding = keras.layers.Embedding(GAP_BUCKETS, self.embedding_dim, name="gap_embedding")
 
     def _static_table(self, name, values, shape, dtype):
         weight = self.add_weight(shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name)
@@ -116,9 +187,21 @@ class CTRModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     # --- forward ---------------------------------------------------------
-    def user_interest(self, history_ids, target_ids, training=False):
-        """`(target_vector (B, d), interest (B, d'))` for `history_ids (B, H)`, `target_ids (B,)`."""
+    def user_interest(self, history_ids, target_ids, training=False, context=None):
+        """`(target_vector (B, d), interest (B, d'))` for `history_ids (B, H)`, `target_ids (B,)`;
+        `context`: optional `(B, H, d)` feedback/gap embedding of each behaviour, added to
+        the embeddings of the behaviours the model attends."""
         raise NotImplementedError
+
+    def behaviour_context(self, features):
+        """`(B, H, d)` feedback + time-gap embedding of each behaviour, or None (`feedback=False`)."""
+        if not self.feedback:
+            return None
+        history_ids = features["history_ids"]
+        tokens = feedback_tokens(history_ids, features.get("history_labels"), features.get("history_ratings"))
+        gaps = features.get("history_gaps")
+        gaps = ops.zeros_like(history_ids) if gaps is None else ops.clip(ops.cast(gaps, "int32"), 0, GAP_BUCKETS - 1)
+        return self.feedback_embedding(tokens) + self.gap_embedding(gaps)
 
     def _unpack(self, inputs):
         if not isinstance(inputs, dict):
@@ -134,56 +217,60 @@ class CTRModel(keras.Model):
             target_ids = target_ids[:, 0]
         if len(target_ids.shape) != 1:
             raise ValueError(f"target_id must be (batch,) or (batch, 1), got shape {target_ids.shape}.")
-        return history_ids, target_ids
+        features = {k: inputs[k] for k in HISTORY_FEATURES + USER_FEATURES if inputs.get(k) is not None}
+        return {**features, "history_ids": history_ids, "target_id": target_ids}
 
     def call(self, inputs, training=False):
-        history_ids, target_ids = self._unpack(inputs)
-        return self._probabilities(history_ids, target_ids, training=training)
+        return self._probabilities(self._unpack(inputs), training=training)
 
-    def _probabilities(self, history_ids, target_ids, training=False, **interest_kwargs):
-        """Click probabilities `(B,)` of int32 `history_ids (B, H)`, `target_ids (B,)`."""
-        target, interest = self.user_interest(history_ids, target_ids, training=training, **interest_kwargs)
-        parts = [target, interest]
-        if interest.shape[-1] == target.shape[-1]:
-            parts.append(target * interest)
+    def _probabilities(self, features, training=False, **interest_kwargs):
+        """Click probabilities `(B,)` of a feature dict (int32 `history_ids (B, H)`, `target_id (B,)`, ...)."""
+        history_ids, target_ids = features["history_ids"], features["target_id"]
+        context = self.behaviour_context(features)
+        if self.split_feedback:
+            labels = features.get("history_labels")
+            liked = (ops.cast(labels, "float32") > 0.5) if labels is not None else ops.zeros_like(history_ids) > 0
+            views = [ops.where(liked, history_ids, 0), ops.where(liked, 0, history_ids)]
+        else:
+            views = [history_ids]
+        parts = []
+        for ids in views:
+            target, interest = self.user_interest(ids, target_ids, training=training, context=context,
+                                                  **interest_kwargs)
+            parts += [interest, target * interest] if interest.shape[-1] == target.shape[-1] else [interest]
+        parts.insert(0, target)
+        wide_logit = 0.0
+        if self.wide is not None:
+            wide_logit, side = self.wide(features)
+            parts.append(side)
         h = ops.concatenate(parts, axis=-1)
         for dense in self.mlp:
             h = self.mlp_dropout(dense(h), training=training)
-        return ops.sigmoid(self.logit(h)[:, 0])  # (B,)
+        return ops.sigmoid(self.logit(h)[:, 0] + wide_logit)  # (B,)
 
-    def score(self, history_ids, candidate_ids):
+    def score(self, history_ids, candidate_ids, **features):
         """Click probabilities `(B, C)` of `C` candidates per history.
 
         Args:
             history_ids: int `(B, H)`, right-padded with 0.
             candidate_ids: int `(B, C)` (or `(B,)` for one candidate each).
+            **features: optional feedback beside the history, `history_labels`,
+                `history_ratings`, `history_gaps` `(B, H)`, and `user_id (B,)`,
+                `user_profile (B, P)` (absent = unknown).
 
         Traceable (export wraps it in a `tf.function`); numpy inputs are
         checked first: ids outside `[0, vocab_size)` raise `ValueError`.
         """
-        for name, value in (("history_ids", history_ids), ("candidate_ids", candidate_ids)):
-            if isinstance(value, (np.ndarray, list)):
-                arr = np.asarray(value)
-                if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0
-                                 or arr.max() >= self.vocab_size):
-                    raise ValueError(f"{name} must be integer ids in [0, {self.vocab_size}), "
-                                     f"got dtype {arr.dtype}, range [{arr.min()}, {arr.max()}].")
-        history_ids = ops.cast(history_ids, "int32")
-        candidate_ids = ops.cast(candidate_ids, "int32")
-        if len(candidate_ids.shape) == 1:
-            candidate_ids = candidate_ids[:, None]
-        if not self.built:  # the first call builds the model through keras
-            self({"history_ids": history_ids[:1], "target_id": candidate_ids[:1, 0]})
-        return ops.reshape(self._candidate_probabilities(history_ids, candidate_ids), ops.shape(candidate_ids))
+        return score_candidates(self, history_ids, candidate_ids, features)
 
-    def _candidate_probabilities(self, history_ids, candidate_ids):
+    def _candidate_probabilities(self, features, candidate_ids):
         """Probabilities `(B * C,)` of each row's candidates: every candidate with its row's history.
 
         Subclasses may override it to compute what depends on the history only
         once per row instead of once per candidate (see `R2LED`).
         """
-        repeated = ops.repeat(history_ids, ops.shape(candidate_ids)[1], axis=0)  # (B * C, H)
-        return self._probabilities(repeated, ops.reshape(candidate_ids, (-1,)))
+        repeated = repeat_rows(features, ops.shape(candidate_ids)[1])  # (B * C, ...)
+        return self._probabilities({**repeated, "target_id": ops.reshape(candidate_ids, (-1,))})
 
     def get_config(self):
         config = super().get_config()
@@ -193,6 +280,10 @@ class CTRModel(keras.Model):
                 "embedding_dim": self.embedding_dim,
                 "mlp_units": list(self.mlp_units),
                 "dropout": self.dropout,
+                "wide": ({k: v for k, v in self.wide.get_config().items() if k not in ("name", "trainable", "dtype")}
+                         if self.wide is not None else None),
+                "feedback": self.feedback,
+                "split_feedback": self.split_feedback,
             }
         )
         return config
@@ -203,7 +294,7 @@ class TargetAttentionCTR(CTRModel):
     """A CTR baseline: select behaviours, then target attention over them.
 
     Args:
-        vocab_size, embedding_dim, mlp_units, dropout: see `CTRModel`.
+        vocab_size, embedding_dim, mlp_units, dropout, wide, feedback, split_feedback: see `CTRModel`.
         selector: str. One of `SELECTORS` (see module doc). Defaults to `"recent"`.
         top_k: int. Behaviours kept by the selector (ignored by `"full"`). Defaults to 64.
         attention_form: str. `"dot"` (default) or `"mlp"` (see `TargetAttention`).
@@ -285,13 +376,16 @@ class TargetAttentionCTR(CTRModel):
             scores = ops.stop_gradient(scores)
         return recency_top_k(scores, valid, self.top_k)
 
-    def user_interest(self, history_ids, target_ids, training=False):
+    def user_interest(self, history_ids, target_ids, training=False, context=None):
         if not self.attention.built:
             self.attention.build((None, self.embedding_dim), (None, None, self.embedding_dim))
         target = self.item_encoder(target_ids)  # (B, d)
         indices, mask = self.select(history_ids, target_ids)
         selected = history_ids if self.selector == "full" else ops.take_along_axis(history_ids, indices, axis=1)
         behaviours = self.item_encoder(selected)  # (B, k, d)
+        if context is not None:
+            behaviours = behaviours + (context if self.selector == "full"
+                                       else ops.take_along_axis(context, indices[..., None], axis=1))
         return target, self.attention(target, behaviours, mask, training=training)
 
     def get_config(self):

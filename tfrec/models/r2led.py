@@ -27,7 +27,7 @@ from keras import ops
 
 from tfrec.layers.bilevel_fusion import BiLevelFusion
 from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, l2_normalize, shared_prefix_length
-from tfrec.models.ctr_baselines import CTRModel, table_argument
+from tfrec.models.ctr_baselines import CTRModel, repeat_rows, table_argument
 
 R2LED_VARIANTS = ("r2led", "r2led-no-multiroute", "r2led-no-mixed-semantic",
                   "r2led-no-mixed-collaborative", "r2led-no-gate")
@@ -189,36 +189,40 @@ class R2LED(CTRModel):
             "history_mask": history_ids > 0,
         })
 
-    def _candidate_probabilities(self, history_ids, candidate_ids):
+    def _candidate_probabilities(self, features, candidate_ids):
         # The history's item vectors are gathered once per row, not once per candidate:
         # similarities of C candidates to H behaviours are one (C, d) x (d, H) product per row.
+        history_ids = features["history_ids"]
         table = self._retrieval_table()  # (V, d)
         similarity = ops.einsum("bhd,bcd->bch", ops.take(table, history_ids, axis=0),
                                 ops.take(table, candidate_ids, axis=0))  # (B, C, H)
-        repeated = ops.repeat(history_ids, ops.shape(candidate_ids)[1], axis=0)  # (B * C, H)
-        return self._probabilities(repeated, ops.reshape(candidate_ids, (-1,)),
+        repeated = repeat_rows(features, ops.shape(candidate_ids)[1])  # (B * C, ...)
+        return self._probabilities({**repeated, "target_id": ops.reshape(candidate_ids, (-1,))},
                                    similarity=ops.reshape(similarity, (-1, ops.shape(history_ids)[1])))
 
-    def user_interest(self, history_ids, target_ids, training=False, similarity=None):
+    def user_interest(self, history_ids, target_ids, training=False, context=None, similarity=None):
         indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity)  # (B, R, k)
         batch = ops.shape(history_ids)[0]
         flat = ops.reshape(indices, (batch, -1))  # (B, R * k)
         selected = ops.reshape(ops.take_along_axis(history_ids, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        extra = None
+        if context is not None:  # feedback + gap embedding of each retrieved behaviour
+            extra = ops.take_along_axis(context, flat[..., None], axis=1)  # (B, R * k, d)
+            extra = ops.reshape(extra, (batch, indices.shape[1], indices.shape[2], self.embedding_dim))
+        if not self.fusion.built:
+            self.fusion.build({"target_embedding": (None, self.embedding_dim),
+                               "target_sids": (None, self.sids_shape[1])})
         if self.fuse_table:  # SID-level fusion once per item of the table, then gathers
-            if not self.fusion.built:
-                self.fusion.build({"target_embedding": (None, self.embedding_dim),
-                                   "target_sids": (None, self.sids_shape[1])})
             table = self.fusion.fuse_items(self.item_encoder.all_items(), self.item_sids)  # (V, d)
-            fused = self.fusion.fuse_routes(ops.take(table, target_ids, axis=0),
-                                            ops.take(table, selected, axis=0), mask, training=training)
-        else:
-            fused = self.fusion({
-                "target_embedding": self.item_encoder(target_ids),  # (B, d)
-                "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
-                "behaviour_embeddings": self.item_encoder(selected),  # (B, R, k, d)
-                "behaviour_sids": ops.take(self.item_sids, selected, axis=0),  # (B, R, k, L)
-                "behaviour_mask": mask,
-            }, training=training)
+            target = ops.take(table, target_ids, axis=0)  # (B, d)
+            behaviours = ops.take(table, selected, axis=0)  # (B, R, k, d)
+        else:  # SID-level fusion of each retrieved behaviour
+            target = self.fusion.fuse_items(self.item_encoder(target_ids), ops.take(self.item_sids, target_ids, axis=0))
+            behaviours = self.fusion.fuse_items(self.item_encoder(selected),
+                                                ops.take(self.item_sids, selected, axis=0))  # (B, R, k, d)
+        if extra is not None:
+            behaviours = behaviours + extra
+        fused = self.fusion.fuse_routes(target, behaviours, mask, training=training)
         return fused["target"], fused["interest"]
 
     def get_config(self):
@@ -242,3 +246,53 @@ class R2LED(CTRModel):
             }
         )
         return config
+
+
+def sid_matches(item_sids, history_ids, target_ids, levels=None):
+    """Mean number of behaviours per sample sharing at least `l` leading SID codes with the
+    target, for each route level `l` (what each route can retrieve semantically).
+
+    Args:
+        item_sids: int `(V, L)` (negative = no code).
+        history_ids: int `(B, H)` (0 = padding); target_ids: int `(B,)`.
+        levels: route levels (default `1..L`).
+
+    Returns:
+        `{level: mean count}`.
+
+    >>> sids = np.array([[-1, -1], [-1, -1], [0, 0], [0, 1], [1, 0]])
+    >>> sid_matches(sids, np.array([[2, 3, 4, 0]]), np.array([2]))
+    {1: 2.0, 2: 1.0}
+    """
+    item_sids = np.asarray(item_sids)
+    history_ids, target_ids = np.asarray(history_ids), np.asarray(target_ids)
+    levels = list(levels or range(1, item_sids.shape[1] + 1))
+    shared = np.asarray(shared_prefix_length(item_sids[history_ids], item_sids[target_ids][:, None, :]))
+    valid = history_ids > 0
+    return {int(level): float(((shared >= level) & valid).sum(1).mean()) for level in levels}
+
+
+def route_overlap(model, history_ids, target_ids):
+    """Mean Jaccard overlap between the behaviour sets two routes of an `R2LED` retrieve,
+    per route pair `"i-j"` (route levels), over the given samples (pairs of empty sets skipped)."""
+    indices, mask = model.retrieve(history_ids, target_ids)
+    indices, mask = np.asarray(indices), np.asarray(mask)
+    levels = model.retrieval.levels
+    out = {}
+    for i in range(len(levels)):
+        for j in range(i + 1, len(levels)):
+            scores = []
+            for b in range(indices.shape[0]):
+                a, c = set(indices[b, i][mask[b, i]].tolist()), set(indices[b, j][mask[b, j]].tolist())
+                if a or c:
+                    scores.append(len(a & c) / len(a | c))
+            out[f"{levels[i]}-{levels[j]}"] = float(np.mean(scores)) if scores else None
+    return out
+
+
+def route_diagnostics(model, history_ids, target_ids):
+    """`{"sid_matches": {level: mean}, "route_overlap": {"i-j": mean Jaccard}}` of an
+    `R2LED` on a batch of requests (the benchmark reports them at history 1,024)."""
+    return {"sid_matches": sid_matches(np.asarray(model.item_sids), history_ids, target_ids,
+                                       model.retrieval.levels if model.retrieval.built else None),
+            "route_overlap": route_overlap(model, history_ids, target_ids)}
