@@ -65,7 +65,24 @@ class ModelServer:
             per_model_batching=self.options.per_model_batching,
             allowed_python_modules=self.options.allowed_python_modules, **kwargs
         )
-        self.core = ServingCore(self.registry, self.metrics)
+        self.history_store = None
+        histories = None
+        if self.options.history_store:
+            from export.server.user_history import UserHistories
+            from tfrec.history import open_store
+
+            from tfrec.history import HistoryStoreError
+
+            try:
+                self.history_store = open_store(self.options.history_store)
+            except HistoryStoreError as err:
+                raise ValueError(f"cannot open the history store: {err}") from None
+            try:
+                histories = UserHistories(self.history_store, self.options.history_length)
+            except ValueError:
+                self.history_store.close()
+                raise
+        self.core = ServingCore(self.registry, self.metrics, histories)
         self.registry.context = self.core
         self.metrics.set_version_states(self.registry.version_states)
         self._grpc: Optional[grpc.Server] = None
@@ -158,6 +175,8 @@ class ModelServer:
             self.registry.close(timeout=max(0.0, deadline - time.monotonic()))
             if self.batch_scheduler is not None:
                 self.batch_scheduler.close()
+            if self.history_store is not None:
+                self.history_store.close()
             self._stopped.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:

@@ -25,6 +25,7 @@ from tfrec.history.base import (
     StoreUnavailable,
     check_event,
     check_events,
+    event_from_mapping,
 )
 
 
@@ -50,4 +51,4 @@ def open_store(url: str, root=None, **options) -> HistoryStore:
 
 
 __all__ = ["Event", "HistoryStore", "HistoryStoreError", "InvalidEvent", "StoreUnavailable", "check_event",
-           "check_events", "open_store", "MAX_APPEND", "MAX_ID_BYTES", "MAX_TOKEN_BYTES"]
+           "check_events", "event_from_mapping", "open_store", "MAX_APPEND", "MAX_ID_BYTES", "MAX_TOKEN_BYTES"]

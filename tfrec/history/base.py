@@ -133,6 +133,30 @@ def check_event(event, index=None) -> Event:
     return Event(event.user, event.item, int(timestamp), float(feedback), event.event_id)
 
 
+EVENT_FIELDS = ("user", "item", "timestamp", "feedback", "event_id")
+DEFAULT_FEEDBACK = 1.0  # when an event (JSON object) has no feedback
+
+
+def event_from_mapping(obj, index=None) -> Event:
+    """A validated :class:`Event` from a JSON object ``{"user", "item", "timestamp", "event_id"[, "feedback"]}``.
+
+    ``feedback`` defaults to 1.0 (ours: an implicit-feedback event); other keys are refused.
+
+    >>> event_from_mapping({"user": "u", "item": "i", "timestamp": 3, "event_id": "e"})
+    Event(user='u', item='i', timestamp=3, feedback=1.0, event_id='e')
+    """
+    if not isinstance(obj, dict):
+        raise InvalidEvent("event", f"must be a JSON object, got {type(obj).__name__}", index)
+    unknown = sorted(set(obj) - set(EVENT_FIELDS), key=str)
+    if unknown:
+        raise InvalidEvent(str(unknown[0])[:64], f"unknown field (fields: {', '.join(EVENT_FIELDS)})", index)
+    for field in ("user", "item", "timestamp", "event_id"):
+        if field not in obj:
+            raise InvalidEvent(field, "missing", index)
+    return check_event(Event(obj["user"], obj["item"], obj["timestamp"], obj.get("feedback", DEFAULT_FEEDBACK),
+                             obj["event_id"]), index)
+
+
 def check_events(events: Sequence[Event]) -> List[Event]:
     """Every event validated (the first invalid one raises), at most ``MAX_APPEND``."""
     events = list(events)
