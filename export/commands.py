@@ -292,6 +292,9 @@ def _cmd_query(args) -> None:
         inputs = {}
         for text in args.input:
             name, value = parse_input(text)
+            if name == "user_id" and "history" in signature["inputs"]:  # by user id (server --history_store)
+                inputs[name] = _expand(value, 1)
+                continue
             if name not in signature["inputs"]:
                 raise ValueError(
                     f"signature '{args.signature}' has no input {name!r}; inputs: {', '.join(signature['inputs'])}"

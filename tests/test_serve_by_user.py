@@ -210,3 +210,14 @@ def test_redis_store_serves_by_id_and_survives_redis_going_away(model_configs, t
             assert status == 200 and again == by_history  # requests with a history still served
         finally:
             srv.stop()
+
+
+def test_tfrec_query_by_user_id(server, stub, capsys):
+    from tfrec.cli import main
+
+    argv = ["query", "--address", server.grpc_address, "--model", "seq", "--signature", "recommend",
+            "--input", "user_id=u1", "--input", "exclude_history=[true]"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = predict(stub, "seq", "recommend", history=histories(["u1"]), exclude_history=np.array([True]))
+    assert printed["outputs"]["item_ids"] == [[t.decode() for t in expected["item_ids"][0]]]
