@@ -6,6 +6,7 @@ answer for the history the store holds, sent explicitly.
 """
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -221,3 +222,59 @@ def test_tfrec_query_by_user_id(server, stub, capsys):
     printed = json.loads(capsys.readouterr().out)
     expected = predict(stub, "seq", "recommend", history=histories(["u1"]), exclude_history=np.array([True]))
     assert printed["outputs"]["item_ids"] == [[t.decode() for t in expected["item_ids"][0]]]
+
+
+def test_events_acknowledged_by_a_killed_server_are_kept(tmp_path):
+    """`tfrec serve --history_store` is SIGKILLed while a client posts events: every acknowledged one is stored."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    url = f"sqlite://{tmp_path / 'events.db'}"
+    command = [sys.executable, "-m", "tfrec.cli", "serve", "--model_name", "none", "--model_base_path",
+               str(tmp_path / "no-models"), "--port", "0", "--rest_api_port", "0", "--history_store", url]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONPATH": root})
+    try:
+        rest_url = None
+        for _ in range(20):
+            line = serve.stdout.readline()
+            match = re.search(r"REST on (http://\S+)", line)
+            if match:
+                rest_url = match.group(1)
+                break
+        assert rest_url, "the server did not report its REST port"
+        server = SimpleNamespace(rest_url=rest_url)
+        acknowledged = []
+
+        def post_events():  # until the server dies
+            for i in range(100_000):
+                try:
+                    status, body = rest(server, "/v1/events",
+                                        {"events": event_docs([(f"k{i % 3}", f"item-{i}", i, f"e{i}")])})
+                except OSError:
+                    return
+                assert (status, body["appended"]) == (200, 1)
+                acknowledged.append(i)
+
+        import threading
+
+        client = threading.Thread(target=post_events)
+        client.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.kill(serve.pid, signal.SIGKILL)  # mid-ingestion: the client is still posting
+        serve.wait()
+    client.join(30)
+    assert len(acknowledged) >= 40
+    store = open_store(url)
+    stored = {e.item for u in range(3) for e in store.recent(f"k{u}", 10_000)}
+    store.close()
+    assert {f"item-{i}" for i in acknowledged} <= stored  # every acknowledged event survived
+    assert len(stored) <= len(acknowledged) + 1  # at most the one in flight when killed
