@@ -158,6 +158,9 @@ def test_bad_urls_and_roots(tmp_path):
     assert inside.path == str(tmp_path / "e.db")
     inside.close()
     assert parse_redis_url("redis://127.0.0.1") == ("127.0.0.1", 6379, 0)
+    (tmp_path / "garbage.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreUnavailable, match="garbage.db"):
+        open_store(f"sqlite://{tmp_path / 'garbage.db'}")
     with pytest.raises(ValueError, match="synchronous"):
         SQLiteHistoryStore(str(tmp_path / "x.db"), synchronous="OFF")
 

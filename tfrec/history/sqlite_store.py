@@ -126,7 +126,7 @@ class SQLiteHistoryStore(HistoryStore):
                 conn = self._connect()
             try:
                 yield conn
-            except sqlite3.OperationalError as err:  # locked beyond the timeout, disk full, I/O error
+            except sqlite3.DatabaseError as err:  # locked beyond the timeout, disk full, I/O error, corrupt file
                 raise StoreUnavailable(f"history store {os.path.basename(self.path)}: {err}") from None
             finally:
                 if conn.in_transaction:
