@@ -76,6 +76,7 @@ def test_delete_user_forgets_everything(store):
 def test_text_round_trips(store):
     store.append([ev("ünï cødé", "item with spaces/and:colons{}", -5, "é", feedback=-2.5)])
     assert store.recent("ünï cødé", 1) == [Event("ünï cødé", "item with spaces/and:colons{}", -5, -2.5, "é")]
+    assert store.recent_items("ünï cødé", 1) == ["item with spaces/and:colons{}"]
 
 
 @pytest.mark.parametrize("event, field", [

@@ -184,14 +184,21 @@ class HistoryStore(abc.ABC):
 
     def recent(self, user: str, n: int) -> List[Event]:
         """The most recent ``n`` events of ``user``, oldest first (timestamp, then arrival); ``[]`` if none."""
-        check_user(user)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_read:
-            raise InvalidEvent("n", f"must be an int in [1, {self.max_read}], got {n!r}")
+        self._check_read(user, n)
         return self._read(user, n)
 
     def recent_items(self, user: str, n: int) -> List[str]:
-        """The item tokens of :meth:`recent`."""
-        return [event.item for event in self.recent(user, n)]
+        """The item tokens of :meth:`recent` (what a request by user id reads; backends make it cheap)."""
+        self._check_read(user, n)
+        return self._read_items(user, n)
+
+    def _check_read(self, user, n) -> None:
+        check_user(user)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_read:
+            raise InvalidEvent("n", f"must be an int in [1, {self.max_read}], got {n!r}")
+
+    def _read_items(self, user: str, n: int) -> List[str]:
+        return [event.item for event in self._read(user, n)]
 
     def delete_user(self, user: str) -> int:
         """Forget every event of ``user``; how many were deleted."""

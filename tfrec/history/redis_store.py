@@ -107,6 +107,10 @@ class RedisHistoryStore(HistoryStore):
             events.append(Event(user, item, int(ts), float(feedback), event_id))
         return events
 
+    def _read_items(self, user: str, n: int) -> List[str]:
+        members = self._run(lambda: self._client.zrange(self._key(user, "ev"), -n, -1))
+        return [member.split(b"\t", 3)[2].decode("utf-8") for member in members]
+
     def _delete(self, user: str) -> int:
         def delete():
             pipe = self._client.pipeline(transaction=True)

@@ -15,8 +15,9 @@ Several processes may open the same file (writers queue on SQLite's lock, up to
 pool of connections (``pool_size``) shared by its threads.
 
 Schema: ``events(seq INTEGER PRIMARY KEY AUTOINCREMENT, user, event_id, item, ts,
-feedback, UNIQUE(user, event_id))`` with an index on ``(user, ts, seq)``: ``seq``
-is the arrival order that breaks timestamp ties.
+feedback, UNIQUE(user, event_id))`` with an index on ``(user, ts, seq, item)``:
+``seq`` is the arrival order that breaks timestamp ties, and the index alone
+answers :meth:`recent_items` (what a request by user id reads).
 
 Example:
 >>> import os, tempfile
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
     feedback REAL NOT NULL,
     UNIQUE (user, event_id)
 );
-CREATE INDEX IF NOT EXISTS events_by_user_time ON events (user, ts, seq);
+CREATE INDEX IF NOT EXISTS events_by_user_time ON events (user, ts, seq, item);
 """
 
 
@@ -152,6 +153,12 @@ class SQLiteHistoryStore(HistoryStore):
                 "SELECT item, ts, feedback, event_id FROM events WHERE user = ? ORDER BY ts DESC, seq DESC LIMIT ?",
                 (user, n)).fetchall()
         return [Event(user, item, ts, feedback, event_id) for item, ts, feedback, event_id in reversed(rows)]
+
+    def _read_items(self, user: str, n: int) -> List[str]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT item FROM events WHERE user = ? ORDER BY ts DESC, seq DESC LIMIT ?",
+                                (user, n)).fetchall()
+        return [row[0] for row in reversed(rows)]
 
     def _delete(self, user: str) -> int:
         with self._connection() as conn:
