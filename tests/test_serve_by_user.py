@@ -206,6 +206,15 @@ def test_redis_store_serves_by_id_and_survives_redis_going_away(model_configs, t
             assert status == 503 and "unreachable" in err["error"]
             status, err = rest(srv, "/v1/events", {"events": event_docs(EVENTS[:1])})
             assert status == 503
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+            with grpc.insecure_channel(srv.grpc_address) as channel:
+                grpc_stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as info:
+                    predict(grpc_stub, "seq", "user_embedding", user_id=users("u1"))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in info.value.details()
+                embedding = predict(grpc_stub, "seq", "user_embedding", history=histories(["u1"]))["embedding"]
+                assert embedding.shape[0] == 1
             status, again = rest(srv, "/v1/models/seq:predict", {"signature_name": "recommend", "inputs": {
                 "history": hist, "exclude_history": [True, True]}})
             assert status == 200 and again == by_history  # requests with a history still served
