@@ -139,6 +139,7 @@ class ModelServer:
             reason = "address in use or not available"
         if not port:
             self.registry.close(timeout=1)
+            self._close_history_store()
             raise ValueError(f"cannot bind gRPC to {_hostport(options.host, options.port)}: {reason}")
         self.grpc_port = port
         if options.rest_api_port >= 0:
@@ -150,6 +151,7 @@ class ModelServer:
                                         allowed_hosts=options.rest_allowed_hosts)
             except ValueError:
                 self.registry.close(timeout=1)
+                self._close_history_store()
                 raise
             self.rest_port = self._rest.port
             self._rest.start()
@@ -175,9 +177,12 @@ class ModelServer:
             self.registry.close(timeout=max(0.0, deadline - time.monotonic()))
             if self.batch_scheduler is not None:
                 self.batch_scheduler.close()
-            if self.history_store is not None:
-                self.history_store.close()
+            self._close_history_store()
             self._stopped.set()
+
+    def _close_history_store(self) -> None:
+        if self.history_store is not None:
+            self.history_store.close()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until :meth:`stop` finished; ``False`` on timeout."""
