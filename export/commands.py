@@ -60,6 +60,12 @@ def add_commands(subparsers) -> None:
     limits.add_argument("--grpc_use_tensor_content", action="store_true",
                         help="pack Predict outputs into tensor_content instead of float_val/int64_val/... "
                              "(TF Serving's default is the typed fields)")
+    history = serve.add_argument_group("serving by user id (off by default)")
+    history.add_argument("--history_store", metavar="URL",
+                         help="history store enabling requests by user_id and POST /v1/events: "
+                              "sqlite:///path/events.db or redis://127.0.0.1:6379/0")
+    history.add_argument("--history_length", type=int, default=256,
+                         help="most recent events read per user for a request by user_id (default 256)")
     serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                        help="threads one op may use (0 = TensorFlow's default; 1 suits small models under "
                             "concurrent load, see export/TF_SERVING.md)")
@@ -96,6 +102,10 @@ def add_commands(subparsers) -> None:
     query.add_argument("--status", action="store_true", help="print the model's version status instead")
     query.add_argument("--metadata", action="store_true", help="print the model's signatures instead")
     query.set_defaults(func=_cmd_query)
+
+    from export.events import add_commands as add_events_commands
+
+    add_events_commands(subparsers)
 
 
 def _batching_options(args):
@@ -161,6 +171,7 @@ def server_options(args):
         grpc_max_message_bytes=args.grpc_max_message_bytes, rest_max_body_bytes=args.rest_max_body_bytes,
         rest_max_connections=args.rest_max_connections, rest_idle_timeout_seconds=args.rest_idle_timeout_seconds,
         rest_allowed_hosts=tuple(args.rest_allowed_hosts), grpc_use_tensor_content=args.grpc_use_tensor_content,
+        history_store=args.history_store, history_length=args.history_length,
     )
 
 
@@ -281,6 +292,9 @@ def _cmd_query(args) -> None:
         inputs = {}
         for text in args.input:
             name, value = parse_input(text)
+            if name == "user_id" and "history" in signature["inputs"]:  # by user id (server --history_store)
+                inputs[name] = _expand(value, 1)
+                continue
             if name not in signature["inputs"]:
                 raise ValueError(
                     f"signature '{args.signature}' has no input {name!r}; inputs: {', '.join(signature['inputs'])}"

@@ -22,6 +22,10 @@ Signatures:
   `num_candidates: int32 (batch,)` (candidates the ranker scored).
 - `recommend_k`: the same plus `k: int32 ()` (1..`candidates`) -> outputs with
   `k` columns.
+- On a server with a history store (`tfrec serve --history_store ...`), both
+  accept `user_id: string (batch,)` instead of `history`: the server reads the
+  users' recent events and the answer equals the one for that history
+  (`export.server.user_history`).
 
 A slot no candidate can fill (the retrieval answer held fewer than `k` items
 outside the history) holds item `""` with `scores` and `retrieval_scores`

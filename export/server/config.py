@@ -465,6 +465,11 @@ class ServerOptions:
         grpc_use_tensor_content: ``bool``, Predict responses pack values into
             ``tensor_content`` instead of the typed fields (``float_val`` ...), default False
             (TF Serving's default: typed fields).
+        history_store: ``str`` or ``None`` (default: off), the URL of a ``tfrec.history``
+            store (``sqlite:///path/events.db``, ``redis://127.0.0.1:6379/0``): enables requests
+            by ``user_id`` and ``POST /v1/events`` (``export.server.user_history``).
+        history_length: ``int``, most recent events read per user for a request by user id,
+            default 256 (ours; at least the longest history the served models read).
     """
 
     host: str = "127.0.0.1"
@@ -482,6 +487,8 @@ class ServerOptions:
     rest_idle_timeout_seconds: float = 30.0
     rest_allowed_hosts: tuple = ()
     grpc_use_tensor_content: bool = False
+    history_store: Optional[str] = None
+    history_length: int = 256
 
     def __post_init__(self):
         self.allowed_python_modules = tuple(self.allowed_python_modules)

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+import grpc
 import numpy as np
 
 from export.server.errors import ServingError
@@ -117,11 +118,14 @@ class ServingCore:
     Args:
         registry: ``ModelRegistry``.
         metrics: optional ``ServingMetrics``.
+        histories: optional ``export.server.user_history.UserHistories``: requests may name
+            ``user_id`` instead of ``history``, and :meth:`ingest_events` appends events.
     """
 
-    def __init__(self, registry, metrics=None):
+    def __init__(self, registry, metrics=None, histories=None):
         self.registry = registry
         self.metrics = metrics
+        self.histories = histories
         self._lock = threading.Condition()
         self._in_flight = 0
         self._draining = False
@@ -191,6 +195,7 @@ class ServingCore:
         decode: Optional[Callable[[Signature, Any], Mapping[str, Any]]] = None,
         output_filter: Sequence[str] = (),
         protocol: str = "python",
+        input_names: Optional[Sequence[str]] = None,
     ) -> PredictResult:
         """Run signature ``ref.signature`` of the model ``ref`` names.
 
@@ -202,12 +207,21 @@ class ServingCore:
             output_filter: output names to return (default all).
             protocol: label for metrics (``grpc``, ``rest``, ``python``; ``internal`` for
                 calls made by composite servables, which draining does not refuse).
+            input_names: the input names the request sends (default: the keys of ``inputs``);
+                ``user_id`` in place of ``history`` is a request by user id
+                (``export.server.user_history``).
         """
         with self._request(ref, "predict", protocol) as labels, self._acquire(ref) as servable:
             labels["model"] = servable.name
             signature = servable.signature(ref.signature_name)
             labels["signature"] = signature.name
-            arrays = decode(signature, inputs) if decode is not None else inputs
+            if input_names is None:
+                input_names = tuple(inputs) if isinstance(inputs, Mapping) else ()
+            by_user = self._by_user(signature, input_names)
+            wire_signature = self.histories.by_user_signature(signature) if by_user else signature
+            arrays = decode(wire_signature, inputs) if decode is not None else inputs
+            if by_user:
+                arrays = self.histories.replace_user_ids(validate_inputs(wire_signature, arrays))
             arrays = validate_inputs(signature, arrays)
             wanted = list(output_filter)
             seen = set()
@@ -224,6 +238,25 @@ class ServingCore:
             if wanted:
                 outputs = {k: outputs[k] for k in wanted}
             return PredictResult(servable.name, servable.version, signature.name, outputs)
+
+    def _by_user(self, signature: Signature, input_names) -> bool:
+        from export.server.user_history import USER_ID, has_history_input
+
+        if self.histories is not None:
+            return self.histories.wants_user_ids(signature, input_names)
+        if USER_ID in input_names and has_history_input(signature):
+            raise ServingError.failed_precondition(
+                f"requests by {USER_ID} need a server with a history store (tfrec serve --history_store ...)")
+        return False
+
+    def ingest_events(self, document: Any, protocol: str = "python") -> dict:
+        """Append the events of a ``{"events": [...]}`` document to the history store
+        (``UserHistories.ingest``); UNIMPLEMENTED without a store."""
+        with self._request(ModelRef(""), "events", protocol):
+            if self.histories is None:
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   "event ingestion needs a server with a history store (tfrec serve --history_store ...)")
+            return self.histories.ingest(document)
 
     def _examples_call(self, ref, examples: Sequence[bytes], api: str, fits, protocol: str):
         with self._request(ref, api, protocol) as labels, self._acquire(ref) as servable:

@@ -168,7 +168,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             result = self.core.predict(
                 model_ref(request.model_spec), request.inputs, decode=_decode_request_inputs,
-                output_filter=list(request.output_filter), protocol="grpc",
+                output_filter=list(request.output_filter), protocol="grpc", input_names=tuple(request.inputs),
             )
             response = predict_pb2.PredictResponse(
                 model_spec=_model_spec(result.name, result.version, result.signature)

@@ -5,6 +5,8 @@ Routes (paths are case-insensitive, as in TF Serving):
 - ``GET  /v1/models/<name>[/versions/<v>|/labels/<l>]``: model status;
 - ``GET  /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata``: signatures;
 - ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict|classify|regress``;
+- ``POST /v1/events``: append user events to the history store (servers started with
+  one; ``export.server.user_history``), ``{"events": [...]}`` -> ``{"received", "appended"}``;
 - ``GET  /monitoring/prometheus/metrics``: Prometheus metrics (text format);
 - ``GET  /healthz``: 200 ``{"status": "ok"}`` when every configured model has an
   available version and the server is not shutting down, else 503 naming what is
@@ -57,10 +59,12 @@ from export.server import json_format
 from export.server.core import TRIM_AFTER_BYTES, ModelRef, ServingCore, release_memory
 from export.server.errors import ServingError, wire_message
 from export.server.metrics import CONTENT_TYPE
+from export.server.user_history import request_input_names
 
 logger = logging.getLogger(__name__)
 
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+EVENTS_PATH = "/v1/events"
 MAX_BODY_BYTES = 64 << 20  # default body limit (ServerOptions.rest_max_body_bytes)
 MAX_LINE_BYTES = 8192  # a chunk-size line longer than this is malformed
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
@@ -332,6 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _v1(self, method: str, path: str, body: bytes):
         core: ServingCore = self.server.core
         if method == "POST":
+            if path.lower() == EVENTS_PATH:
+                return 200, core.ingest_events(json_format.parse_body(body), protocol="rest")
             match = _PREDICT_RE.fullmatch(path)
             if match:
                 name, version, label, verb = match.groups()
@@ -379,7 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
         from export.server.servable import SignatureNotFound
 
         try:
-            result = core.predict(ref, holder, decode=decode, protocol="rest")
+            result = core.predict(ref, holder, decode=decode, protocol="rest",
+                                  input_names=request_input_names(holder[0]))
         except SignatureNotFound as err:  # REST reports it as a bad request (GetInfoMap)
             raise ServingError.invalid_argument(
                 f'Serving signature name: "{err.signature_name}" not found in signature def'

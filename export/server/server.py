@@ -65,7 +65,24 @@ class ModelServer:
             per_model_batching=self.options.per_model_batching,
             allowed_python_modules=self.options.allowed_python_modules, **kwargs
         )
-        self.core = ServingCore(self.registry, self.metrics)
+        self.history_store = None
+        histories = None
+        if self.options.history_store:
+            from export.server.user_history import UserHistories
+            from tfrec.history import open_store
+
+            from tfrec.history import HistoryStoreError
+
+            try:
+                self.history_store = open_store(self.options.history_store)
+            except HistoryStoreError as err:
+                raise ValueError(f"cannot open the history store: {err}") from None
+            try:
+                histories = UserHistories(self.history_store, self.options.history_length)
+            except ValueError:
+                self.history_store.close()
+                raise
+        self.core = ServingCore(self.registry, self.metrics, histories)
         self.registry.context = self.core
         self.metrics.set_version_states(self.registry.version_states)
         self._grpc: Optional[grpc.Server] = None
@@ -122,6 +139,7 @@ class ModelServer:
             reason = "address in use or not available"
         if not port:
             self.registry.close(timeout=1)
+            self._close_history_store()
             raise ValueError(f"cannot bind gRPC to {_hostport(options.host, options.port)}: {reason}")
         self.grpc_port = port
         if options.rest_api_port >= 0:
@@ -133,6 +151,7 @@ class ModelServer:
                                         allowed_hosts=options.rest_allowed_hosts)
             except ValueError:
                 self.registry.close(timeout=1)
+                self._close_history_store()
                 raise
             self.rest_port = self._rest.port
             self._rest.start()
@@ -158,7 +177,12 @@ class ModelServer:
             self.registry.close(timeout=max(0.0, deadline - time.monotonic()))
             if self.batch_scheduler is not None:
                 self.batch_scheduler.close()
+            self._close_history_store()
             self._stopped.set()
+
+    def _close_history_store(self) -> None:
+        if self.history_store is not None:
+            self.history_store.close()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until :meth:`stop` finished; ``False`` on timeout."""

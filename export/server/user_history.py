@@ -1,0 +1,174 @@
+"""Requests by user id and event ingestion: the model server's side of the history store (issue 22).
+
+With a history store (``ServerOptions.history_store``, ``tfrec serve
+--history_store sqlite:///path/events.db`` or ``redis://127.0.0.1:6379/0``):
+
+- **by user id**: any signature with a ``history: string (batch, None)`` input
+  (the sequential servable's ``recommend``/``user_embedding``, the ranker's
+  ``score``, the two-stage ``recommend``/``recommend_k``) also accepts
+  ``user_id: string (batch,)`` in its place. The server reads each user's
+  ``history_length`` most recent events (oldest first, right-padded with ``""``)
+  and runs the signature on that history, so the answer equals the one for the
+  same history sent explicitly. Other inputs (``exclude_history``, ``k``, ...) are
+  sent as usual.
+- **cold start** (ours): a user with no event in the store is answered
+  ``NOT_FOUND`` (REST 404) ``user '<id>' has no events in the history store
+  (cold start)``, for the whole request. The client falls back (e.g. to popular
+  items, or sends a history); we do not invent an answer the model did not give.
+- **ingestion**: ``POST /v1/events`` (REST) with ``{"events": [{"user": ..., "item":
+  ..., "timestamp": <int>, "event_id": ..., "feedback": <float, default 1>}, ...]}``
+  appends the batch atomically (all validated first; a bad event answers 400
+  naming its index and field, nothing written) and answers ``{"received": n,
+  "appended": m}`` (``m < n``: events already stored, by ``(user, event_id)``).
+  REST only: gRPC serves TF Serving's fixed ``PredictionService`` protos, and an
+  extra gRPC service would need its own proto that TF Serving clients lack.
+- **errors**: a malformed ``user_id`` is INVALID_ARGUMENT; a store that is
+  unreachable or times out is UNAVAILABLE (REST 503); the server keeps serving.
+
+Bounds: at most ``max_users`` user ids per request (default 1,024), at most
+``MAX_APPEND`` events per ingestion request, ``history_length`` <= the store's
+``max_read``. Nothing in a request chooses a file: the store is the server's.
+
+Example:
+>>> import os, tempfile
+>>> import numpy as np
+>>> from tfrec.history import Event, open_store
+>>> store = open_store("sqlite:///" + os.path.join(tempfile.mkdtemp(), "h.db"))
+>>> _ = store.append([Event("u1", "i3", 2, 1.0, "e2"), Event("u1", "i9", 1, 1.0, "e1"), Event("u2", "i4", 1, 1.0, "e")])
+>>> UserHistories(store, history_length=5).histories(np.array([b"u1", b"u2"], dtype=object)).tolist()
+[[b'i9', b'i3'], [b'i4', b'']]
+>>> store.close()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from export.server.errors import ServingError
+from export.server.servable import Signature
+from tfrec.history import MAX_APPEND, InvalidEvent, StoreUnavailable, event_from_mapping
+
+USER_ID = "user_id"
+HISTORY = "history"
+DEFAULT_HISTORY_LENGTH = 256
+DEFAULT_MAX_USERS = 1024
+
+
+def has_history_input(signature: Signature) -> bool:
+    """Whether ``signature`` takes a ``history: string (batch, None)`` input (and no ``user_id``)."""
+    import tensorflow as tf
+
+    spec = signature.inputs.get(HISTORY)
+    return (spec is not None and USER_ID not in signature.inputs and spec.dtype == tf.string
+            and spec.shape.rank == 2)
+
+
+def store_error(err: Exception) -> ServingError:
+    """The serving status of a history store error."""
+    if isinstance(err, InvalidEvent):
+        return ServingError.invalid_argument(str(err))
+    if isinstance(err, StoreUnavailable):
+        return ServingError.unavailable(str(err))
+    return ServingError.from_exception(err)
+
+
+class UserHistories:
+    """Turns ``user_id`` inputs into histories read from a ``tfrec.history.HistoryStore``; appends events.
+
+    Args:
+        store: ``HistoryStore`` (owned by the caller).
+        history_length: ``int``, most recent events read per user (default 256; use at least the
+            longest history the served models read).
+        max_users: ``int``, most user ids in one request (default 1,024).
+    """
+
+    def __init__(self, store, history_length: int = DEFAULT_HISTORY_LENGTH, max_users: int = DEFAULT_MAX_USERS):
+        for name, value in (("history_length", history_length), ("max_users", max_users)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if history_length > store.max_read:
+            raise ValueError(f"history_length={history_length} exceeds the store's max_read={store.max_read}")
+        self.store, self.history_length, self.max_users = store, history_length, max_users
+
+    def wants_user_ids(self, signature: Signature, names) -> bool:
+        """Whether a request sending input ``names`` to ``signature`` names users instead of a history."""
+        return USER_ID in names and HISTORY not in names and has_history_input(signature)
+
+    @staticmethod
+    def by_user_signature(signature: Signature) -> Signature:
+        """``signature`` with ``history`` replaced by ``user_id: string (batch,)`` (what by-id requests decode to)."""
+        import tensorflow as tf
+
+        inputs = {k: v for k, v in signature.inputs.items() if k != HISTORY}
+        inputs[USER_ID] = tf.TensorSpec([None], tf.string)
+        return Signature(signature.name, inputs, signature.outputs, signature.method_name)
+
+    def histories(self, user_ids: np.ndarray) -> np.ndarray:
+        """``(batch, longest)`` bytes object array: each user's recent items, oldest first, padded ``b""``.
+
+        ``ServingError``: NOT_FOUND for a user without events (cold start), INVALID_ARGUMENT for a
+        malformed id or too many, UNAVAILABLE when the store fails.
+        """
+        if user_ids.ndim != 1 or not len(user_ids):
+            raise ServingError.invalid_argument(f"{USER_ID} must be a non-empty vector of user ids, "
+                                                f"got shape {list(user_ids.shape)}")
+        if len(user_ids) > self.max_users:
+            raise ServingError.invalid_argument(f"{len(user_ids)} user ids in one request, more than the limit "
+                                                f"of {self.max_users}")
+        rows = []
+        for raw in user_ids.tolist():
+            try:
+                user = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError:
+                raise ServingError.invalid_argument(f"{USER_ID} {raw[:64]!r} is not UTF-8") from None
+            try:
+                items = self.store.recent_items(user, self.history_length)
+            except Exception as err:  # noqa: BLE001 - store errors become statuses
+                raise store_error(err) from None
+            if not items:
+                raise ServingError.not_found(f"user {user[:128]!r} has no events in the history store (cold start: "
+                                             "send a history instead, e.g. popular items)")
+            rows.append([item.encode("utf-8") for item in items])
+        width = max(len(row) for row in rows)
+        history = np.full((len(rows), width), b"", dtype=object)
+        for i, row in enumerate(rows):
+            history[i, : len(row)] = row
+        return history
+
+    def replace_user_ids(self, arrays: Mapping[str, Any]) -> dict:
+        """``arrays`` with ``user_id`` replaced by ``history`` read from the store."""
+        arrays = dict(arrays)
+        arrays[HISTORY] = self.histories(np.asarray(arrays.pop(USER_ID), dtype=object))
+        return arrays
+
+    def ingest(self, document: Any) -> dict:
+        """Append the events of a ``{"events": [...]}`` document; ``{"received": n, "appended": m}``."""
+        if not isinstance(document, dict) or set(document) != {"events"}:
+            raise ServingError.invalid_argument('expected a JSON object {"events": [...]}')
+        events = document["events"]
+        if not isinstance(events, list) or not events:
+            raise ServingError.invalid_argument("events must be a non-empty JSON array")
+        if len(events) > MAX_APPEND:
+            raise ServingError.invalid_argument(f"{len(events)} events in one request, more than the limit "
+                                                f"of {MAX_APPEND}")
+        try:
+            parsed = [event_from_mapping(obj, index) for index, obj in enumerate(events)]
+            appended = self.store.append(parsed)
+        except Exception as err:  # noqa: BLE001
+            raise store_error(err) from None
+        return {"received": len(parsed), "appended": appended}
+
+
+def request_input_names(document: Any) -> Sequence[str]:
+    """Input names a REST Predict body sends (named ``inputs`` or ``instances`` objects); ``()`` otherwise."""
+    if not isinstance(document, dict):
+        return ()
+    inputs = document.get("inputs")
+    if isinstance(inputs, dict):
+        return tuple(inputs)
+    instances = document.get("instances")
+    if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+        return tuple(instances[0])
+    return ()
