@@ -293,6 +293,41 @@ def wide_options(data, user_id=True, profile=True, genres=True, smoothing=5.0):
     return options
 
 
+HISTORY_FEATURES = ("history_labels", "history_ratings", "history_gaps")  # (B, H) beside history_ids
+USER_FEATURES = ("user_id", "user_profile")  # (B,) / (B, P)
+
+
+def check_ids(name, value, size):
+    """Raise `ValueError` when numpy `value` holds ids outside `[0, size)` or non-integers."""
+    if isinstance(value, (np.ndarray, list)):
+        arr = np.asarray(value)
+        if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= size):
+            raise ValueError(f"{name} must be integer ids in [0, {size}), "
+                             f"got dtype {arr.dtype}, range [{arr.min()}, {arr.max()}].")
+
+
+def score_candidates(model, history_ids, candidate_ids, features):
+    """`model.score`: click probabilities `(B, C)` of `C` candidates per history.
+
+    `features`: optional `history_labels`, `history_ratings`, `history_gaps` `(B, H)`
+    and `user_id (B,)`, `user_profile (B, P)` (absent = unknown feedback / user)."""
+    unknown = sorted(set(features) - set(HISTORY_FEATURES) - set(USER_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown score features {unknown}; known: {HISTORY_FEATURES + USER_FEATURES}.")
+    check_ids("history_ids", history_ids, model.vocab_size)
+    check_ids("candidate_ids", candidate_ids, model.vocab_size)
+    features = {k: v for k, v in features.items() if v is not None}
+    history_ids = ops.cast(history_ids, "int32")
+    candidate_ids = ops.cast(candidate_ids, "int32")
+    if len(candidate_ids.shape) == 1:
+        candidate_ids = candidate_ids[:, None]
+    features = {"history_ids": history_ids, **features}
+    if not model.built:  # the first call builds the model through keras
+        model({**{k: v[:1] for k, v in features.items()}, "target_id": candidate_ids[:1, 0]})
+    return ops.reshape(model._candidate_probabilities(features, candidate_ids), ops.shape(candidate_ids))
+
+
+
 @keras.saving.register_keras_serializable(package="tfrec")
 class WideCTR(keras.Model):
     """The wide part alone: `sigmoid(WidePart logit)`, the `popularity` and `logreg` references.
@@ -316,8 +351,6 @@ class WideCTR(keras.Model):
         return ops.sigmoid(self.wide(inputs)[0])
 
     def score(self, history_ids, candidate_ids, **features):
-        from tfrec.models.ctr_baselines import score_candidates
-
         return score_candidates(self, history_ids, candidate_ids, features)
 
     def compile(self, optimizer="adam", loss="binary_crossentropy", **kwargs):
