@@ -305,6 +305,38 @@ def load_checkpoint(directory, model, first_batch, run_key=None):
     return state
 
 
+def _build_from_local_batch(model, strategy, batch):
+    """Build `model` (symbolically) from one undistributed batch before a multi-replica `fit`.
+
+    Keras 3's TF trainer builds a model under a strategy from the first distributed
+    batch by `strategy.reduce("MEAN", batch)`, which fails on an `(x, y)` structure of
+    `PerReplica` values; the build only needs shapes and dtypes, so we give it a
+    local batch and skip that step."""
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    object.__setattr__(model, "_maybe_symbolic_build", lambda iterator=None, data_batch=None: None)
+
+
+def _patch_multi_worker_log_reduction():
+    """Keras 3's TF trainer reduces a multi-worker step's scalar logs with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars; reduce them with
+    `axis=None` (the mean over replicas) instead. Idempotent; multi-worker only."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_tfrec_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return tf.nest.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._tfrec_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value)) if value is not None else None
 
@@ -384,6 +416,11 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     all_callbacks = [tracker, *callbacks]
     if tensorboard_dir and chief:
         all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
+
+    if strategy.num_replicas_in_sync > 1:
+        _build_from_local_batch(model, strategy, next(iter(data_fn(first_epoch).take(1))))
+    if _multi_worker(strategy):
+        _patch_multi_worker_log_reduction()
 
     epoch = first_epoch
     finished = state is not None and state["tracker"]["stop_reason"] is not None
