@@ -29,11 +29,12 @@ def _tables(results):
     for split in results["splits"].values():
         protocols += [p for p in split if p not in protocols]
     reference = results.get("reference", {}).get("popularity", {})
+    label = results.get("config", {}).get("model", {}).get("backbone", "model")
     out = []
     for protocol in protocols:
         rows = [
             {"split": name, "model": model, "protocol": protocol, **metrics[protocol]}
-            for model, splits in (("model", results["splits"]), ("popularity", reference))
+            for model, splits in ((label, results["splits"]), ("popularity", reference))
             for name, metrics in splits.items()
             if protocol in metrics
         ]
