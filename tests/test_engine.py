@@ -216,7 +216,8 @@ WORKER = textwrap.dedent('''
 
     result = fit(model, epoch_data, NegMSE(), EngineConfig(epochs=3, patience=5, monitor="neg_mse"),
                  verbose=0, strategy=strategy)
-    print("RESULT " + json.dumps({"replicas": strategy.num_replicas_in_sync, "final": result.validation_curve[-1]["neg_mse"]}))
+    final = result.validation_curve[-1]["neg_mse"]
+    print("RESULT " + json.dumps({"replicas": strategy.num_replicas_in_sync, "final": final}))
 ''')
 
 

@@ -74,3 +74,32 @@ def test_stream_is_lazy_and_statistics_are_streamed(tmp_path):
         np.testing.assert_array_equal(counts, np.bincount(np.concatenate(sequences), minlength=VOCAB))
     # 100x the examples, the same pipeline: nothing of the data is held in the graph.
     assert sizes[200] == sizes[20_000] < 100_000, sizes
+
+
+def test_streamed_ctr_batches_equal_the_in_memory_ones(tmp_path):
+    from tfrec.data.lifelong import lifelong_dataset
+    from tfrec.data.vocab import Vocabulary
+    from tfx_pipeline.data import LABEL, USER_ID
+    from tfx_pipeline.trainer import lifelong_data_from_examples, read_ctr_examples, streaming_ctr_dataset
+
+    rng = np.random.default_rng(0)
+    with tf.io.TFRecordWriter(str(tmp_path / "ctr.tfrecord")) as writer:
+        for i in range(120):
+            history = rng.integers(1, VOCAB, size=int(rng.integers(0, 12)))  # id 1 = OOV: dropped
+            feature = {HISTORY_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=history.tolist())),
+                       TARGET_ID: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(rng.integers(2, VOCAB))])),
+                       LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(rng.integers(0, 2))])),
+                       USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"u{i % 7}".encode()]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    files = [str(tmp_path / "ctr.tfrecord")]
+    vocab = Vocabulary([f"i{k}" for k in range(VOCAB - 2)])
+    data = lifelong_data_from_examples({"train": read_ctr_examples(files)}, vocab)
+
+    def flat(ds):
+        out = []
+        for x, y in ds:
+            out += [tuple(h) + (t, l) for h, t, l in zip(x["history_ids"].numpy().tolist(),
+                                                          x["target_id"].numpy().tolist(), y.numpy().tolist())]
+        return sorted(out)
+
+    assert flat(streaming_ctr_dataset(files, 16, 8, seed=1)) == flat(lifelong_dataset(data, "train", 16, 8))

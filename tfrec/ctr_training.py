@@ -431,7 +431,7 @@ def evaluate_ctr_splits(config: CTRConfig, model, data) -> dict:
 
 
 # ---------------------------------------------------------------- training
-def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None):
+def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None, train_data=None):
     """Train, evaluate and (optionally) save one lifelong CTR model.
 
     Args:
@@ -441,6 +441,9 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         data: optional `LifelongData` (default: `load_ctr_data(config.data)`).
         semantics: optional `ItemSemantics` for `data` (default: `prepare_item_semantics`
             from `config.sids` when the model needs them).
+        train_data: optional `epoch -> tf.data.Dataset` of training batches in
+            `lifelong_dataset`'s format (default: `data`'s train split; the TFX
+            Trainer streams its TFRecords here).
 
     Returns:
         `(results, model, data)`.
@@ -463,8 +466,11 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         model.compile(optimizer=engine.build_optimizer(tc), **engine.compile_options(tc))
 
     def epoch_data(epoch):  # epoch e's order depends only on the seed and e (exact resume)
-        ds = lifelong_dataset(data, "train", batch_size=tc.batch_size, max_history=mc.max_history,
-                              shuffle=True, seed=tc.seed + epoch)
+        if train_data is not None:
+            ds = train_data(epoch)
+        else:
+            ds = lifelong_dataset(data, "train", batch_size=tc.batch_size, max_history=mc.max_history,
+                                  shuffle=True, seed=tc.seed + epoch)
         return ds.repeat() if tc.steps_per_epoch is not None else ds
 
     backup_dir, log_dir = engine_dirs(config, save)

@@ -67,25 +67,28 @@ TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
-def read_transformed(file_patterns, columns):
+def read_transformed(file_patterns, columns, histories=True):
     """`(histories: list of int64 arrays, {name: (n,) array})` from transformed examples.
 
     Args:
         file_patterns: globs of (optionally GZIP) TFRecord files of `tf.Example`s.
         columns: `{feature name: tf dtype}` of the scalar features to read beside `HISTORY_IDS`.
+        histories: False = skip `HISTORY_IDS` (returned as None): only the scalar columns.
     """
     files = transformed_files(file_patterns)
-    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64),
-            **{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}}
-    histories, values = [], {name: [] for name in columns}
+    spec = {name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}
+    if histories:
+        spec[HISTORY_IDS] = tf.io.RaggedFeature(tf.int64)
+    rows, values = [], {name: [] for name in columns}
     for path in files:
         compression = "GZIP" if path.endswith(".gz") else ""
         for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
             parsed = tf.io.parse_example(batch, spec)
-            histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
+            if histories:
+                rows += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
             for name in columns:
                 values[name].append(parsed[name].numpy())
-    return histories, {name: np.concatenate(v) for name, v in values.items()}
+    return (rows if histories else None), {name: np.concatenate(v) for name, v in values.items()}
 
 
 def read_pairs(file_patterns):
@@ -257,12 +260,40 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
     return model, report
 
 
-def read_ctr_examples(file_patterns):
-    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples."""
-    histories, columns = read_transformed(
-        file_patterns, {TARGET_ID: tf.int64, LABEL: tf.int64, USER_ID: tf.string})
-    return (histories, columns[TARGET_ID].astype(np.int64), columns[LABEL].astype(np.float32),
-            columns[USER_ID])
+def read_ctr_examples(file_patterns, histories=True):
+    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples.
+
+    `histories=False`: histories and users are None (only targets and labels are read:
+    what the popularity reference of a streamed training split needs)."""
+    columns = {TARGET_ID: tf.int64, LABEL: tf.int64}
+    if histories:
+        columns[USER_ID] = tf.string
+    rows, values = read_transformed(file_patterns, columns, histories=histories)
+    return (rows, values[TARGET_ID].astype(np.int64), values[LABEL].astype(np.float32),
+            values[USER_ID] if histories else None)
+
+
+def streaming_ctr_dataset(file_patterns, batch_size, max_history, seed=0, shuffle_buffer=10_000):
+    """`tfrec.data.lifelong.lifelong_dataset`'s training batches streamed from transformed CTR
+    examples: `({"history_ids" (B, H) int32 right-padded, oldest kept first; "target_id"
+    (B,) int32}, label (B,) float32)`, history ids outside the vocabulary dropped (as
+    `lifelong_data_from_examples`), a seeded shuffle buffer; memory bounded by the buffer."""
+    files = transformed_files(file_patterns)
+    width = int(max_history)
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64),
+            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(serialized):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        history = parsed[HISTORY_IDS]
+        history = tf.boolean_mask(history, history >= NUM_RESERVED)[-width:]
+        history = tf.cast(tf.pad(history, [[0, width - tf.shape(history)[0]]]), tf.int32)
+        return ({"history_ids": history, "target_id": tf.cast(parsed[TARGET_ID], tf.int32)},
+                tf.cast(parsed[LABEL], tf.float32))
+
+    ds = tf.data.TFRecordDataset(files, compression_type=_compression(files))
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False).map(parse)
+    return ds.batch(int(batch_size)).prefetch(2)
 
 
 def lifelong_data_from_examples(splits, item_vocab):
@@ -281,10 +312,15 @@ def lifelong_data_from_examples(splits, item_vocab):
     pieces, samples, offset = [], {}, 0
     user_index = {}
     for name, (histories, target, label, user) in splits.items():
-        known = [h[h >= NUM_RESERVED] for h in histories]
-        lengths = np.array([len(h) for h in known], np.int64)
+        # histories None (a streamed training split): empty histories, targets and labels only.
+        if histories is not None:
+            known = [h[h >= NUM_RESERVED] for h in histories]
+            lengths = np.array([len(h) for h in known], np.int64)
+        else:
+            known, lengths = [], np.zeros(len(target), np.int64)
         ends = offset + np.cumsum(lengths)
-        user_ids = np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
+        user_ids = (np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
+                    if user is not None else np.zeros(len(target), np.int64))
         samples[name] = LifelongSamples(
             event=np.arange(len(target), dtype=np.int64), user=user_ids, history_start=ends - lengths,
             history_end=ends, target_id=target.astype(np.int32), label=label.astype(np.float32),
@@ -352,13 +388,20 @@ def run_ctr(fn_args, settings, options):
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     vocab_file = tft_output.vocabulary_file_by_name(ITEM_VOCAB)
     item_vocab = Vocabulary.load(vocab_file)  # ids = line + 2
+    # Training examples are streamed (`streaming_ctr_dataset`); of the train split only targets
+    # and labels are held (the popularity reference); the eval split is read for the evaluator.
     data = lifelong_data_from_examples(
-        {"train": read_ctr_examples(fn_args.train_files), "valid": read_ctr_examples(fn_args.eval_files)}, item_vocab)
+        {"train": read_ctr_examples(fn_args.train_files, histories=False),
+         "valid": read_ctr_examples(fn_args.eval_files)}, item_vocab)
     if config.model.name == "sim-hard":
         data.item_genres = _item_genres(config, item_vocab)
     semantics = pipeline_item_semantics(config, item_vocab, fn_args.custom_config.get(SEMANTIC_STORE_KEY),
                                         fn_args.custom_config.get(SEMANTIC_IDS_KEY))
-    results, model, _ = train_ctr(config, verbose=2, save=False, data=data, semantics=semantics)
+    tc = config.train
+    results, model, _ = train_ctr(
+        config, verbose=2, save=False, data=data, semantics=semantics,
+        train_data=lambda epoch: streaming_ctr_dataset(fn_args.train_files, tc.batch_size, config.model.max_history,
+                                                       seed=tc.seed + epoch))
     results["semantic_store"] = fn_args.custom_config.get(SEMANTIC_STORE_KEY)
     results["semantic_ids"] = fn_args.custom_config.get(SEMANTIC_IDS_KEY)
     results["train_steps"] = options.get("train_steps")
