@@ -104,7 +104,9 @@ def test_budget_stops_inside_the_epoch_and_validates_the_partial_epoch():
     config = EngineConfig(epochs=3, patience=10, monitor="neg_mse", max_train_seconds=3.0)
     slow = epoch_data(x, y, 0, batch_size=1)  # 2048 batches: far more than 3 s
     model.fit(slow(0).take(2), verbose=0)  # trace the train step first (its compile time is not the point here)
-    result = fit(model, slow, NegMSE(*data(64, 1)), config, verbose=0, callbacks=[Count()])
+    evaluator = NegMSE(*data(64, 1))
+    evaluator.evaluate(model)  # ... nor the evaluator's first call (before a first validation its time is unknown)
+    result = fit(model, slow, evaluator, config, verbose=0, callbacks=[Count()])
     assert result.stopped_by == "budget" and result.epochs == 1
     assert 0 < len(batches) < 2048  # stopped mid-epoch
     assert len(result.validation_curve) == 1  # ... and the partial epoch was validated
@@ -266,6 +268,22 @@ def test_two_workers_reach_the_single_worker_loss(tmp_path):
     for t in two:
         assert t["final"] == pytest.approx(one["final"], rel=1e-4), (one, two)
     assert two[0]["final"] == two[1]["final"]  # the workers hold the same weights
+
+
+def test_mirrored_strategy_trains_like_the_default_one():
+    x, y = data(256)
+    results = []
+    for distribution in ("none", "mirrored"):
+        strategy = make_strategy(distribution)
+        with strategy.scope():
+            model = small_model(2, dropout=0.0)
+        # Unshuffled: distributing a dataset rewrites its pipeline, which re-seeds a shuffle.
+        batches = lambda epoch: tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        result = fit(model, batches, NegMSE(*data(64, 1)), EngineConfig(epochs=2, monitor="neg_mse"),
+                     verbose=0, strategy=strategy)
+        results.append(result.losses)
+    assert results[1] == pytest.approx(results[0], rel=1e-5)  # one local device: the same computation
+    assert results[0][1] < results[0][0]
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):

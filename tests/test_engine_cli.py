@@ -105,3 +105,5 @@ def test_train_help_lists_the_config_keys():
     for key in ("--resume", "train.max_train_seconds = null", "train.distribution = \"none\"",
                 "data.interactions_path = null", "model.backbone = \"sasrec\""):
         assert key in result.stdout, key
+    ctr = subprocess.run(_tfrec("ctr", "train", "--help"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert "--resume" in ctr.stdout and "train.max_train_seconds = null" in ctr.stdout

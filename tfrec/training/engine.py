@@ -351,6 +351,13 @@ def build_for_training(model, batch):
 
 
 # -------------------------------------------------------------------------- fit
+class _OneEpoch(keras.callbacks.Callback):
+    """Ends a `model.fit` call after its first epoch (placed after every other callback)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
 @dataclasses.dataclass
 class FitResult:
     """What `fit` did: per-epoch losses, validation curve, best epoch, stop reason."""
@@ -416,6 +423,7 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     all_callbacks = [tracker, *callbacks]
     if tensorboard_dir and chief:
         all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
+    all_callbacks.append(_OneEpoch())  # last: each fit call runs one epoch (the bar still says "Epoch e/N")
 
     if strategy.num_replicas_in_sync > 1:
         _build_from_local_batch(model, strategy, next(iter(data_fn(first_epoch).take(1))))
@@ -427,11 +435,12 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     while not finished and epoch < config.epochs:
         with warnings.catch_warnings():  # one fit per epoch: the end of each epoch's data is expected
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            history = model.fit(data_fn(epoch), initial_epoch=epoch, epochs=epoch + 1,
-                                steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose)
+            history = model.fit(data_fn(epoch), initial_epoch=epoch, epochs=config.epochs,
+                                steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose,
+                                shuffle=False)  # the data shuffles itself (seeded per epoch)
         epoch += 1
         losses += [float(v) for v in history.history.get("loss", [])]
-        finished = model.stop_training or tracker.stop_reason is not None
+        finished = tracker.stop_reason is not None
         if backup_dir is not None:
             save_checkpoint(backup_dir, model, tracker, epoch, losses, run_key=_jsonable(run_key))
     tracker.restore_best()
