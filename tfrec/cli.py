@@ -1,13 +1,16 @@
 """The `tfrec` command.
 
     tfrec prepare  --dataset amazon-beauty --out artifacts/beauty [--beam] [--user-core 5 --item-core 5]
-    tfrec train    --config configs/sasrec_beauty.yaml [key=value ...]
+    tfrec train    --config configs/sasrec_beauty.yaml [--resume] [key=value ...]
     tfrec evaluate --config configs/sasrec_beauty.yaml [--model runs/<name>/model.keras] [key=value ...]
 
 `key=value` overrides use dotted config keys (`train.epochs=3`, `model.backbone=gru4rec`).
 `train` shows a progress bar per epoch (one line per epoch when not on a terminal),
-writes TensorBoard logs to `<output_dir>/<name>/logs`, prints the metrics tables
-(one per protocol, never mixed) and writes `results.json` beside the model.
+writes TensorBoard logs to `<output_dir>/<name>/logs` (`train.tensorboard_dir`), a
+checkpoint after every epoch to `<output_dir>/<name>/backup` (`--resume` continues
+from it), prints the metrics tables (one per protocol, never mixed; the model beside
+the popularity baseline) and writes `results.json` beside the model.
+`tfrec train --help` lists every config key with its default.
 """
 
 import argparse
@@ -25,11 +28,14 @@ def _tables(results):
     protocols = []
     for split in results["splits"].values():
         protocols += [p for p in split if p not in protocols]
+    reference = results.get("reference", {}).get("popularity", {})
+    label = results.get("config", {}).get("model", {}).get("backbone", "model")
     out = []
     for protocol in protocols:
         rows = [
-            {"split": name, "protocol": protocol, **metrics[protocol]}
-            for name, metrics in results["splits"].items()
+            {"split": name, "model": model, "protocol": protocol, **metrics[protocol]}
+            for model, splits in ((label, results["splits"]), ("popularity", reference))
+            for name, metrics in splits.items()
             if protocol in metrics
         ]
         out.append(f"protocol: {protocol}\n{format_metrics_table(rows)}")
@@ -78,7 +84,8 @@ def _cmd_train(args):
     from tfrec.config import load_config
     from tfrec.training import train_sequential
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    config = load_config(args.config, overrides)
     results, _, _ = train_sequential(config, verbose="auto" if sys.stdout.isatty() else 2)
     print()
     print(_tables(results))
@@ -87,6 +94,8 @@ def _cmd_train(args):
         f"train {results['train_seconds']:.0f}s, {results['examples_per_second']:.0f} examples/s"
     )
     print(f"model, vocabulary and results.json in {config.run_dir}")
+    if results.get("tensorboard_dir"):
+        print(f"TensorBoard: tensorboard --logdir {results['tensorboard_dir']}")
 
 
 def _cmd_evaluate(args):
@@ -98,16 +107,28 @@ def _cmd_evaluate(args):
     report_evaluation(evaluate_saved_model(config, model), _tables, model_path)
 
 
-def add_config_commands(subparsers, commands, config_help, override_example):
+def add_config_commands(subparsers, commands, config_help, override_example, config_class=None):
     """Sub-commands `(name, func, help)` taking `--config` plus dotted overrides
-    (`evaluate` also `--model`); returns `{name: parser}` for extra arguments."""
+    (`evaluate` also `--model`, `train` also `--resume`); returns `{name: parser}` for
+    extra arguments. With `config_class` (a config dataclass) `--help` lists its keys."""
+    from tfrec.config import describe_keys
+
     parsers = {}
     for name, func, text in commands:
-        cmd = subparsers.add_parser(name, help=text)
+        epilog = None
+        if config_class is not None:
+            epilog = ("config keys (YAML sections, or dotted overrides) with their defaults; "
+                      "documented in the config dataclasses' docstrings:\n" + describe_keys(config_class))
+        cmd = subparsers.add_parser(name, help=text, epilog=epilog,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("--config", help=config_help)
         cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
         if name == "evaluate":
             cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
+        if name == "train":
+            cmd.add_argument("--resume", action="store_true",
+                             help="continue from the run's last checkpoint (train.backup_dir, default "
+                                  "<output_dir>/<name>/backup) instead of starting over")
         cmd.set_defaults(func=func)
         parsers[name] = cmd
     return parsers
@@ -150,10 +171,12 @@ def build_parser():
     prep.add_argument("--beam-args", nargs="*", help="Beam pipeline options, e.g. --runner=DirectRunner")
     prep.set_defaults(func=_cmd_prepare)
 
+    from tfrec.config import ExperimentConfig
+
     add_config_commands(sub, (
         ("train", _cmd_train, "train, evaluate and save a next-item model"),
         ("evaluate", _cmd_evaluate, "evaluate a saved model on the validation and test splits"),
-    ), "YAML experiment config (see configs/)", "train.epochs=3")
+    ), "YAML experiment config (see configs/)", "train.epochs=3", config_class=ExperimentConfig)
     for module_name in COMMAND_MODULES:
         _add_module_commands(sub, module_name)
     return parser

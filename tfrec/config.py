@@ -65,9 +65,29 @@ class ModelConfig:
     mask_prob: float = 0.2
 
 
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+
+
 @dataclasses.dataclass
-class TrainConfig:
-    """Optimisation, early stopping (on validation `monitor`) and budget."""
+class EngineConfig:
+    """What every training run shares (`tfrec.training.engine.fit`): the `train:` keys
+    common to `TrainConfig` (next-item) and `CTRTrainConfig` (CTR).
+
+    - `batch_size`, `learning_rate`, `weight_decay` (AdamW when > 0), `clipnorm`:
+      the optimiser (`tfrec.training.build_optimizer`).
+    - `epochs`, `patience`, `monitor`: early stopping on the validation metric
+      `monitor` (higher is better); the best epoch's weights are restored.
+    - `max_train_seconds`: wall-time budget of training plus validation, checked
+      after every batch (null = none).
+    - `seed`: `keras.utils.set_random_seed`, data order and masks; `deterministic_ops`
+      also turns on `tf.config.experimental.enable_op_determinism` (slower).
+    - `distribution`: `none` | `mirrored` (all local devices) | `multi_worker`
+      (`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`).
+    - `resume`: continue from the checkpoint in `backup_dir` (null = `<run_dir>/backup`);
+      one is written after every epoch (weights, optimiser, early-stopping state).
+    - `tensorboard_dir`: TensorBoard logs (null = `<run_dir>/logs`, "" = none).
+    - `steps_per_execution`, `jit_compile`: passed to `model.compile` (speed).
+    """
 
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -77,9 +97,38 @@ class TrainConfig:
     patience: int = 10
     monitor: str = "ndcg@10"
     seed: int = 42
+    max_train_seconds: Optional[float] = None
+    deterministic_ops: bool = False
+    distribution: str = "none"
+    resume: bool = False
+    backup_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+
+    def check(self, where="train."):
+        """Value checks naming the offending key."""
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"config key {where}distribution must be one of {', '.join(DISTRIBUTIONS)}; "
+                             f"got {self.distribution!r}")
+        for key in ("batch_size", "epochs", "patience", "steps_per_execution"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {where}{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            raise ValueError(f"config key {where}max_train_seconds must be > 0, got {self.max_train_seconds!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"config key {where}learning_rate must be > 0, got {self.learning_rate!r}")
+        return self
+
+
+@dataclasses.dataclass
+class TrainConfig(EngineConfig):
+    """Next-item training: the engine keys (`EngineConfig`) plus the data pipeline's
+    `bucket_batches` (batches per length-sorted group, 1 = none) and `scheme`
+    (`positions`: every position of a sequence at once; `prefixes`: one row per target)."""
+
     bucket_batches: int = 32
     scheme: str = "positions"
-    max_train_seconds: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -281,3 +330,23 @@ def load_config(path=None, overrides=()):
     (3, 'gru4rec')
     """
     return build_config(ExperimentConfig, load_config_values(path, overrides))
+
+
+def describe_keys(cls, where=""):
+    """Every config key of dataclass `cls` with its default, one per line (for `--help`).
+
+    Generated from the dataclasses, so it lists exactly what `build_config` accepts.
+
+    >>> print(describe_keys(EvalConfig).splitlines()[0])
+      ks = [5, 10, 20]
+    """
+    lines = []
+    for field in dataclasses.fields(cls):
+        default = getattr(cls(), field.name)
+        if dataclasses.is_dataclass(default):
+            lines.append(f"{where}{field.name}:  ({type(default).__name__})")
+            lines.append(describe_keys(type(default), where + field.name + "."))
+        else:
+            value = list(default) if isinstance(default, tuple) else default
+            lines.append(f"  {where}{field.name} = {json.dumps(value)}")
+    return "\n".join(lines)

@@ -17,9 +17,10 @@
    runs for them: the logistic regression is scikit-learn's, fitted on training samples);
 4. `model.fit` with log loss; after every epoch (one pass over the training
    samples, or `train.steps_per_epoch` batches) the validation AUC is computed and
-   the best weights kept (`tfrec.training.BestEpochTracker`); training stops after
-   `patience` epochs without a new best or once `max_train_seconds` are spent
-   (checked at epoch ends), and the best weights are restored;
+   the best weights kept (the engine `tfrec.training.engine.fit`); training stops
+   after `patience` epochs without a new best or once `max_train_seconds` are spent
+   (checked after every batch), and the best weights are restored; a checkpoint
+   after every epoch lets `train.resume` (`tfrec ctr train --resume`) continue;
 5. validation and test AUC, GAUC (by user) and LogLoss (`evaluate_ctr`), next to
    the item-popularity reference (smoothed training click rate of the target);
 6. the run directory gets `model.keras`, `item_vocab.txt`, `results.json` and the
@@ -45,13 +46,12 @@ import dataclasses
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from tfrec.config import RunConfig, build_config, load_config_values
+from tfrec.config import EngineConfig, RunConfig, build_config, load_config_values
 from tfrec.data.preprocess import ITEM_VOCAB_FILE
 
 STORE_COMMAND = "tfrec ctr encode --config CONFIG"
@@ -150,21 +150,18 @@ class CTRSidsConfig:
 
 
 @dataclasses.dataclass
-class CTRTrainConfig:
-    """Optimisation (`tfrec.training.build_optimizer`), early stopping on validation
-    `monitor` (`auc` or `gauc`), budget."""
+class CTRTrainConfig(EngineConfig):
+    """The engine keys (`tfrec.config.EngineConfig`: optimiser, early stopping on
+    validation `monitor` (`auc` or `gauc`), budget, seed, distribution, resume,
+    logs) with CTR defaults, plus `eval_batch_size` and `steps_per_epoch` (an epoch
+    of that many batches instead of one pass over the samples)."""
 
     batch_size: int = 256
-    eval_batch_size: int = 512
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    clipnorm: Optional[float] = None
     epochs: int = 10
-    steps_per_epoch: Optional[int] = None
     patience: int = 2
     monitor: str = "auc"
-    seed: int = 42
-    max_train_seconds: Optional[float] = None
+    eval_batch_size: int = 512
+    steps_per_epoch: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -521,7 +518,7 @@ def evaluate_ctr_splits(config: CTRConfig, model, data) -> dict:
 
 
 # ---------------------------------------------------------------- training
-def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None):
+def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None, train_data=None):
     """Train, evaluate and (optionally) save one lifelong CTR model.
 
     Args:
@@ -531,35 +528,45 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         data: optional `LifelongData` (default: `load_ctr_data(config.data)`).
         semantics: optional `ItemSemantics` for `data` (default: `prepare_item_semantics`
             from `config.sids` when the model needs them).
+        train_data: optional `epoch -> tf.data.Dataset` of training batches in
+            `lifelong_dataset`'s format (default: `data`'s train split; the TFX
+            Trainer streams its TFRecords here).
 
     Returns:
         `(results, model, data)`.
     """
-    import keras
-
     from tfrec.data.lifelong import lifelong_dataset
-    from tfrec.training import BestEpochTracker, build_optimizer
+    from tfrec.training import engine
+    from tfrec.training.sequential import engine_dirs, run_key
 
     check_ctr_config(config)
     mc, tc = config.model, config.train
+    tc.check()
+    strategy = engine.make_strategy(tc.distribution)  # first: multi-worker collectives start before other TF work
     data = data if data is not None else load_ctr_data(config.data)
     if semantics is None and needs_semantics(mc.name):
         semantics = prepare_item_semantics(data, config.sids.store_path, config.sids,
                                            fit=needs_semantics(mc.name) == "sids")
-    keras.utils.set_random_seed(tc.seed)
-    model = build_ctr_model(config, data, semantics, seed=tc.seed)
-    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
-    train_ds = lifelong_dataset(data, "train", batch_size=tc.batch_size, max_history=mc.max_history,
-                                shuffle=True, seed=tc.seed)
-    if tc.steps_per_epoch is not None:
-        train_ds = train_ds.repeat()
-    tracker = BestEpochTracker(CTREvaluator(data, "valid", tc.eval_batch_size, mc.max_history), monitor=tc.monitor,
-                               patience=tc.patience, max_seconds=tc.max_train_seconds, protocol=None)
-    start = time.perf_counter()
-    history = model.fit(train_ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch, callbacks=[tracker],
-                        verbose=verbose)
-    train_seconds = time.perf_counter() - start
-    epochs_run = len(history.history.get("loss", []))
+    engine.seed_everything(tc.seed, tc.deterministic_ops)
+    with strategy.scope():
+        model = build_ctr_model(config, data, semantics, seed=tc.seed)
+        model.compile(optimizer=engine.build_optimizer(tc), **engine.compile_options(tc))
+
+    def epoch_data(epoch):  # epoch e's order depends only on the seed and e (exact resume)
+        if train_data is not None:
+            ds = train_data(epoch)
+        else:
+            ds = lifelong_dataset(data, "train", batch_size=tc.batch_size, max_history=mc.max_history,
+                                  shuffle=True, seed=tc.seed + epoch)
+        return ds.repeat() if tc.steps_per_epoch is not None else ds
+
+    backup_dir, log_dir = engine_dirs(config, save)
+    if save:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    fitted = engine.fit(model, epoch_data, CTREvaluator(data, "valid", tc.eval_batch_size, mc.max_history), tc,
+                        protocol=None, steps_per_epoch=tc.steps_per_epoch, backup_dir=backup_dir,
+                        tensorboard_dir=log_dir, verbose=verbose, strategy=strategy, run_key=run_key(config))
+    train_seconds, epochs_run = fitted.train_seconds, fitted.epochs
     steps = tc.steps_per_epoch or -(-len(data.splits["train"]) // tc.batch_size)
     results = {
         "config": config.to_dict(),
@@ -569,12 +576,15 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         "splits": evaluate_ctr_splits(config, model, data),
         "reference": {"popularity": {s: popularity_metrics(data, s) for s in evaluated_splits(data)}},
         "epochs": epochs_run,
-        "best_epoch": tracker.best_epoch,
+        "best_epoch": fitted.best_epoch,
+        "stopped_by": fitted.stopped_by,
+        "resumed_from_epoch": fitted.resumed_from,
         "train_seconds": train_seconds,
-        "seconds_to_best": tracker.best_seconds,
+        "seconds_to_best": fitted.seconds_to_best,
         "samples_per_second": epochs_run * steps * tc.batch_size / max(train_seconds, 1e-9),
-        "validation_curve": tracker.history,
-        "loss_curve": [float(v) for v in history.history.get("loss", [])],
+        "validation_curve": fitted.validation_curve,
+        "loss_curve": fitted.losses,
+        "tensorboard_dir": str(log_dir) if log_dir else None,
     }
     if save:
         run_dir = config.run_dir
@@ -625,7 +635,7 @@ def format_ctr_results(results) -> str:
 
 
 def _cmd_train(args):
-    config = load_ctr_config(args.config, args.overrides)
+    config = load_ctr_config(args.config, list(args.overrides) + (["train.resume=true"] if args.resume else []))
     if config.model.name in REFERENCES:
         results, _, _ = fit_reference(config)
         print(format_ctr_results(results))
@@ -697,7 +707,7 @@ def add_commands(subparsers) -> None:
         ("evaluate", _cmd_evaluate, "evaluate a saved CTR model on the validation and test splits"),
         ("encode", _cmd_encode, "encode the semantic store for the lifelong item vocabulary (MiniLM)"),
         ("export", _cmd_export, "export a trained CTR model as a TF Serving ranker SavedModel (<out>/ranker/<v>)"),
-    ), "YAML CTR config (see configs/r2led_ml1m.yaml)", "model.name=din train.epochs=3")
+    ), "YAML CTR config (see configs/r2led_ml1m.yaml)", "model.name=din train.epochs=3", config_class=CTRConfig)
     parsers["encode"].add_argument("--out", help="store root (default: sids.store_path)")
     parsers["encode"].add_argument("--force", action="store_true",
                                    help="re-encode even if an identical version exists")

@@ -13,9 +13,12 @@ experiment config plus the pipeline's `train_steps` and `top_k`, see
    into the Trainer (`fn_args.custom_config[SEMANTIC_STORE_KEY]`, written by
    `ItemSemantics` over that same vocabulary: `dmesr.store_path` is set to it,
    and the store's rows are checked to follow the vocabulary token by token);
-3. trains with `model.fit` on tfrec's `training_dataset` (all positions at
-   once), with tfrec's `BestEpochTracker`: validation NDCG@10 (full ranking) on
-   the `eval` split after every epoch, early stopping, best weights restored.
+3. trains with tfrec's engine (`tfrec.training.engine.fit`, under the
+   `train.distribution` strategy as TFX's templates do) on the training examples
+   **streamed** from the TFRecord files through tf.data (`streaming_training_dataset`:
+   all positions at once, a seeded shuffle buffer, never the whole split in memory):
+   validation NDCG@10 (full ranking) on the `eval` split after every epoch, early
+   stopping, best weights restored, budget, checkpoints under `model_run_dir/backup`.
    With `train_steps` set it runs exactly that many steps (one epoch);
 4. saves `RecommenderServable` (`tfx_pipeline.serving`; a DMESR model is
    served as its materialised item table) to
@@ -44,17 +47,15 @@ line + 2, unknown = OOV 1, `""` = padding).
 import dataclasses
 import json
 import os
-import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from tfrec.data.pipelines import training_dataset
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 from tfrec.evaluation import SequentialEvaluator
-from tfrec.training import BestEpochTracker, build_item_encoder, build_model, build_optimizer
+from tfrec.training import build_item_encoder, build_model
+from tfrec.training.engine import build_optimizer, compile_options, fit, make_strategy, seed_everything
 from tfx_pipeline.components import SEMANTIC_IDS_KEY, SEMANTIC_STORE_KEY
 from tfx_pipeline.config import CTR, ctr_experiment_from_dict, experiment_from_dict
 from tfx_pipeline.data import LABEL, USER_ID
@@ -66,27 +67,28 @@ TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
-def read_transformed(file_patterns, columns):
+def read_transformed(file_patterns, columns, histories=True):
     """`(histories: list of int64 arrays, {name: (n,) array})` from transformed examples.
 
     Args:
         file_patterns: globs of (optionally GZIP) TFRecord files of `tf.Example`s.
         columns: `{feature name: tf dtype}` of the scalar features to read beside `HISTORY_IDS`.
+        histories: False = skip `HISTORY_IDS` (returned as None): only the scalar columns.
     """
-    files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
-    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64),
-            **{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}}
-    histories, values = [], {name: [] for name in columns}
+    files = transformed_files(file_patterns)
+    spec = {name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}
+    if histories:
+        spec[HISTORY_IDS] = tf.io.RaggedFeature(tf.int64)
+    rows, values = [], {name: [] for name in columns}
     for path in files:
         compression = "GZIP" if path.endswith(".gz") else ""
         for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
             parsed = tf.io.parse_example(batch, spec)
-            histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
+            if histories:
+                rows += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
             for name in columns:
                 values[name].append(parsed[name].numpy())
-    return histories, {name: np.concatenate(v) for name, v in values.items()}
+    return (rows if histories else None), {name: np.concatenate(v) for name, v in values.items()}
 
 
 def read_pairs(file_patterns):
@@ -115,64 +117,183 @@ def with_semantic_store(experiment, store_uri):
     return dataclasses.replace(experiment, dmesr=dataclasses.replace(experiment.dmesr, store_path=store_uri))
 
 
-def train_model(experiment, train_files, eval_files, vocab_size, train_steps=None, log_dir=None, item_encoder=None):
-    """Fit a model from transformed examples; returns `(model, report dict)`.
+def _compression(files):
+    kinds = {f.endswith(".gz") for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"transformed examples mix GZIP and plain TFRecord files: {files}")
+    return "GZIP" if kinds.pop() else ""
 
+
+def transformed_files(file_patterns):
+    """The sorted files matching `file_patterns` (FileNotFoundError when none)."""
+    files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
+    return files
+
+
+def sequence_stream(file_patterns):
+    """A lazy `tf.data.Dataset` of training sequences `history_ids + [target_id]` (int64 1-D)
+    read from transformed TFRecord files; nothing is loaded into memory up front."""
+    files = transformed_files(file_patterns)
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64)}
+
+    def to_sequence(serialized):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        return tf.concat([parsed[HISTORY_IDS], parsed[TARGET_ID][None]], axis=0)
+
+    return tf.data.TFRecordDataset(files, compression_type=_compression(files)).map(to_sequence)
+
+
+def stream_statistics(file_patterns, vocab_size):
+    """`(examples, item counts (vocab_size,))` of the training sequences, in one streaming pass
+    (memory O(vocab_size), not O(examples))."""
+
+    def add(state, seq):
+        count, counts = state
+        ids = tf.clip_by_value(seq, 0, vocab_size - 1)
+        return count + 1, counts + tf.math.bincount(ids, minlength=vocab_size, maxlength=vocab_size, dtype=tf.int64)
+
+    count, counts = sequence_stream(file_patterns).reduce(
+        (tf.constant(0, tf.int64), tf.zeros([vocab_size], tf.int64)), add)
+    return int(count), counts.numpy()
+
+
+def streaming_training_dataset(file_patterns, max_length, batch_size, objective="causal", mask_prob=0.2,
+                               mask_token_id=None, seed=0, shuffle_buffer=10_000):
+    """`tfrec.data.pipelines.training_dataset`'s batches, streamed from transformed files.
+
+    Causal: every (item, next item) pair once, sequences cut from their end into
+    windows of `max_length + 1` items overlapping by one (as `causal_training_arrays`);
+    cloze: the most recent `max_length` items, masked by `cloze_masking`. Examples are
+    shuffled in a window of `shuffle_buffer` (seeded), so memory is bounded by the
+    buffer, not by the number of examples. No length bucketing (ours: streaming).
+    """
+    from tfrec.data.pipelines import _trim_to_longest, cloze_masking
+
+    length = int(max_length)
+    ds = sequence_stream(file_patterns).shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+
+    def pad(x):
+        x = x[-length:]
+        return tf.pad(x, [[0, length - tf.shape(x)[0]]])
+
+    if objective == "causal":
+        def windows(seq):
+            ends = tf.range(tf.shape(seq)[0], 1, -length)  # window ends n, n-L, ... (>= 2 items)
+
+            def window(end):
+                w = seq[tf.maximum(0, end - length - 1):end]
+                return pad(w[:-1]), pad(w[1:])
+
+            return tf.data.Dataset.from_tensor_slices(ends).map(window)
+
+        ds = ds.filter(lambda seq: tf.shape(seq)[0] >= 2).flat_map(windows).batch(batch_size)
+        ds = ds.map(lambda x, y: ({"item_ids": x}, y))
+    elif objective == "cloze":
+        if mask_token_id is None:
+            raise ValueError("objective='cloze' needs mask_token_id.")
+        ds = ds.filter(lambda seq: tf.shape(seq)[0] >= 1).map(lambda seq: (pad(seq), pad(seq))).batch(batch_size)
+        ds = ds.map(cloze_masking(mask_prob, mask_token_id, seed))
+    else:
+        raise ValueError(f"objective must be 'causal' or 'cloze', got {objective!r}.")
+    return ds.map(_trim_to_longest).prefetch(2)
+
+
+def train_model(experiment, train_files, eval_files, vocab_size, train_steps=None, log_dir=None, item_encoder=None,
+                strategy=None, backup_dir=None):
+    """Fit a model on transformed examples streamed from `train_files`; returns `(model, report dict)`.
+
+    The training examples go through `streaming_training_dataset` (tf.data over the
+    files, never all in memory); the validation pairs of `eval_files` are read for the
+    evaluator. Training is the engine's `fit` (`tfrec.training.engine`), under
+    `strategy` (default: `make_strategy(train.distribution)`).
     `item_encoder` defaults to ID embeddings (`tfrec.training.build_model`).
     """
     mc, tc, ec = experiment.model, experiment.train, experiment.eval
-    histories, targets = read_pairs(train_files)
-    sequences = [np.append(h, t) for h, t in zip(histories, targets)]
+    tc.check()
+    if tc.scheme != "positions":
+        raise ValueError(f"the TFX Trainer streams every position at once: train.scheme must be positions, "
+                         f"got {tc.scheme!r}")
+    strategy = strategy or make_strategy(tc.distribution)
     valid_histories, valid_targets = read_pairs(eval_files)
     valid = [(_known(h), t) for h, t in zip(valid_histories, valid_targets) if t >= NUM_RESERVED and len(_known(h))]
     if not valid:
         raise ValueError("no validation example has a target and a history inside the training vocabulary")
+    train_examples, item_counts = stream_statistics(train_files, vocab_size)
 
-    keras.utils.set_random_seed(tc.seed)
-    model = build_model(mc, vocab_size, item_encoder=item_encoder, seed=tc.seed)
-    model.set_item_counts(np.bincount(np.concatenate(sequences), minlength=vocab_size))
-    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
-    dataset = training_dataset(
-        sequences, mc.max_length, tc.batch_size, objective=model.objective, mask_prob=mc.mask_prob,
-        mask_token_id=model.mask_token_id, seed=tc.seed, bucket_batches=tc.bucket_batches, scheme=tc.scheme,
+    seed_everything(tc.seed, tc.deterministic_ops)
+    with strategy.scope():
+        model = build_model(mc, vocab_size, item_encoder=item_encoder, seed=tc.seed)
+        model.set_item_counts(item_counts)
+        model.compile(optimizer=build_optimizer(tc), **compile_options(tc))
+
+    def epoch_data(epoch):
+        ds = streaming_training_dataset(
+            train_files, mc.max_length, tc.batch_size, objective=model.objective, mask_prob=mc.mask_prob,
+            mask_token_id=model.mask_token_id, seed=tc.seed + epoch)
+        return ds.repeat() if train_steps else ds
+
+    evaluator = SequentialEvaluator(
+        [h for h, _ in valid], np.array([t for _, t in valid]), vocab_size=vocab_size,
+        max_length=mc.max_length, protocols=("full",), ks=ec.ks, exclude_history=ec.exclude_history,
+        seed=ec.seed, batch_size=ec.batch_size,
     )
-    tracker = BestEpochTracker(
-        SequentialEvaluator(
-            [h for h, _ in valid], np.array([t for _, t in valid]), vocab_size=vocab_size,
-            max_length=mc.max_length, protocols=("full",), ks=ec.ks, exclude_history=ec.exclude_history,
-            seed=ec.seed, batch_size=ec.batch_size,
-        ),
-        monitor=tc.monitor, patience=tc.patience, max_seconds=tc.max_train_seconds,
-    )
-    callbacks = [tracker]
-    if log_dir:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False))
-    start = time.perf_counter()
-    if train_steps:
-        history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=int(train_steps), callbacks=callbacks, verbose=2)
-    else:
-        history = model.fit(dataset, epochs=tc.epochs, callbacks=callbacks, verbose=2)
+    engine_config = dataclasses.replace(tc, epochs=1) if train_steps else tc
+    result = fit(model, epoch_data, evaluator, engine_config, protocol="full",
+                 steps_per_epoch=int(train_steps) if train_steps else None, backup_dir=backup_dir,
+                 tensorboard_dir=log_dir, verbose=2, strategy=strategy)
     report = {
         "item_encoder": mc.item_encoder,
-        "train_examples": len(sequences),
+        "train_examples": train_examples,
         "valid_examples": len(valid),
         "vocab_size": int(vocab_size),
-        "epochs": len(history.history.get("loss", [])),
+        "epochs": result.epochs,
         "train_steps": train_steps,
-        "best_epoch": tracker.best_epoch,
-        "train_seconds": time.perf_counter() - start,
-        "validation_curve": tracker.history,
-        "loss_curve": [float(v) for v in history.history.get("loss", [])],
+        "best_epoch": result.best_epoch,
+        "stopped_by": result.stopped_by,
+        "train_seconds": result.train_seconds,
+        "validation_curve": result.validation_curve,
+        "loss_curve": result.losses,
+        "streamed": True,
     }
     return model, report
 
 
-def read_ctr_examples(file_patterns):
-    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples."""
-    histories, columns = read_transformed(
-        file_patterns, {TARGET_ID: tf.int64, LABEL: tf.int64, USER_ID: tf.string})
-    return (histories, columns[TARGET_ID].astype(np.int64), columns[LABEL].astype(np.float32),
-            columns[USER_ID])
+def read_ctr_examples(file_patterns, histories=True):
+    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples.
+
+    `histories=False`: histories and users are None (only targets and labels are read:
+    what the popularity reference of a streamed training split needs)."""
+    columns = {TARGET_ID: tf.int64, LABEL: tf.int64}
+    if histories:
+        columns[USER_ID] = tf.string
+    rows, values = read_transformed(file_patterns, columns, histories=histories)
+    return (rows, values[TARGET_ID].astype(np.int64), values[LABEL].astype(np.float32),
+            values[USER_ID] if histories else None)
+
+
+def streaming_ctr_dataset(file_patterns, batch_size, max_history, seed=0, shuffle_buffer=10_000):
+    """`tfrec.data.lifelong.lifelong_dataset`'s training batches streamed from transformed CTR
+    examples: `({"history_ids" (B, H) int32 right-padded, oldest kept first; "target_id"
+    (B,) int32}, label (B,) float32)`, history ids outside the vocabulary dropped (as
+    `lifelong_data_from_examples`), a seeded shuffle buffer; memory bounded by the buffer."""
+    files = transformed_files(file_patterns)
+    width = int(max_history)
+    spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64),
+            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(serialized):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        history = parsed[HISTORY_IDS]
+        history = tf.boolean_mask(history, history >= NUM_RESERVED)[-width:]
+        history = tf.cast(tf.pad(history, [[0, width - tf.shape(history)[0]]]), tf.int32)
+        return ({"history_ids": history, "target_id": tf.cast(parsed[TARGET_ID], tf.int32)},
+                tf.cast(parsed[LABEL], tf.float32))
+
+    ds = tf.data.TFRecordDataset(files, compression_type=_compression(files))
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False).map(parse)
+    return ds.batch(int(batch_size)).prefetch(2)
 
 
 def lifelong_data_from_examples(splits, item_vocab):
@@ -191,10 +312,15 @@ def lifelong_data_from_examples(splits, item_vocab):
     pieces, samples, offset = [], {}, 0
     user_index = {}
     for name, (histories, target, label, user) in splits.items():
-        known = [h[h >= NUM_RESERVED] for h in histories]
-        lengths = np.array([len(h) for h in known], np.int64)
+        # histories None (a streamed training split): empty histories, targets and labels only.
+        if histories is not None:
+            known = [h[h >= NUM_RESERVED] for h in histories]
+            lengths = np.array([len(h) for h in known], np.int64)
+        else:
+            known, lengths = [], np.zeros(len(target), np.int64)
         ends = offset + np.cumsum(lengths)
-        user_ids = np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
+        user_ids = (np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
+                    if user is not None else np.zeros(len(target), np.int64))
         samples[name] = LifelongSamples(
             event=np.arange(len(target), dtype=np.int64), user=user_ids, history_start=ends - lengths,
             history_end=ends, target_id=target.astype(np.int32), label=label.astype(np.float32),
@@ -262,13 +388,20 @@ def run_ctr(fn_args, settings, options):
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     vocab_file = tft_output.vocabulary_file_by_name(ITEM_VOCAB)
     item_vocab = Vocabulary.load(vocab_file)  # ids = line + 2
+    # Training examples are streamed (`streaming_ctr_dataset`); of the train split only targets
+    # and labels are held (the popularity reference); the eval split is read for the evaluator.
     data = lifelong_data_from_examples(
-        {"train": read_ctr_examples(fn_args.train_files), "valid": read_ctr_examples(fn_args.eval_files)}, item_vocab)
+        {"train": read_ctr_examples(fn_args.train_files, histories=False),
+         "valid": read_ctr_examples(fn_args.eval_files)}, item_vocab)
     if config.model.name == "sim-hard":
         data.item_genres = _item_genres(config, item_vocab)
     semantics = pipeline_item_semantics(config, item_vocab, fn_args.custom_config.get(SEMANTIC_STORE_KEY),
                                         fn_args.custom_config.get(SEMANTIC_IDS_KEY))
-    results, model, _ = train_ctr(config, verbose=2, save=False, data=data, semantics=semantics)
+    tc = config.train
+    results, model, _ = train_ctr(
+        config, verbose=2, save=False, data=data, semantics=semantics,
+        train_data=lambda epoch: streaming_ctr_dataset(fn_args.train_files, tc.batch_size, config.model.max_history,
+                                                       seed=tc.seed + epoch))
     results["semantic_store"] = fn_args.custom_config.get(SEMANTIC_STORE_KEY)
     results["semantic_ids"] = fn_args.custom_config.get(SEMANTIC_IDS_KEY)
     results["train_steps"] = options.get("train_steps")
@@ -290,12 +423,16 @@ def run_fn(fn_args):
     experiment = with_semantic_store(experiment_from_dict(settings), fn_args.custom_config.get(SEMANTIC_STORE_KEY))
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     item_vocab = Vocabulary.load(tft_output.vocabulary_file_by_name(ITEM_VOCAB))  # ids = line + 2
-    keras.utils.set_random_seed(experiment.train.seed)  # the encoder's initial weights too
-    item_encoder = build_item_encoder(experiment, item_vocab)  # DMESR: VocabularyMismatchError unless aligned
+    strategy = make_strategy(experiment.train.distribution)  # as TFX's templates: the strategy wraps the model
+    seed_everything(experiment.train.seed)  # the encoder's initial weights too
+    with strategy.scope():
+        item_encoder = build_item_encoder(experiment, item_vocab)  # DMESR: VocabularyMismatchError unless aligned
     model, report = train_model(
         experiment, fn_args.train_files, fn_args.eval_files, item_vocab.size,
-        train_steps=options.get("train_steps"), log_dir=os.path.join(fn_args.model_run_dir, "logs"),
-        item_encoder=item_encoder,
+        train_steps=options.get("train_steps"),
+        log_dir=experiment.train.tensorboard_dir or os.path.join(fn_args.model_run_dir, "logs"),
+        item_encoder=item_encoder, strategy=strategy,
+        backup_dir=experiment.train.backup_dir or os.path.join(fn_args.model_run_dir, "backup"),
     )
     report["semantic_store"] = experiment.dmesr.store_path if experiment.model.item_encoder == "dmesr" else None
     servable = RecommenderServable(

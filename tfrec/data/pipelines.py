@@ -115,6 +115,26 @@ def _trim_to_longest(features, targets):
     return {"item_ids": features["item_ids"][:, :longest]}, targets[:, :longest]
 
 
+def cloze_masking(mask_prob, mask_token_id, seed):
+    """`(ids, _) -> ({"item_ids": masked ids}, targets)`: BERT4Rec's cloze masking of a
+    batch of right-padded windows (a stateful generator seeded with `seed`; map it
+    sequentially). Rows where nothing was drawn get their last item masked."""
+    generator = tf.random.Generator.from_seed(seed)
+
+    def mask(ids, _):
+        valid = ids > 0
+        draw = generator.uniform(tf.shape(ids)) < mask_prob
+        chosen = tf.logical_and(draw, valid)
+        lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+        last = tf.one_hot(lengths - 1, tf.shape(ids)[1], on_value=True, off_value=False)
+        none = tf.logical_not(tf.reduce_any(chosen, axis=1, keepdims=True))
+        chosen = tf.logical_or(chosen, tf.logical_and(none, last))
+        masked_ids = tf.where(chosen, tf.cast(mask_token_id, ids.dtype), ids)
+        return {"item_ids": masked_ids}, tf.where(chosen, ids, tf.zeros_like(ids))
+
+    return mask
+
+
 def training_dataset(
     train_sequences,
     max_length,
@@ -173,21 +193,7 @@ def training_dataset(
     else:
         ds = ds.batch(batch_size)
     if objective == "cloze":
-        generator = tf.random.Generator.from_seed(seed)
-
-        def mask(ids, _):
-            valid = ids > 0
-            draw = generator.uniform(tf.shape(ids)) < mask_prob
-            chosen = tf.logical_and(draw, valid)
-            # Rows where nothing was drawn get their last item masked.
-            lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
-            last = tf.one_hot(lengths - 1, tf.shape(ids)[1], on_value=True, off_value=False)
-            none = tf.logical_not(tf.reduce_any(chosen, axis=1, keepdims=True))
-            chosen = tf.logical_or(chosen, tf.logical_and(none, last))
-            masked_ids = tf.where(chosen, tf.cast(mask_token_id, ids.dtype), ids)
-            return {"item_ids": masked_ids}, tf.where(chosen, ids, tf.zeros_like(ids))
-
-        ds = ds.map(mask)  # sequential: the stateful generator stays deterministic
+        ds = ds.map(cloze_masking(mask_prob, mask_token_id, seed))  # sequential: the generator stays deterministic
     else:
         ds = ds.map(lambda x, y: ({"item_ids": x}, y))
     return ds.map(_trim_to_longest).prefetch(2)

@@ -6,7 +6,9 @@ column order:
 - ``user_id`` (object/str), ``item_id`` (object/str): tokens exactly as written
   in the file, surrounding whitespace stripped. Never converted to numbers.
 - ``timestamp`` (int64): Unix seconds, or any chronological index (amazon-toys
-  only has positions). Integral floats such as ``881250949.0`` are accepted.
+  only has positions: a file with a ``position`` column and no ``timestamp`` is
+  read with ``position`` as the timestamp). Integral floats such as ``881250949.0``
+  are accepted.
 - optional ``rating`` (float64) and ``label`` (float64), kept when present.
 
 Row order is always the file order (it is the chronological tie-break); nothing
@@ -246,11 +248,14 @@ def read_interactions(path, *, fmt=None, sep=None, columns: Optional[Mapping[str
     """Read an interaction log into the canonical frame (see module docstring).
 
     ``columns`` maps the file's column names to canonical ones, e.g.
-    ``{"position": "timestamp"}``. ``movielens-dat`` files are read as
+    ``{"position": "timestamp"}``; without a ``timestamp`` column, a ``position``
+    column (an integer order, e.g. 0, 1, 2 per user) is taken as the chronological order. ``movielens-dat`` files are read as
     ``UserID::MovieID::Rating::Timestamp``."""
     path, df, lines = _read_table(path, fmt, sep, encoding,
                                   ["user_id", "item_id", "rating", "timestamp"])
     df = df.rename(columns=dict(columns or {}))
+    if "timestamp" not in df.columns and "position" in df.columns:
+        df = df.rename(columns={"position": "timestamp"})  # a per-user order (amazon-toys layout)
     _require(path, df, ["user_id", "item_id", "timestamp"])
     out = pd.DataFrame({"user_id": _ids(path, df, "user_id", lines),
                         "item_id": _ids(path, df, "item_id", lines),

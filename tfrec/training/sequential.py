@@ -6,17 +6,24 @@
    vocabularies, chronological sequences (`tfrec.data.preprocess`);
 2. leave-one-out split (last item = test, second-last = validation);
 3. build `NextItemRecommender` (item encoder + backbone) from `ModelConfig`;
-4. `model.fit` on all positions at once; after every epoch the validation
-   NDCG@10 (full ranking) is computed, logged to TensorBoard, and the best
-   weights are kept; training stops after `patience` epochs without a new best
-   (or when `max_train_seconds` is spent) and the best weights are restored;
-5. validation and test metrics under every configured protocol;
+4. the engine's `fit` (`tfrec.training.engine`) on all positions at once; after
+   every epoch the validation NDCG@10 (full ranking) is computed, logged to
+   TensorBoard, and the best weights are kept; training stops after `patience`
+   epochs without a new best (or when `max_train_seconds` is spent, checked after
+   every batch) and the best weights are restored; a checkpoint after every epoch
+   lets `train.resume=true` (`tfrec train --resume`) continue a killed run;
+5. validation and test metrics under every configured protocol, beside the
+   popularity reference (training-item counts as scores);
 6. the run directory gets `model.keras`, `item_vocab.txt`, `results.json`,
-   TensorBoard logs under `logs/`.
+   TensorBoard logs under `logs/` (`train.tensorboard_dir`) and the checkpoint
+   under `backup/` (`train.backup_dir`).
+
+Epoch `e` trains on `training_dataset(..., seed=train.seed + e)`: its order and
+masks depend only on the seed and the epoch, so a resumed run sees the batches
+an uninterrupted one does.
 """
 
 import json
-import time
 from pathlib import Path
 
 import keras
@@ -29,6 +36,7 @@ from tfrec.data.readers import load_dataset, read_interactions
 from tfrec.evaluation import SequentialEvaluator
 from tfrec.layers import BERT4RecBackbone, GRU4RecBackbone, IdItemEncoder, SASRecBackbone
 from tfrec.models import NextItemRecommender
+from tfrec.training.engine import build_optimizer, compile_options, fit, make_strategy, seed_everything
 
 BACKBONES = ("sasrec", "bert4rec", "gru4rec")
 ITEM_ENCODERS = ("id", "dmesr")
@@ -97,67 +105,6 @@ def load_interactions(data_config):
     return dataset.interactions, dataset.name
 
 
-class BestEpochTracker(keras.callbacks.Callback):
-    """Validation after every epoch; keeps the best weights; stops early.
-
-    Adds `val_<metric>` to the epoch logs, so the History, progress bar and
-    TensorBoard callbacks placed after it record them.
-
-    Args:
-        evaluator: an object whose `evaluate(model)` returns metrics: a
-            `SequentialEvaluator` with protocol "full" (`{protocol: {metric:
-            value}}`), or any evaluator returning `{metric: value}` directly
-            with `protocol=None` (e.g. the CTR evaluator of `tfrec.ctr_training`).
-        monitor: metric name, e.g. "ndcg@10" or "auc" (higher is better).
-        patience: epochs without improvement before stopping.
-        max_seconds: optional wall-time budget for training (checked at epoch ends).
-        protocol: the key of `evaluate()`'s result holding the metrics, or None.
-    """
-
-    def __init__(self, evaluator, monitor="ndcg@10", patience=10, max_seconds=None, protocol="full"):
-        super().__init__()
-        self.evaluator = evaluator
-        self.protocol = protocol
-        self.monitor = monitor
-        self.patience = patience
-        self.max_seconds = max_seconds
-        self.history = []  # (epoch, seconds since start, {metric: value})
-
-    def on_train_begin(self, logs=None):
-        self.best, self.best_epoch, self.best_weights = -np.inf, 0, None
-        self.start = time.perf_counter()
-        self.best_seconds = 0.0
-
-    def on_epoch_end(self, epoch, logs=None):
-        result = self.evaluator.evaluate(self.model)
-        if self.protocol is not None:
-            result = result[self.protocol]
-        elapsed = time.perf_counter() - self.start
-        self.history.append({"epoch": epoch + 1, "seconds": elapsed, **result})
-        if logs is not None:
-            logs.update({f"val_{k}": v for k, v in result.items()})
-        if result[self.monitor] > self.best:
-            self.best, self.best_epoch = result[self.monitor], epoch + 1
-            self.best_seconds = elapsed
-            self.best_weights = self.model.get_weights()
-        elif epoch + 1 - self.best_epoch >= self.patience:
-            self.model.stop_training = True
-        if self.max_seconds is not None and elapsed >= self.max_seconds:
-            self.model.stop_training = True
-
-    def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
-
-
-def build_optimizer(train_config):
-    """Adam (AdamW when `weight_decay` is set) from a `TrainConfig`."""
-    tc = train_config
-    if tc.weight_decay:
-        return keras.optimizers.AdamW(tc.learning_rate, weight_decay=tc.weight_decay, clipnorm=tc.clipnorm)
-    return keras.optimizers.Adam(tc.learning_rate, clipnorm=tc.clipnorm)
-
-
 def prepare_split(config: ExperimentConfig):
     """Read, filter and split the configured data: `(PreparedData, LeaveOneOutSplit)`."""
     interactions, source = load_interactions(config.data)
@@ -215,7 +162,49 @@ def evaluate_saved_model(config, model):
             f"model has {model.vocab_size} item ids but the configured data has {data.item_vocab.size}: "
             "was it trained on another dataset or filtering?"
         )
-    return {"config": config.to_dict(), "data": data.metadata, "splits": evaluate_splits(config, model, data, split)}
+    return {"config": config.to_dict(), "data": data.metadata, "splits": evaluate_splits(config, model, data, split),
+            "reference": {"popularity": popularity_reference(config, data, split)}}
+
+
+def popularity_reference(config, data, split):
+    """`{"valid": {protocol: metrics}, "test": ...}` of the popularity baseline: every
+    user's scores are the training-item counts (no learning; the reference row of
+    `tfrec train`'s tables), under the configured protocols."""
+    counts = np.bincount(np.concatenate(split.train), minlength=data.item_vocab.size).astype(np.float32)
+    return evaluate_splits(config, PopularityScorer(counts), data, split)
+
+
+class PopularityScorer:
+    """A scorer for `SequentialEvaluator`: every history gets the same item scores."""
+
+    def __init__(self, item_scores):
+        self.item_scores = np.asarray(item_scores, np.float32)
+        self.vocab_size = len(self.item_scores)
+
+    def score_items(self, history_ids):
+        import tensorflow as tf
+
+        rows = tf.shape(history_ids)[0]
+        return tf.tile(tf.constant(self.item_scores)[None, :], [rows, 1])
+
+
+def engine_dirs(config, save):
+    """`(backup_dir, tensorboard_dir)` of a run: the configured ones, else under the run
+    folder when the run is saved (`save`), else none."""
+    tc = config.train
+    backup = tc.backup_dir or (config.run_dir / "backup" if save or tc.resume else None)
+    if tc.tensorboard_dir == "":
+        logs = None
+    else:
+        logs = tc.tensorboard_dir or (config.run_dir / "logs" if save else None)
+    return backup, logs
+
+
+def run_key(config):
+    """What a checkpoint must match to be resumed: the config without `train.resume`."""
+    values = config.to_dict()
+    values["train"].pop("resume", None)
+    return values
 
 
 def train_sequential(config: ExperimentConfig, verbose=2, save=True):
@@ -226,43 +215,42 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
         `results.json`), the trained model with its best weights, and the
         `PreparedData`.
     """
-    keras.utils.set_random_seed(config.train.seed)
-    data, split = prepare_split(config)
     mc, tc = config.model, config.train
+    tc.check()
+    strategy = make_strategy(tc.distribution)  # first: multi-worker collectives start before other TF work
+    seed_everything(tc.seed, tc.deterministic_ops)
+    data, split = prepare_split(config)
 
-    model = build_model(mc, data.item_vocab.size, item_encoder=build_item_encoder(config, data.item_vocab), seed=tc.seed)
-    # Popularity for sampled-softmax proposals: training items only (no leak of targets).
-    model.set_item_counts(np.bincount(np.concatenate(split.train), minlength=data.item_vocab.size))
-    model.compile(optimizer=build_optimizer(tc), jit_compile=False)
-    train_ds = training_dataset(
-        split.train,
-        mc.max_length,
-        tc.batch_size,
-        objective=model.objective,
-        mask_prob=mc.mask_prob,
-        mask_token_id=model.mask_token_id,
-        seed=tc.seed,
-        bucket_batches=tc.bucket_batches,
-        scheme=tc.scheme,
+    with strategy.scope():
+        model = build_model(mc, data.item_vocab.size, item_encoder=build_item_encoder(config, data.item_vocab),
+                            seed=tc.seed)
+        # Popularity for sampled-softmax proposals: training items only (no leak of targets).
+        model.set_item_counts(np.bincount(np.concatenate(split.train), minlength=data.item_vocab.size))
+        model.compile(optimizer=build_optimizer(tc), **compile_options(tc))
+
+    def epoch_data(epoch):
+        return training_dataset(
+            split.train,
+            mc.max_length,
+            tc.batch_size,
+            objective=model.objective,
+            mask_prob=mc.mask_prob,
+            mask_token_id=model.mask_token_id,
+            seed=tc.seed + epoch,
+            bucket_batches=tc.bucket_batches,
+            scheme=tc.scheme,
+        )
+
+    evaluator = SequentialEvaluator(
+        split.valid_history, split.valid_targets, protocols=("full",), **_evaluator_args(config, data)
     )
-    tracker = BestEpochTracker(
-        SequentialEvaluator(
-            split.valid_history, split.valid_targets, protocols=("full",), **_evaluator_args(config, data)
-        ),
-        monitor=tc.monitor,
-        patience=tc.patience,
-        max_seconds=tc.max_train_seconds,
-    )
+    backup_dir, log_dir = engine_dirs(config, save)
     run_dir = config.run_dir
-    callbacks = [tracker]
     if save:
         run_dir.mkdir(parents=True, exist_ok=True)
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False))
-
-    start = time.perf_counter()
-    history = model.fit(train_ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
-    train_seconds = time.perf_counter() - start
-    epochs_run = len(history.history.get("loss", []))
+    result = fit(model, epoch_data, evaluator, tc, protocol="full", backup_dir=backup_dir, tensorboard_dir=log_dir,
+                 verbose=verbose, strategy=strategy, run_key=run_key(config))
+    epochs_run = result.epochs
     if model.objective == "cloze":  # every item of a window is a potential target
         positions = sum(min(len(s), mc.max_length) for s in split.train)
     else:
@@ -272,14 +260,18 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
         "config": config.to_dict(),
         "data": data.metadata,
         "splits": evaluate_splits(config, model, data, split),
+        "reference": {"popularity": popularity_reference(config, data, split)},
         "epochs": epochs_run,
-        "best_epoch": tracker.best_epoch,
-        "train_seconds": train_seconds,
-        "seconds_to_best": tracker.best_seconds,
-        "examples_per_second": positions * epochs_run / max(train_seconds, 1e-9),
+        "best_epoch": result.best_epoch,
+        "stopped_by": result.stopped_by,
+        "resumed_from_epoch": result.resumed_from,
+        "train_seconds": result.train_seconds,
+        "seconds_to_best": result.seconds_to_best,
+        "examples_per_second": positions * epochs_run / max(result.train_seconds, 1e-9),
         "examples_unit": "training target positions (next-item predictions) per second",
-        "validation_curve": tracker.history,
-        "loss_curve": [float(v) for v in history.history.get("loss", [])],
+        "validation_curve": result.validation_curve,
+        "loss_curve": result.losses,
+        "tensorboard_dir": str(log_dir) if log_dir else None,
     }
     if save:
         model.save(run_dir / "model.keras")
