@@ -100,9 +100,10 @@ def test_budget_stops_inside_the_epoch_and_validates_the_partial_epoch():
     class Count(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             batches.append(batch)
+            time.sleep(0.005)  # >= 10 s per epoch however fast the machine is
 
     config = EngineConfig(epochs=3, patience=10, monitor="neg_mse", max_train_seconds=3.0)
-    slow = epoch_data(x, y, 0, batch_size=1)  # 2048 batches: far more than 3 s
+    slow = epoch_data(x, y, 0, batch_size=1)  # 2048 batches of >= 5 ms: far more than 3 s
     model.fit(slow(0).take(2), verbose=0)  # trace the train step first (its compile time is not the point here)
     evaluator = NegMSE(*data(64, 1))
     evaluator.evaluate(model)  # ... nor the evaluator's first call (before a first validation its time is unknown)
