@@ -452,10 +452,9 @@ class UserLookup(tf.Module):
         self.num_users = len(users)
         self.table = None
         if self.num_users:
+            ids = tf.range(NUM_RESERVED, NUM_RESERVED + self.num_users, dtype=tf.int32)  # user index + 2
             self.table = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(tf.constant(users.tolist(), tf.string),
-                                                    tf.range(NUM_RESERVED, NUM_RESERVED + self.num_users, dtype=tf.int32)),
-                default_value=OOV_ID)
+                tf.lookup.KeyValueTensorInitializer(tf.constant(users.tolist(), tf.string), ids), default_value=OOV_ID)
         self.profiles = None
         if user_profiles is not None:
             profiles = np.asarray(user_profiles)

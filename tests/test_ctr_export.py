@@ -115,7 +115,8 @@ def keras_probabilities(model, histories, candidates):
         rows["history_gaps"].append(gap_bucket(NOW - feedback["history_timestamps"][r, keep]).numpy().tolist())
     features = {}
     for name, values in rows.items():
-        out = np.zeros((len(values), MAX_HISTORY), "float32" if name in ("history_ratings", "history_labels") else "int32")
+        dtype = "float32" if name in ("history_ratings", "history_labels") else "int32"
+        out = np.zeros((len(values), MAX_HISTORY), dtype)
         for r, row in enumerate(values):
             out[r, : len(row)] = row
         features[name] = out  # (B, MAX_HISTORY) right-padded with 0
@@ -206,8 +207,10 @@ def example(history, target=None, feedback=None, skip=()):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=data.tolist()))
 
     feature = {"history": tf.train.Feature(bytes_list=tf.train.BytesList(value=[history[c].encode() for c in keep])),
-               "history_ratings": values("history_ratings", "float"), "history_labels": values("history_labels", "float"),
-               "history_timestamps": values("history_timestamps", "int"), "target_timestamp": values("timestamp", "int"),
+               "history_ratings": values("history_ratings", "float"),
+               "history_labels": values("history_labels", "float"),
+               "history_timestamps": values("history_timestamps", "int"),
+               "target_timestamp": values("timestamp", "int"),
                "user_id": values("user", "bytes")}
     if target is not None:
         feature["target"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[target.encode()]))
@@ -419,7 +422,8 @@ def test_feedback_user_and_time_all_reach_the_served_score(lifelong):
     inputs = lifelong_request(data, samples, tokens[samples.target_id][:, None])
     base = served(loaded, inputs)
     for name, changed in [("history_labels", 1.0 - inputs["history_labels"]),
-                          ("history_ratings", np.where(inputs["history_ratings"] > 0, 6 - inputs["history_ratings"], 0)),
+                          ("history_ratings", np.where(inputs["history_ratings"] > 0,
+                                                       6 - inputs["history_ratings"], 0)),
                           ("timestamp", inputs["timestamp"] + 86_400 * 365),
                           ("user", inputs["user"][::-1].copy())]:
         assert not np.allclose(served(loaded, {**inputs, name: changed.astype(inputs[name].dtype)}), base), name
