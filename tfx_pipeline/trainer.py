@@ -57,7 +57,8 @@ from tfrec.evaluation import SequentialEvaluator
 from tfrec.training import BestEpochTracker, build_item_encoder, build_model, build_optimizer
 from tfx_pipeline.components import SEMANTIC_IDS_KEY, SEMANTIC_STORE_KEY
 from tfx_pipeline.config import CTR, ctr_experiment_from_dict, experiment_from_dict
-from tfx_pipeline.data import LABEL, USER_ID
+from tfx_pipeline.data import (
+    CTR_FEEDBACK, HISTORY_LABELS, HISTORY_RATINGS, HISTORY_TIMESTAMPS, LABEL, TARGET_TIMESTAMP, USER_ID)
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 from tfx_pipeline.serving import RecommenderServable
 
@@ -66,19 +67,22 @@ TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
-def read_transformed(file_patterns, columns):
+def read_transformed(file_patterns, columns, lists=None):
     """`(histories: list of int64 arrays, {name: (n,) array})` from transformed examples.
 
     Args:
         file_patterns: globs of (optionally GZIP) TFRecord files of `tf.Example`s.
         columns: `{feature name: tf dtype}` of the scalar features to read beside `HISTORY_IDS`.
+        lists: `{feature name: tf dtype}` of variable-length features (returned as lists of arrays).
     """
+    lists = dict(lists or {})
     files = sorted(f for pattern in file_patterns for f in tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no transformed examples match {list(file_patterns)}")
     spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64),
-            **{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}}
-    histories, values = [], {name: [] for name in columns}
+            **{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()},
+            **{name: tf.io.RaggedFeature(dtype) for name, dtype in lists.items()}}
+    histories, values = [], {name: [] for name in (*columns, *lists)}
     for path in files:
         compression = "GZIP" if path.endswith(".gz") else ""
         for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
@@ -86,7 +90,9 @@ def read_transformed(file_patterns, columns):
             histories += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
             for name in columns:
                 values[name].append(parsed[name].numpy())
-    return histories, {name: np.concatenate(v) for name, v in values.items()}
+            for name in lists:
+                values[name] += [np.asarray(v) for v in parsed[name].numpy()]
+    return histories, {name: np.concatenate(v) if name in columns else v for name, v in values.items()}
 
 
 def read_pairs(file_patterns):
@@ -168,11 +174,15 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
 
 
 def read_ctr_examples(file_patterns):
-    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples."""
+    """`(histories: list of int64 arrays, target_id, label, user_id, feedback)` from transformed CTR
+    examples; `feedback`: `{history_ratings, history_labels, history_timestamps: lists of arrays aligned
+    with the histories, target_timestamp: (n,) int64}`."""
     histories, columns = read_transformed(
-        file_patterns, {TARGET_ID: tf.int64, LABEL: tf.int64, USER_ID: tf.string})
+        file_patterns, {TARGET_ID: tf.int64, LABEL: tf.int64, USER_ID: tf.string, TARGET_TIMESTAMP: tf.int64},
+        {HISTORY_RATINGS: tf.float32, HISTORY_LABELS: tf.float32, HISTORY_TIMESTAMPS: tf.int64})
+    feedback = {name: columns[name] for name in (*CTR_FEEDBACK, TARGET_TIMESTAMP)}
     return (histories, columns[TARGET_ID].astype(np.int64), columns[LABEL].astype(np.float32),
-            columns[USER_ID])
+            columns[USER_ID], feedback)
 
 
 def lifelong_data_from_examples(splits, item_vocab):
@@ -182,35 +192,45 @@ def lifelong_data_from_examples(splits, item_vocab):
         splits: `{lifelong split name ("train", "valid"): read_ctr_examples(...) result}`.
         item_vocab: the Transform vocabulary (`Vocabulary`, ids = line + 2).
 
-    Each example's history (known ids only, oldest first) becomes its own range of
-    the flat event array, so `lifelong_dataset` / `CTREvaluator` read them as they
-    read `tfrec ctr train` samples; users are the examples' `user_id` tokens.
+    Each example's history (known ids only, oldest first, each with its feedback:
+    rating, click and time; OOV ids dropped with theirs, as the serving graph
+    does) becomes its own range of the flat event array, so `lifelong_dataset` /
+    `CTREvaluator` read them as they read `tfrec ctr train` samples; users are the
+    examples' `user_id` tokens; the target's time is `target_timestamp`.
     """
     from tfrec.data.lifelong import LifelongData, LifelongSamples
 
     pieces, samples, offset = [], {}, 0
+    feedback_pieces = {name: [] for name in CTR_FEEDBACK}
     user_index = {}
-    for name, (histories, target, label, user) in splits.items():
-        known = [h[h >= NUM_RESERVED] for h in histories]
+    for name, (histories, target, label, user, feedback) in splits.items():
+        masks = [h >= NUM_RESERVED for h in histories]
+        known = [h[m] for h, m in zip(histories, masks)]
+        for field in CTR_FEEDBACK:
+            if any(len(v) != len(h) for v, h in zip(feedback[field], histories)):
+                raise ValueError(f"{name} examples: {field} needs one value per history item")
+            feedback_pieces[field] += [np.asarray(v)[m] for v, m in zip(feedback[field], masks)]
         lengths = np.array([len(h) for h in known], np.int64)
         ends = offset + np.cumsum(lengths)
         user_ids = np.array([user_index.setdefault(u, len(user_index)) for u in user.tolist()], np.int64)
         samples[name] = LifelongSamples(
             event=np.arange(len(target), dtype=np.int64), user=user_ids, history_start=ends - lengths,
             history_end=ends, target_id=target.astype(np.int32), label=label.astype(np.float32),
-            timestamp=np.zeros(len(target), np.int64))
+            timestamp=np.asarray(feedback[TARGET_TIMESTAMP], np.int64))
         pieces += known
         offset = int(ends[-1]) if len(ends) else offset
     users = np.array([u.decode("utf-8") for u in user_index], dtype=object)
     events = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    flat = {field: (np.concatenate(v) if v else np.zeros(0)) for field, v in feedback_pieces.items()}
     metadata = {"num_items": len(item_vocab.tokens), "num_users": len(users),
                 "num_samples": {n: len(s) for n, s in samples.items()},
                 "click_rate": {n: float(s.label.mean()) if len(s) else None for n, s in samples.items()},
                 "source": "transformed examples"}
     return LifelongData(
         item_vocab=item_vocab, users=users, user_offsets=np.zeros(1, np.int64), event_items=events,
-        event_timestamps=np.zeros(len(events), np.int64), event_labels=np.zeros(len(events), np.float32),
-        event_ratings=np.full(len(events), np.nan, np.float32), event_split=np.zeros(len(events), np.int8),
+        event_timestamps=flat[HISTORY_TIMESTAMPS].astype(np.int64),
+        event_labels=flat[HISTORY_LABELS].astype(np.float32),
+        event_ratings=flat[HISTORY_RATINGS].astype(np.float32), event_split=np.zeros(len(events), np.int8),
         splits=samples, cutoffs={}, genre_vocab=None, item_genres=None, metadata=metadata)
 
 
@@ -273,7 +293,8 @@ def run_ctr(fn_args, settings, options):
     results["semantic_ids"] = fn_args.custom_config.get(SEMANTIC_IDS_KEY)
     results["train_steps"] = options.get("train_steps")
     results["vocab_size"] = int(item_vocab.size)
-    servable = CTRServable(model, item_vocab, vocab_file, max_history=config.model.max_history)
+    servable = CTRServable(model, item_vocab, vocab_file, max_history=config.model.max_history,
+                           users=data.users, user_profiles=data.user_profiles)
     tf.saved_model.save(servable, fn_args.serving_model_dir, signatures=servable.signatures())
     tf.io.gfile.makedirs(fn_args.model_run_dir)
     model.save(os.path.join(fn_args.model_run_dir, MODEL_FILE))
