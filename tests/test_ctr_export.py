@@ -448,3 +448,19 @@ def test_export_needs_the_users_a_wide_model_reads(lifelong, tmp_path):
     with pytest.raises(ValueError, match="user profile"):
         export_ctr(model, data.item_vocab, tmp_path, users=data.users)
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_ctr_export_gives_a_wide_model_its_users(lifelong, tmp_path):
+    data, samples, model, loaded = lifelong
+    run_dir = tmp_path / "runs" / "wide"
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / "model.keras")
+    data.item_vocab.save(run_dir / "item_vocab.txt")
+    config = tmp_path / "wide.yaml"
+    config.write_text(f"name: wide\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: din\n"
+                      f"  max_history: {LIFELONG_HISTORY}\n")
+    assert cli.main(["ctr", "export", "--config", str(config), "--out", str(tmp_path / "servables")]) == 0
+    exported = tf.saved_model.load(str(tmp_path / "servables" / "ranker" / "1"))
+    tokens = np.asarray(["", ""] + list(data.item_vocab.tokens), dtype=object)  # by id (0, 1 reserved)
+    inputs = lifelong_request(data, samples, tokens[samples.target_id][:, None])
+    np.testing.assert_allclose(served(exported, inputs), served(loaded, inputs), atol=1e-6)
