@@ -18,8 +18,10 @@ Endpoints (`--endpoints`):
   (as `tfrec ask` sends it), `exclude_history` False.
 - `score`: the R2LED ranker of `configs/r2led_ml1m.yaml` on movielens-1m-subset
   (`tfrec ctr export`), signature `score`; a request = a real ML-1M user's history
-  minus its last item (the most recent `model.max_history` items) + 100 candidates
-  (the held-out item and 99 seeded random items outside the history).
+  minus its last item (the most recent `model.max_history` items) with each item's
+  rating, click and time (from the interactions), the request time (the held-out
+  item's) and the user token, + 100 candidates (the held-out item and 99 seeded
+  random items outside the history).
 - `two_stage`: `export.two_stage` over ML-1M models (DMESR-SASRec of
   `configs/dmesr_sasrec_ml1m.yaml` `user_embedding` -> ScaNN retrieval -> the
   R2LED ranker, 100 candidates, top 10), signature `recommend`; requests = the
@@ -204,12 +206,37 @@ def retrieval_k(args, max_history):
 
 
 # ----------------------------------------------------------------- requests
-def sequences(prepared_dir):
-    """`([item tokens of each user, oldest first], item tokens)` of a prepared dataset (`tfrec prepare`)."""
+def sequences(prepared_dir, with_times=False):
+    """`([item tokens of each user, oldest first], item tokens)` of a prepared dataset (`tfrec prepare`);
+    with `with_times`, also `[user token of each sequence]` and `[timestamps of each sequence]`."""
     from tfrec.data.preprocess import load_prepared
 
     data = load_prepared(prepared_dir)
-    return [data.item_vocab.to_tokens(seq) for seq in data.sequences], list(data.item_vocab.tokens)
+    out = [data.item_vocab.to_tokens(seq) for seq in data.sequences], list(data.item_vocab.tokens)
+    return (*out, list(data.user_vocab.tokens), data.timestamps) if with_times else out
+
+
+def interaction_feedback(dataset, data_root=None):
+    """`{(user, item, timestamp): (rating, label)}` of a bundled dataset's interactions: the feedback
+    the ranker's `score` takes beside each history item (rating 0 = none)."""
+    from tfrec.data.readers import load_dataset
+
+    frame = load_dataset(dataset, data_root).interactions
+    if "label" not in frame:
+        raise ValueError(f"dataset {dataset} has no click labels for the ranker's history_labels")
+    ratings = frame["rating"].fillna(0.0).to_numpy(float) if "rating" in frame else np.zeros(len(frame))
+    keys = zip(frame["user_id"].astype(str), frame["item_id"].astype(str), frame["timestamp"].astype(int))
+    return dict(zip(keys, zip(ratings.tolist(), frame["label"].to_numpy(float).tolist())))
+
+
+def ranker_inputs(user, history, times, request_time, feedback):
+    """The ranker's feedback inputs of one history (batch 1); `KeyError` naming an event without feedback."""
+    try:
+        rated = [feedback[(user, item, int(t))] for item, t in zip(history, times)]
+    except KeyError as err:
+        raise KeyError(f"no rating/label for event {err.args[0]} in the dataset's interactions") from None
+    return {"history_ratings": [[r for r, _ in rated]], "history_labels": [[label for _, label in rated]],
+            "history_timestamps": [[int(t) for t in times]], "timestamp": [int(request_time)], "user": [user]}
 
 
 def pick_users(histories, count, seed):
@@ -219,26 +246,33 @@ def pick_users(histories, count, seed):
     return rng.choice(eligible, size=min(count, len(eligible)), replace=False).tolist()
 
 
-def endpoint_inputs(endpoint, prepared_dir, num_users, seed, max_history=None, num_candidates=100):
-    """`(inputs per request, description)`: one user per request (batch 1), held-out last item removed."""
-    seqs, items = sequences(prepared_dir)
+def endpoint_inputs(endpoint, prepared_dir, num_users, seed, max_history=None, num_candidates=100,
+                    feedback=None):
+    """`(inputs per request, description)`: one user per request (batch 1), held-out last item removed.
+
+    `score` / `two_stage` requests carry the ranker's feedback inputs: each history item's rating and
+    click from `feedback` (`interaction_feedback`), its time, the request time = the held-out item's
+    time, and the user token."""
+    seqs, items, users, stamps = sequences(prepared_dir, with_times=True)
     chosen = pick_users(seqs, num_users, seed)
     rng = np.random.default_rng([seed, 1])
     out, lengths = [], []
     for u in chosen:
         history, held_out = seqs[u][:-1], seqs[u][-1]
+        times = stamps[u][:-1]
         if max_history is not None:
-            history = history[-int(max_history):]
+            history, times = history[-int(max_history):], times[-int(max_history):]
         lengths.append(len(history))
+        ranked = {} if endpoint == "recommend" else ranker_inputs(users[u], history, times, stamps[u][-1], feedback)
         if endpoint == "recommend":
             out.append({"history": [history], "exclude_history": [False]})
         elif endpoint == "score":
             seen = set(history) | {held_out}
             pool = [t for t in items if t not in seen]
             others = rng.choice(len(pool), size=min(num_candidates - 1, len(pool)), replace=False)
-            out.append({"history": [history], "candidates": [[held_out, *(pool[i] for i in others)]]})
+            out.append({"history": [history], "candidates": [[held_out, *(pool[i] for i in others)]], **ranked})
         else:
-            out.append({"history": [history]})
+            out.append({"history": [history], **ranked})
     lengths = np.asarray(lengths)
     description = {"prepared": str(prepared_dir), "users": len(chosen), "seed": seed,
                    "history_length": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)),
@@ -247,6 +281,9 @@ def endpoint_inputs(endpoint, prepared_dir, num_users, seed, max_history=None, n
                               + (f", its most recent {max_history} items" if max_history is not None else "")}
     if endpoint == "score":
         description["candidates"] = f"{num_candidates}: the held-out item + seeded random items outside the history"
+    if endpoint != "recommend":
+        description["feedback"] = ("each history item's rating and click from the interactions, its timestamp; "
+                                   "request time = the held-out item's; the user token")
     return out, description
 
 
@@ -566,6 +603,7 @@ def main(argv=None):
     models, endpoints = served_models(args)
     max_history = load_ctr_config(args.ctr_config).model.max_history
     inputs, descriptions = {}, {}
+    feedback = interaction_feedback(ML1M) if {"score", "two_stage"} & set(args.endpoints) else None
     for endpoint in args.endpoints:
         prepared = args.beauty_prepared if endpoint == "recommend" else ml1m_paths(root)["prepared"]
         if not (Path(prepared) / "metadata.json").is_file():
@@ -573,7 +611,7 @@ def main(argv=None):
                              f"{BEAUTY if endpoint == 'recommend' else ML1M} --out {prepared}`)")
         inputs[endpoint], descriptions[endpoint] = endpoint_inputs(
             endpoint, prepared, args.users, args.seed, None if endpoint == "recommend" else max_history,
-            args.candidates)
+            args.candidates, feedback)
     batching = {"max_batch_size": args.max_batch_size, "batch_timeout_micros": args.batch_timeout_micros,
                 "num_batch_threads": args.num_batch_threads, "pad_variable_length_inputs": not args.no_pad,
                 "max_padding_ratio": None if args.no_pad else args.max_padding_ratio}

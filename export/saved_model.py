@@ -35,20 +35,28 @@ TF ops only. Signatures:
 
 - `score` (also `serving_default`): `history: string (batch, None)` (the
   user's item tokens, oldest first, padded with `""`), `candidates: string
-  (batch, None)` (items to score, padded with `""`) ->
+  (batch, None)` (items to score, padded with `""`), the feedback of every
+  history item `history_ratings: float32`, `history_labels: float32`,
+  `history_timestamps: int64` (each `(batch, None)`, the shape of `history`),
+  the request time `timestamp: int64 (batch,)` and the user token `user: string
+  (batch,)` (see `tfrec.serving`; every input required: a caller that knows no
+  feedback sends zeros, which is not what the model trained on) ->
   `probabilities: float32 (batch, num_candidates)` (click probabilities, equal to
   `model.predict` on the mapped ids) and `valid: bool (batch, num_candidates)`.
   A `""` candidate slot is padding: `valid` False, probability
   `PADDING_PROBABILITY` (0). A candidate token missing from the vocabulary is
   scored as the OOV id 1, `valid` True — exactly how `tfrec ctr evaluate`
   scores a target first seen after training.
-- `score_examples`: `serialized: string (batch,)` `tf.Example`s with a bytes list
-  `history` and a bytes `target` -> `probabilities: float32 (batch,)` (for the
+- `score_examples`: `serialized: string (batch,)` `tf.Example`s with the same
+  features (`tfrec.serving.parse_ctr_examples`) and a bytes `target` -> `probabilities: float32 (batch,)` (for the
   TFX Evaluator). A missing or `""` target fails with INVALID_ARGUMENT.
 
-History handling of the ranker: `""` and unknown tokens are dropped (as for the
-sequential servable), the remaining items keep their order and only the most
-recent `max_history` are read (the export argument; None = all). A history with
+History handling of the ranker: `""` and unknown tokens are dropped with their
+feedback (as for the sequential servable), the remaining items keep their order
+and only the most recent `max_history` are read; each behaviour's gap bucket is
+computed in-graph from `timestamp - history_timestamps` with the training
+`gap_bucket`. The user token maps to the training user id and profile (an
+unknown user is a new user: id 1, unknown profile) (the export argument; None = all). A history with
 no known item is not an error here: it is scored as an empty history (the
 model's answer from the candidate alone; training never shows one, as
 `data.min_history >= 1`).
@@ -66,8 +74,10 @@ Example:
 >>> served.signatures["recommend"](history=tf.constant([["a", "b"]]),
 ...                                exclude_history=tf.constant([True]))["item_ids"]  # doctest: +SKIP
 >>> ranker = tf.saved_model.load(str(export_ctr(ctr_model, item_vocab, "/tmp/servables/ranker")))  # doctest: +SKIP
->>> ranker.signatures["score"](history=tf.constant([["a", "b"]]),
-...                            candidates=tf.constant([["c", "d", ""]]))["probabilities"]  # doctest: +SKIP
+>>> ranker.signatures["score"](history=tf.constant([["a", "b"]]), candidates=tf.constant([["c", "d", ""]]),
+...     history_ratings=tf.constant([[5.0, 0.0]]), history_labels=tf.constant([[1.0, 0.0]]),
+...     history_timestamps=tf.constant([[100, 200]], tf.int64), timestamp=tf.constant([300], tf.int64),
+...     user=tf.constant(["u1"]))["probabilities"]  # doctest: +SKIP
 """
 
 import datetime
@@ -84,9 +94,10 @@ import tensorflow as tf
 
 import tfrec
 from export.retrieval import BruteForceIndex, RETRIEVE_SIGNATURE
-from tfrec.data.vocab import NUM_RESERVED, PAD_ID, Vocabulary
+from tfrec.data.vocab import NUM_RESERVED, OOV_ID, PAD_ID, Vocabulary
 from tfrec.serving import (
     CANDIDATES_SPEC,
+    CTR_SCORE_SPECS,
     EXCLUDE_SPEC,
     EXCLUDED_SCORE,
     HISTORY_SPEC,
@@ -101,6 +112,7 @@ from tfrec.serving import (
     checked_exclude_flags,
     checked_same_rows,
     compact_known_ids,
+    ctr_history_features,
     parse_ctr_examples,
     parse_history_examples,
     recent_known_ids,
@@ -112,6 +124,7 @@ __all__ = [
     "METADATA_FILE",
     "PADDING_PROBABILITY",
     "CTRServable",
+    "UserLookup",
     "ItemLookup",
     "SequentialServable",
     "catalog_table",
@@ -412,14 +425,77 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
 
 
 # --- CTR ranker servable --------------------------------------------------------
+class UserLookup(tf.Module):
+    """User token -> the CTR models' `user_id` (index + 2; unknown = 1) and `user_profile` rows, in-graph.
+
+    Args:
+        users: `(U,)` user tokens of the training data (`LifelongData.users`), or None
+            (every user unknown).
+        user_profiles: `(U, P)` int32 profile token ids (`LifelongData.user_profiles`) or None.
+
+    An unknown user (or `""`) gets `user_id` 1 and a profile of unknown values (1),
+    exactly what training gives a user missing from the side file: a new user.
+
+    Example:
+    >>> import numpy as np
+    >>> lookup = UserLookup(np.array(["u1", "u2"]), np.array([[3, 4], [5, 2]]))
+    >>> ids, profile = lookup(tf.constant(["u2", "new"]))
+    >>> ids.numpy().tolist(), profile.numpy().tolist()
+    ([3, 1], [[5, 2], [1, 1]])
+    """
+
+    def __init__(self, users=None, user_profiles=None, name="user_lookup"):
+        super().__init__(name=name)
+        users = np.asarray([] if users is None else users, dtype=object).astype(str)
+        if len(set(users.tolist())) != len(users):
+            raise ValueError("users must be distinct tokens")
+        self.num_users = len(users)
+        self.table = None
+        if self.num_users:
+            ids = tf.range(NUM_RESERVED, NUM_RESERVED + self.num_users, dtype=tf.int32)  # user index + 2
+            self.table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant(users.tolist(), tf.string), ids), default_value=OOV_ID)
+        self.profiles = None
+        if user_profiles is not None:
+            profiles = np.asarray(user_profiles)
+            if profiles.ndim != 2 or len(profiles) != self.num_users or not np.issubdtype(profiles.dtype, np.integer):
+                raise ValueError(f"user_profiles must be an int ({len(users)}, P) array (one row per user), "
+                                 f"got {profiles.dtype} {profiles.shape}")
+            reserved = np.stack([np.full(profiles.shape[1], PAD_ID), np.full(profiles.shape[1], OOV_ID)])
+            self.profiles = tf.constant(np.concatenate([reserved, profiles]).astype(np.int32))  # (U + 2, P)
+
+    def __call__(self, user):
+        """`(user_id int32 (batch,), user_profile int32 (batch, P) or None)` of user tokens `(batch,)`."""
+        ids = self.table.lookup(user) if self.table is not None else tf.fill(tf.shape(user), OOV_ID)
+        profile = tf.gather(self.profiles, ids) if self.profiles is not None else None
+        return ids, profile
+
+
+def check_model_users(model, users, user_profiles):
+    """`ValueError` when the model's wide part reads user ids / profiles the export was not given."""
+    wide = getattr(model, "wide", None)
+    if wide is None:
+        return
+    num_users, profile_sizes = getattr(wide, "num_users", 0), list(getattr(wide, "profile_sizes", []))
+    if num_users and (users is None or len(users) + NUM_RESERVED != num_users):
+        raise ValueError(f"the model has a user-id bias over {num_users} ids: export it with the training users "
+                         f"(users=LifelongData.users, {num_users - NUM_RESERVED} tokens), got "
+                         f"{'none' if users is None else len(users)}")
+    if profile_sizes and (user_profiles is None or np.asarray(user_profiles).shape[1:] != (len(profile_sizes),)):
+        raise ValueError(f"the model reads a user profile of {len(profile_sizes)} fields: export it with "
+                         "user_profiles=LifelongData.user_profiles")
+
+
 class CTRServable(tf.Module):
-    """The serving graph of a lifelong CTR model: raw tokens in, click probabilities out.
+    """The serving graph of a lifelong CTR model: raw tokens and feedback in, click probabilities out.
 
     Args:
         model: a trained `CTRModel` (R2LED or a baseline).
         item_vocab: its item `Vocabulary` (size must equal `model.vocab_size`).
         vocab_file: path of `item_vocab.save(...)` output (see `ItemLookup`).
         max_history: int or None. Most recent known history items read (None = all).
+        users, user_profiles: the training users and their profiles (`UserLookup`);
+            required when the model's wide part reads them.
 
     Attributes:
         score, score_examples: the signature functions (see the module docstring).
@@ -427,42 +503,52 @@ class CTRServable(tf.Module):
     Example:
     >>> item_vocab.save("/tmp/vocab.txt")  # doctest: +SKIP
     >>> servable = CTRServable(model, item_vocab, "/tmp/vocab.txt", max_history=1024)  # doctest: +SKIP
-    >>> servable.score(tf.constant([["a", "b"]]), tf.constant([["c", ""]]))["probabilities"]  # doctest: +SKIP
+    >>> servable.score(tf.constant([["a", "b"]]), tf.constant([["c", ""]]), tf.constant([[5., 0.]]),
+    ...                tf.constant([[1., 0.]]), tf.constant([[100, 200]], tf.int64), tf.constant([300], tf.int64),
+    ...                tf.constant(["u1"]))["probabilities"]  # doctest: +SKIP
     """
 
-    def __init__(self, model, item_vocab, vocab_file, max_history=None):
+    def __init__(self, model, item_vocab, vocab_file, max_history=None, users=None, user_profiles=None):
         super().__init__(name="ctr_servable")
         missing = [a for a in ("score", "vocab_size") if not hasattr(model, a)]
         if missing:
             raise ValueError(f"expected a CTRModel (R2LED or a baseline), got {type(model).__name__} without {missing}")
         check_model_vocab(model, item_vocab)
+        check_model_users(model, users, user_profiles)
         if max_history is not None and (
             isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1
         ):
             raise ValueError(f"max_history must be a positive int or None, got {max_history!r}")
         self.max_history = None if max_history is None else int(max_history)
         self.item_lookup = ItemLookup(item_vocab, vocab_file)
+        self.user_lookup = UserLookup(users, user_profiles)
 
-        def score(history, candidates):
+        def score(history, candidates, history_ratings, history_labels, history_timestamps, timestamp, user):
             candidates = checked_same_rows(history, candidates, "candidates needs one row per history row")
-            history_ids = recent_known_ids(self.item_lookup.ids(history), self.max_history)  # (batch, width)
+            user = checked_same_rows(history, user, "user needs one token per history row")
+            features = ctr_history_features(self.item_lookup.ids(history), history_ratings, history_labels,
+                                            history_timestamps, timestamp, self.max_history)  # (batch, width)
+            features["user_id"], profile = self.user_lookup(user)
+            if profile is not None:
+                features["user_profile"] = profile
             candidate_ids = self.item_lookup.ids(candidates)  # (batch, C): "" -> 0, unknown -> OOV (1)
             valid = candidate_ids != PAD_ID
-            probabilities = tf.cast(model.score(history_ids, candidate_ids), tf.float32)  # (batch, C)
+            probabilities = tf.cast(model.score(features.pop("history_ids"), candidate_ids, **features), tf.float32)
             probabilities = tf.where(valid, probabilities, tf.constant(PADDING_PROBABILITY, tf.float32))
             return {"probabilities": probabilities, "valid": valid}
 
         def score_examples(serialized):
-            history, target = parse_ctr_examples(serialized)
+            inputs = parse_ctr_examples(serialized)
+            target = inputs.pop("target")
             check = tf.debugging.assert_greater(
                 tf.strings.length(target), 0,
                 message="every tf.Example needs a non-empty target item token (bytes feature target)",
             )
             with tf.control_dependencies([check]):
-                target = tf.identity(target)
-            return {"probabilities": self.score(history, target[:, None])["probabilities"][:, 0]}
+                candidates = tf.identity(target)[:, None]
+            return {"probabilities": self.score(candidates=candidates, **inputs)["probabilities"][:, 0]}
 
-        self.score = tf.function(score, input_signature=[HISTORY_SPEC, CANDIDATES_SPEC])
+        self.score = tf.function(score, input_signature=list(CTR_SCORE_SPECS))
         self.score_examples = tf.function(score_examples, input_signature=[SERIALIZED_SPEC])
         self.model_variables = signature_variables((self.score, self.score_examples), model)
 
@@ -471,7 +557,7 @@ class CTRServable(tf.Module):
 
 
 def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data_fingerprint=None,
-               experiment_config=None):
+               experiment_config=None, users=None, user_profiles=None):
     """Export a trained lifelong CTR model as a versioned ranker SavedModel.
 
     Args:
@@ -484,6 +570,10 @@ def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data
         data_fingerprint: optional fingerprint of the training data
             (`LifelongData.metadata["fingerprint"]`), recorded in the metadata.
         experiment_config: optional dict (`CTRConfig.to_dict()`), recorded.
+        users, user_profiles: `LifelongData.users` and `.user_profiles`: the
+            servable maps the request's `user` token to the training user id and
+            profile in-graph (unknown user = a new user). Required when the
+            model's wide part reads user ids / profiles (`ValueError` otherwise).
 
     Returns:
         `Path` of the version directory.
@@ -498,13 +588,17 @@ def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data
             "experiment_config": experiment_config,
             "stock_ops_only": True,
             "padding_candidates": {"probability": PADDING_PROBABILITY, "valid": False},
-            "unknown_tokens": {"history": "dropped", "candidates": "scored as the OOV id"},
+            "unknown_tokens": {"history": "dropped with their feedback", "candidates": "scored as the OOV id",
+                               "user": "a new user (unknown id and profile)"},
+            "num_users": servable.user_lookup.num_users,
+            "user_profile": servable.user_lookup.profiles is not None,
             "empty_history": "scored (no behaviour)",
         }
 
     return _export_with_vocab(
         item_vocab, base_dir, version,
-        lambda vocab_file: CTRServable(model, item_vocab, vocab_file, max_history=max_history), metadata,
+        lambda vocab_file: CTRServable(model, item_vocab, vocab_file, max_history=max_history, users=users,
+                                       user_profiles=user_profiles), metadata,
     )
 
 

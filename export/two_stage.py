@@ -9,23 +9,30 @@ that answers one request with three calls to other models of the same server:
    the embedding -> the retrieval servable's top items; items of the history and
    empty slots are dropped and the first `candidates` (default 100) kept, in
    retrieval order;
-3. **ranker** (`export_ctr`), signature `score`: the request history and those
+3. **ranker** (`export_ctr`), signature `score`: the request history, its
+   feedback (`history_ratings`, `history_labels`, `history_timestamps`), the
+   request `timestamp` and `user`, passed through unchanged, and those
    candidates -> click probabilities; the `k` (default 10) most probable
    candidates are returned, best first (ties keep retrieval order).
 
 Signatures:
 
 - `recommend` (also `serving_default`): `history: string (batch, None)` (item
-  tokens, oldest first, padded with `""`) -> `item_ids: string (batch, k)`,
+  tokens, oldest first, padded with `""`) and the ranker's feedback inputs
+  (`tfrec.serving.CTR_FEEDBACK_INPUTS`: `history_ratings`, `history_labels`
+  float32 and `history_timestamps` int64, each the shape of `history`;
+  `timestamp` int64 and `user` string, `(batch,)`; all required, as in the
+  ranker's `score`) -> `item_ids: string (batch, k)`,
   `scores: float32 (batch, k)` (ranker probabilities), `retrieval_scores:
   float32 (batch, k)` (the retrieval servable's scores of the same items) and
   `num_candidates: int32 (batch,)` (candidates the ranker scored).
 - `recommend_k`: the same plus `k: int32 ()` (1..`candidates`) -> outputs with
   `k` columns.
 - On a server with a history store (`tfrec serve --history_store ...`), both
-  accept `user_id: string (batch,)` instead of `history`: the server reads the
-  users' recent events and the answer equals the one for that history
-  (`export.server.user_history`).
+  accept `user_id: string (batch,)` instead of `history` and its feedback: the
+  server reads the users' recent events (items, feedback, timestamps; `timestamp`
+  = the request's if sent, else the server's clock) and the answer equals the one
+  for that history (`export.server.user_history`).
 
 A slot no candidate can fill (the retrieval answer held fewer than `k` items
 outside the history) holds item `""` with `scores` and `retrieval_scores`
@@ -68,7 +75,11 @@ served with `tfrec serve --model_config_file ... --allowed_python_modules export
 
 Example (inside a server; `context` is the serving core):
 >>> servable = factory("two_stage", context, ranker="ranker", k="5")  # doctest: +SKIP
->>> servable.run("recommend", {"history": np.array([[b"i1", b"i7", b""]], dtype=object)})["item_ids"]  # doctest: +SKIP
+>>> servable.run("recommend", {"history": np.array([[b"i1", b"i7", b""]], dtype=object),
+...     "history_ratings": np.array([[5.0, 0.0, 0.0]], np.float32),
+...     "history_labels": np.array([[1.0, 1.0, 0.0]], np.float32),
+...     "history_timestamps": np.array([[100, 200, 0]]), "timestamp": np.array([300]),
+...     "user": np.array([b"u1"], dtype=object)})["item_ids"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -83,7 +94,7 @@ import tensorflow as tf
 from export.retrieval import RETRIEVE_SIGNATURE
 from export.server.errors import ServingError
 from export.server.servable import DEFAULT_SIGNATURE, PythonServable, Signature
-from tfrec.serving import EXCLUDED_SCORE, RECOMMEND, SCORE, USER_EMBEDDING
+from tfrec.serving import CTR_FEEDBACK_INPUTS, CTR_SCORE_SPECS, EXCLUDED_SCORE, RECOMMEND, SCORE, USER_EMBEDDING
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +197,8 @@ class TwoStageServable(PythonServable):
         self.k = _positive_int("k", k)
         if self.k > self.candidates:
             raise ValueError(f"two-stage option k={self.k} exceeds candidates={self.candidates}")
-        history = tf.TensorSpec([None, None], tf.string)
+        history = {spec.name: tf.TensorSpec(spec.shape, spec.dtype)
+                   for spec in CTR_SCORE_SPECS if spec.name != "candidates"}  # history + the ranker's feedback
 
         def outputs(width):
             return {"item_ids": tf.TensorSpec([None, width], tf.string),
@@ -194,11 +206,11 @@ class TwoStageServable(PythonServable):
                     "retrieval_scores": tf.TensorSpec([None, width], tf.float32),
                     "num_candidates": tf.TensorSpec([None], tf.int32)}
 
-        recommend = Signature.of(RECOMMEND, {"history": history}, outputs(self.k))
+        recommend = Signature.of(RECOMMEND, history, outputs(self.k))
         self.signatures = {
             DEFAULT_SIGNATURE: Signature.of(DEFAULT_SIGNATURE, recommend.inputs, recommend.outputs),
             RECOMMEND: recommend,
-            RECOMMEND_K: Signature.of(RECOMMEND_K, {"history": history, "k": tf.TensorSpec([], tf.int32)},
+            RECOMMEND_K: Signature.of(RECOMMEND_K, {**history, "k": tf.TensorSpec([], tf.int32)},
                                       outputs(None)),
         }
         self._warned_short_retrieval = threading.Event()
@@ -230,7 +242,9 @@ class TwoStageServable(PythonServable):
                            "a larger k", self.name, self.models["retrieval"], item_ids.shape[1], self.candidates)
         candidates, candidate_scores, counts = select_candidates(
             history, item_ids, np.asarray(retrieved["scores"], np.float32), self.candidates)
-        probabilities = self._call("ranker", SCORE, {"history": history, "candidates": candidates})["probabilities"]
+        feedback = {name: inputs[name] for name in CTR_FEEDBACK_INPUTS}
+        probabilities = self._call("ranker", SCORE, {"history": history, "candidates": candidates,
+                                                     **feedback})["probabilities"]
         item_ids, scores, retrieval_scores = top_by_probability(
             candidates, np.asarray(probabilities, np.float32), candidate_scores, k)
         return {"item_ids": item_ids, "scores": scores, "retrieval_scores": retrieval_scores,

@@ -77,29 +77,48 @@ def test_stream_is_lazy_and_statistics_are_streamed(tmp_path):
 
 
 def test_streamed_ctr_batches_equal_the_in_memory_ones(tmp_path):
+    """Every feature the models read (ids, feedback, time gaps, target, label) is the same
+    whether the TFX Trainer streams its CTR examples or reads them into memory."""
     from tfrec.data.lifelong import lifelong_dataset
     from tfrec.data.vocab import Vocabulary
-    from tfx_pipeline.data import LABEL, USER_ID
+    from tfx_pipeline.data import (
+        HISTORY_LABELS, HISTORY_RATINGS, HISTORY_TIMESTAMPS, LABEL, TARGET_TIMESTAMP, USER_ID)
     from tfx_pipeline.trainer import lifelong_data_from_examples, read_ctr_examples, streaming_ctr_dataset
+
+    def feature(values, kind):
+        if kind == "int":
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+        if kind == "float":
+            return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
     rng = np.random.default_rng(0)
     with tf.io.TFRecordWriter(str(tmp_path / "ctr.tfrecord")) as writer:
         for i in range(120):
-            history = rng.integers(1, VOCAB, size=int(rng.integers(0, 12)))  # id 1 = OOV: dropped
-            feature = {HISTORY_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=history.tolist())),
-                       TARGET_ID: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(rng.integers(2, VOCAB))])),
-                       LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(rng.integers(0, 2))])),
-                       USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"u{i % 7}".encode()]))}
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+            n = int(rng.integers(0, 12))
+            history = rng.integers(1, VOCAB, size=n)  # id 1 = OOV: dropped with its feedback
+            ratings = rng.integers(0, 6, size=n)
+            stamps = np.sort(rng.integers(0, 10**6, size=n))
+            example = {HISTORY_IDS: feature(history, "int"), HISTORY_RATINGS: feature(ratings, "float"),
+                       HISTORY_LABELS: feature(ratings >= 4, "float"), HISTORY_TIMESTAMPS: feature(stamps, "int"),
+                       TARGET_ID: feature([rng.integers(2, VOCAB)], "int"), LABEL: feature([rng.integers(0, 2)], "int"),
+                       TARGET_TIMESTAMP: feature([10**6 + int(rng.integers(0, 10**5))], "int"),
+                       USER_ID: feature([f"u{i % 7}".encode()], "bytes")}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=example)).SerializeToString())
     files = [str(tmp_path / "ctr.tfrecord")]
     vocab = Vocabulary([f"i{k}" for k in range(VOCAB - 2)])
     data = lifelong_data_from_examples({"train": read_ctr_examples(files)}, vocab)
+    keys = ("history_ids", "history_labels", "history_ratings", "history_gaps")
 
     def flat(ds):
         out = []
         for x, y in ds:
-            out += [tuple(h) + (t, l) for h, t, l in zip(x["history_ids"].numpy().tolist(),
-                                                          x["target_id"].numpy().tolist(), y.numpy().tolist())]
+            rows = zip(*(x[k].numpy().tolist() for k in keys), x["target_id"].numpy().tolist(), y.numpy().tolist())
+            for *histories, target, label in rows:
+                length = sum(1 for v in histories[0] if v > 0)  # padding width may differ (trimmed batches)
+                out.append(tuple(tuple(h[:length]) for h in histories) + (target, label))
         return sorted(out)
 
-    assert flat(streaming_ctr_dataset(files, 16, 8, seed=1)) == flat(lifelong_dataset(data, "train", 16, 8))
+    streamed, in_memory = flat(streaming_ctr_dataset(files, 16, 8, seed=1)), flat(lifelong_dataset(data, "train", 16, 8))
+    assert len(streamed) == 120 and streamed == in_memory
+    assert any(gap > 0 for row in streamed for gap in row[3])  # the gaps are really compared

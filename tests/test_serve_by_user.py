@@ -20,17 +20,26 @@ from history_servers import redis_server
 from test_two_stage import model_configs, predict  # noqa: F401  (module fixture reused)
 from tfrec.history import Event, open_store
 
-EVENTS = [  # (user, item, timestamp, event id): out of timestamp order, with a tie (u1: item-9 and item-2 at 30)
-    ("u1", "item-5", 20, "a"), ("u1", "item-1", 10, "b"), ("u1", "item-9", 30, "c"), ("u1", "item-2", 30, "d"),
-    ("u2", "item-3", 5, "a"), ("u2", "é ü", 6, "b"),
-    ("u3", "item-7", 1, "a"), ("u3", "not-an-item", 2, "b"), ("u3", "item-11", 3, "c"),
+EVENTS = [  # (user, item, timestamp, event id, feedback): out of timestamp order, with a tie (u1: item-9 and
+    # item-2 at 30); feedback: ratings (> 1), clicks (1, 0.5) and non-clicks (0)
+    ("u1", "item-5", 20, "a", 5.0), ("u1", "item-1", 10, "b", 2.0), ("u1", "item-9", 30, "c", 1.0),
+    ("u1", "item-2", 30, "d", 0.0),
+    ("u2", "item-3", 5, "a", 4.0), ("u2", "é ü", 6, "b", 0.5),
+    ("u3", "item-7", 1, "a", 3.0), ("u3", "not-an-item", 2, "b", 5.0), ("u3", "item-11", 3, "c", 0.0),
 ]
 HISTORY_OF = {"u1": ["item-1", "item-5", "item-9", "item-2"], "u2": ["item-3", "é ü"],
               "u3": ["item-7", "not-an-item", "item-11"]}
+# What the server makes of them (feedback > 1: a rating, a click when >= 4; else a click when > 0), same order
+FEEDBACK_OF = {"u1": {"history_ratings": [2, 5, 0, 0], "history_labels": [0, 1, 1, 0],
+                      "history_timestamps": [10, 20, 30, 30]},
+               "u2": {"history_ratings": [4, 0], "history_labels": [1, 1], "history_timestamps": [5, 6]},
+               "u3": {"history_ratings": [3, 5, 0], "history_labels": [0, 1, 0], "history_timestamps": [1, 2, 3]}}
+REQUEST_TIME = 1_000
 
 
 def event_docs(events):
-    return [{"user": u, "item": i, "timestamp": t, "event_id": e} for u, i, t, e in events]
+    return [{"user": u, "item": i, "timestamp": t, "event_id": e, **({"feedback": f[0]} if f else {})}
+            for u, i, t, e, *f in events]
 
 
 def rest(server, path, body=None, method=None):
@@ -56,6 +65,18 @@ def histories(users):
     out = np.full((len(rows), max(map(len, rows))), b"", dtype=object)
     for r, row in enumerate(rows):
         out[r, : len(row)] = [t.encode() for t in row]
+    return out
+
+
+def explicit_request(names, timestamp=REQUEST_TIME):
+    """The explicit request equal to a by-id request of users `names` to a signature taking the feedback."""
+    history = histories(names)
+    out = {"history": history, "timestamp": np.full(len(names), timestamp, np.int64), "user": users(*names)}
+    for field, dtype in (("history_ratings", np.float32), ("history_labels", np.float32),
+                         ("history_timestamps", np.int64)):
+        out[field] = np.zeros(history.shape, dtype)
+        for r, name in enumerate(names):
+            out[field][r, : len(FEEDBACK_OF[name][field])] = FEEDBACK_OF[name][field]
     return out
 
 
@@ -89,8 +110,6 @@ def assert_same(a, b):
 @pytest.mark.parametrize("model, signature, extra", [
     ("seq", "recommend", {"exclude_history": np.array([True, False, True])}),
     ("seq", "user_embedding", {}),
-    ("two_stage", "recommend", {}),
-    ("two_stage", "recommend_k", {"k": np.array(3, np.int32)}),
 ])
 def test_grpc_by_user_id_equals_by_history(stub, model, signature, extra):
     by_id = predict(stub, model, signature, user_id=users("u1", "u2", "u3"), **extra)
@@ -98,14 +117,33 @@ def test_grpc_by_user_id_equals_by_history(stub, model, signature, extra):
     assert_same(by_id, by_history)
 
 
-def test_ranker_score_by_user_id(stub):
+@pytest.mark.parametrize("signature, extra", [("recommend", {}), ("recommend_k", {"k": np.array(3, np.int32)})])
+def test_two_stage_by_user_id_equals_by_history_with_feedback(stub, signature, extra):
+    names = ["u1", "u2", "u3"]
+    by_id = predict(stub, "two_stage", signature, user_id=users(*names),
+                    timestamp=np.full(3, REQUEST_TIME, np.int64), **extra)
+    assert_same(by_id, predict(stub, "two_stage", signature, **explicit_request(names), **extra))
+
+
+def test_ranker_score_by_user_id_fills_feedback_times_and_user(stub):
     candidates = np.array([[b"item-4", b"item-6"], [b"item-8", b""]], dtype=object)
-    by_id = predict(stub, "ctr", "score", user_id=users("u3", "u1"), candidates=candidates)
-    assert_same(by_id, predict(stub, "ctr", "score", history=histories(["u3", "u1"]), candidates=candidates))
+    by_id = predict(stub, "ctr", "score", user_id=users("u3", "u1"), candidates=candidates,
+                    timestamp=np.full(2, REQUEST_TIME, np.int64))
+    explicit = explicit_request(["u3", "u1"])
+    assert_same(by_id, predict(stub, "ctr", "score", candidates=candidates, **explicit))
+    no_feedback = {**explicit, "history_ratings": np.zeros_like(explicit["history_ratings"]),
+                   "history_labels": np.zeros_like(explicit["history_labels"])}
+    assert not np.allclose(by_id["probabilities"],  # the stored feedback reached the ranker
+                           predict(stub, "ctr", "score", candidates=candidates, **no_feedback)["probabilities"])
+    # without a timestamp: the server's clock (the events are decades old: one gap bucket either way)
+    now = predict(stub, "ctr", "score", user_id=users("u3", "u1"), candidates=candidates)
+    later = predict(stub, "ctr", "score", candidates=candidates, **explicit_request(["u3", "u1"], int(time.time())))
+    np.testing.assert_allclose(now["probabilities"], later["probabilities"], atol=1e-6)
+    assert not np.allclose(now["probabilities"], by_id["probabilities"])
 
 
 def test_rest_by_user_id_row_and_columnar(server, stub):
-    expected = predict(stub, "two_stage", "recommend", history=histories(["u2", "u1"]))
+    expected = predict(stub, "two_stage", "recommend", **explicit_request(["u2", "u1"], int(time.time())))
     status, columnar = rest(server, "/v1/models/two_stage:predict",
                             {"signature_name": "recommend", "inputs": {"user_id": ["u2", "u1"]}})
     assert status == 200

@@ -23,7 +23,8 @@ from tfrec.data.readers import DEFAULT_DATA_ROOT
 from tfrec.metrics import auc
 from tfx_pipeline.config import load_pipeline_config
 from tfx_pipeline.data import (
-    EXAMPLES_FILE, HISTORY, HISTORY_BUCKET, HISTORY_LENGTH, LABEL, TARGET, USER_ID, ctr_examples)
+    EXAMPLES_FILE, HISTORY, HISTORY_BUCKET, HISTORY_LABELS, HISTORY_LENGTH, HISTORY_RATINGS, HISTORY_TIMESTAMPS, LABEL,
+    TARGET, TARGET_TIMESTAMP, USER_ID, ctr_examples)
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pipeline_r2led_ml100k.yaml")
 SMALL = ["train.epochs=2"]
@@ -54,6 +55,28 @@ def _ints(example, name):
     return list(example.features.feature[name].int64_list.value)
 
 
+def _floats(example, name):
+    return list(example.features.feature[name].float_list.value)
+
+
+def _score_inputs(example, width=None, extra=()):
+    """The ranker's feedback inputs of one example's history (+ `extra` unknown tokens with feedback),
+    right-padded with `""` / 0 to `width`."""
+    history = _bytes(example, HISTORY) + [t for t in extra]
+    width = width or len(history)
+    pad = width - len(history)
+    return {"history": history + [""] * pad,
+            "history_ratings": _floats(example, HISTORY_RATINGS) + [5.0] * len(extra) + [0.0] * pad,
+            "history_labels": _floats(example, HISTORY_LABELS) + [1.0] * len(extra) + [0.0] * pad,
+            "history_timestamps": _ints(example, HISTORY_TIMESTAMPS) + [1] * len(extra) + [0] * pad,
+            "timestamp": _ints(example, TARGET_TIMESTAMP)[0], "user": _bytes(example, USER_ID)[0]}
+
+
+def _stack(rows):
+    dtypes = {"history_timestamps": tf.int64, "timestamp": tf.int64}
+    return {k: tf.constant([r[k] for r in rows], dtypes.get(k)) for k in rows[0]}
+
+
 @pytest.fixture(scope="module")
 def ctr_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ctr-pipelines"))
@@ -80,18 +103,23 @@ def test_r2led_pipeline_pushes_a_ranker_that_scores_raw_tokens(ctr_run):
     test = _examples(os.path.join(config.input_dir, "test", EXAMPLES_FILE))
     history = _bytes(test[0], HISTORY)
     candidates = [_bytes(ex, TARGET)[0] for ex in test[:3]]
+    full = _score_inputs(test[0])
+    recent = {k: (v[-2:] + [type(v[0])()] * (len(history) - 2) if isinstance(v, list) else v) for k, v in full.items()}
     answer = served.signatures["score"](
-        history=tf.constant([history, history[-2:] + [""] * (len(history) - 2)]),
         candidates=tf.constant([candidates + ["no-such-item", ""], candidates[:1] + ["", "", "", ""]]),
-    )
+        **_stack([full, recent]))
     probabilities, valid = answer["probabilities"].numpy(), answer["valid"].numpy()
     assert probabilities.shape == valid.shape == (2, 5)
     assert valid.tolist() == [[True, True, True, True, False], [True, False, False, False, False]]
     assert np.all((probabilities[valid] > 0) & (probabilities[valid] < 1))
     # Unknown history tokens are dropped: the same answer as without them.
     with_unknown = served.signatures["serving_default"](
-        history=tf.constant([history + ["no-such-item"]]), candidates=tf.constant([candidates]))
+        candidates=tf.constant([candidates]), **_stack([_score_inputs(test[0], extra=["no-such-item"])]))
     np.testing.assert_allclose(with_unknown["probabilities"].numpy()[0], probabilities[0, :3], rtol=1e-5)
+    # The score_examples answer of an example = score on its features (the Evaluator's view = the client's).
+    by_example = served.signatures["score_examples"](serialized=tf.constant([test[0].SerializeToString()]))
+    target = served.signatures["score"](candidates=tf.constant([_bytes(test[0], TARGET)]), **_stack([full]))
+    np.testing.assert_allclose(by_example["probabilities"].numpy(), target["probabilities"].numpy()[:, 0], rtol=1e-5)
 
 
 def test_evaluator_auc_matches_the_pushed_models_probabilities(ctr_run):
@@ -136,6 +164,11 @@ def test_ctr_examples_follow_the_time_split_with_raw_tokens():
         "test": [("u1", ["b", "c"], "d", 1, 3, "1-15"), ("u1", ["c", "d"], "e", 0, 4, "1-15"),
                  ("u2", ["a", "f"], "a", 1, 3, "1-15")],
     }
+    # each history item's feedback (its click, no rating here: 0) and time; the target's time
+    feedback = [(_floats(e, HISTORY_LABELS), _floats(e, HISTORY_RATINGS), _ints(e, HISTORY_TIMESTAMPS),
+                 _ints(e, TARGET_TIMESTAMP)[0]) for e in examples["test"]]
+    assert feedback == [([0.0, 1.0], [0.0, 0.0], [2, 5], 8), ([1.0, 1.0], [0.0, 0.0], [5, 8], 9),
+                        ([1.0, 0.0], [0.0, 0.0], [2, 6], 9)]
 
 
 def test_ctr_dag_wires_semantics_into_the_trainer_only_when_the_model_reads_them():

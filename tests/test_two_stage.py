@@ -38,6 +38,20 @@ HISTORIES = np.array([
 ], dtype=object)
 
 
+NOW = 1_700_000_000  # request time
+
+
+def with_feedback(history, user=b"u"):
+    """`history` with the ranker's feedback inputs: one rating, click and time per slot (by column, so a
+    row sent alone or in a batch, padded or not, carries the same feedback), the request time and user."""
+    history = np.asarray(history, dtype=object)
+    cols = np.broadcast_to(np.arange(history.shape[-1]), history.shape)
+    return {"history": history, "history_ratings": ((cols * 3) % 6).astype("float32"),
+            "history_labels": (cols % 2).astype("float32"),
+            "history_timestamps": (NOW - 3_600 * (10 - cols) ** 2).astype("int64"),
+            "timestamp": np.full(history.shape[:1], NOW, "int64"), "user": np.full(history.shape[:1], user, object)}
+
+
 @pytest.fixture(scope="module")
 def model_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("servables")
@@ -103,13 +117,14 @@ def expected_answer(stub, history, k):
     assert len(top_n) == TOP_N
     picked = [j for j, item in enumerate(top_n) if item not in set(history.tolist())][:CANDIDATES]
     candidates = np.array([[top_n[j] for j in picked]], dtype=object)
-    probabilities = predict(stub, "ctr", "score", history=history[None], candidates=candidates)["probabilities"][0]
+    ranked = predict(stub, "ctr", "score", candidates=candidates, **with_feedback(history[None]))
+    probabilities = ranked["probabilities"][0]
     order = np.argsort(-probabilities, kind="stable")[:k]
     return candidates[0][order], probabilities[order], retrieval_scores[picked][order], set(top_n)
 
 
 def test_two_stage_returns_reranked_retrieval_candidates_outside_the_history(stub):
-    out = predict(stub, "two_stage", "", history=HISTORIES)
+    out = predict(stub, "two_stage", "", **with_feedback(HISTORIES))
     assert out["item_ids"].shape == out["scores"].shape == out["retrieval_scores"].shape == (len(HISTORIES), K)
     assert out["scores"].dtype == np.float32 and out["num_candidates"].tolist() == [CANDIDATES] * len(HISTORIES)
     reranked = 0
@@ -124,8 +139,20 @@ def test_two_stage_returns_reranked_retrieval_candidates_outside_the_history(stu
         np.testing.assert_allclose(out["retrieval_scores"][row], retrieval_scores, atol=1e-6)
         assert (np.diff(out["scores"][row]) <= 0).all() and (0 < out["scores"][row]).all()
     assert reranked  # the test is not vacuous
-    same = predict(stub, "two_stage", "recommend", history=HISTORIES)
+    same = predict(stub, "two_stage", "recommend", **with_feedback(HISTORIES))
     np.testing.assert_array_equal(same["item_ids"], out["item_ids"])
+
+
+def test_two_stage_passes_the_feedback_to_the_ranker(stub):
+    base = with_feedback(HISTORIES)
+    liked = {**base, "history_ratings": np.full(HISTORIES.shape, 5.0, "float32"),
+             "history_labels": np.ones(HISTORIES.shape, "float32")}
+    out, out_liked = predict(stub, "two_stage", "", **base), predict(stub, "two_stage", "", **liked)
+    assert not np.allclose(out["scores"], out_liked["scores"])  # the feedback reached the ranker
+    for row in range(len(HISTORIES)):
+        ranked = predict(stub, "ctr", "score", candidates=out_liked["item_ids"][row:row + 1],
+                         **{k: v[row:row + 1] for k, v in liked.items()})
+        np.testing.assert_allclose(out_liked["scores"][row], ranked["probabilities"][0], atol=1e-6)
 
 
 def unpadded(row):
@@ -135,7 +162,7 @@ def unpadded(row):
 
 
 def test_concurrent_requests_merge_where_they_enter_the_two_stage_without_deadlock(stub, model_configs):
-    alone = [predict(stub, "two_stage", "", history=unpadded(row)) for row in range(len(HISTORIES))]
+    alone = [predict(stub, "two_stage", "", **with_feedback(unpadded(row))) for row in range(len(HISTORIES))]
     # Four requests of lengths 3, 5, 1, 3 and a batch that closes at four rows (the timeout is far
     # away): they must run as ONE two-stage batch, padded to length 5, whose three stages are one
     # call each, inside the batch's slot (the only one).
@@ -146,7 +173,7 @@ def test_concurrent_requests_merge_where_they_enter_the_two_stage_without_deadlo
             batched_stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             with ThreadPoolExecutor(len(rows)) as pool:
                 answers = list(pool.map(
-                    lambda row: predict(batched_stub, "two_stage", "", history=unpadded(row)), rows))
+                    lambda row: predict(batched_stub, "two_stage", "", **with_feedback(unpadded(row))), rows))
         batch_size = srv.metrics.batch_size
         for model, signature in [("two_stage", "serving_default"), ("seq", "user_embedding"),
                                  ("retrieval", "retrieve"), ("ctr", "score")]:
@@ -161,24 +188,25 @@ def test_concurrent_requests_merge_where_they_enter_the_two_stage_without_deadlo
 
 
 def test_recommend_k_takes_k_per_request(stub):
-    full = predict(stub, "two_stage", "recommend", history=HISTORIES)
-    two = predict(stub, "two_stage", "recommend_k", history=HISTORIES, k=np.int32(2))
+    full = predict(stub, "two_stage", "recommend", **with_feedback(HISTORIES))
+    two = predict(stub, "two_stage", "recommend_k", **with_feedback(HISTORIES), k=np.int32(2))
     np.testing.assert_array_equal(two["item_ids"], full["item_ids"][:, :2])
-    eight = predict(stub, "two_stage", "recommend_k", history=HISTORIES[:1], k=np.int32(CANDIDATES))
+    eight = predict(stub, "two_stage", "recommend_k", **with_feedback(HISTORIES[:1]), k=np.int32(CANDIDATES))
     np.testing.assert_array_equal(eight["item_ids"][:, :K], full["item_ids"][:1])
 
 
 @pytest.mark.parametrize(
     "model, signature, inputs, code, message",
     [
-        ("two_stage", "", {"history": np.array([b"item-1", b"item-2"], dtype=object)},
+        ("two_stage", "", {**with_feedback(HISTORIES[:1]), "history": np.array([b"item-1", b"item-2"], dtype=object)},
          grpc.StatusCode.INVALID_ARGUMENT, "expects shape [-1,-1]"),
-        ("two_stage", "", {"history": np.array([[1, 2]], np.int32)}, grpc.StatusCode.INVALID_ARGUMENT, "DT_STRING"),
-        ("two_stage", "recommend_k", {"history": HISTORIES, "k": np.int32(CANDIDATES + 1)},
+        ("two_stage", "", {**with_feedback(HISTORIES[:1]), "history": np.array([[1, 2]], np.int32)},
+         grpc.StatusCode.INVALID_ARGUMENT, "DT_STRING"),
+        ("two_stage", "recommend_k", {**with_feedback(HISTORIES), "k": np.int32(CANDIDATES + 1)},
          grpc.StatusCode.INVALID_ARGUMENT, f"k must be in [1, {CANDIDATES}]"),
-        ("two_stage", "", {"history": np.array([[b"unknown", b""]], dtype=object)},  # from the recommender
+        ("two_stage", "", with_feedback([[b"unknown", b""]]),  # from the recommender
          grpc.StatusCode.INVALID_ARGUMENT, ("recommender model 'seq' (user_embedding)", "history has no known item")),
-        ("no_ranker", "", {"history": HISTORIES}, grpc.StatusCode.UNAVAILABLE, "ranker model 'missing' (score)"),
+        ("no_ranker", "", with_feedback(HISTORIES), grpc.StatusCode.UNAVAILABLE, "ranker model 'missing' (score)"),
     ],
 )
 def test_errors_keep_their_status_and_the_server_stays_up(stub, model, signature, inputs, code, message):
@@ -187,7 +215,7 @@ def test_errors_keep_their_status_and_the_server_stays_up(stub, model, signature
     assert caught.value.code() == code
     for part in (message,) if isinstance(message, str) else message:
         assert part in caught.value.details()
-    assert predict(stub, "two_stage", "", history=HISTORIES[:1])["item_ids"].shape == (1, K)
+    assert predict(stub, "two_stage", "", **with_feedback(HISTORIES[:1]))["item_ids"].shape == (1, K)
 
 
 def test_few_candidates_leave_empty_slots():
@@ -238,7 +266,8 @@ def test_tf_serving_example_style_client_reads_typed_fields(server, stub):
         assert [d.size for d in outputs[name].tensor_shape.dim] == list(expected[name].shape)
         assert list(getattr(outputs[name], field)) == pytest.approx(expected[name].ravel().tolist())
     candidates = np.array([[b"item-4", b"item-6", b""]] * 2, dtype=object)
-    outputs = raw("ctr", "score", history=history, candidates=candidates)
-    expected = server.core.predict_outputs("ctr", {"history": history, "candidates": candidates}, signature="score")
+    outputs = raw("ctr", "score", candidates=candidates, **with_feedback(history))
+    expected = server.core.predict_outputs("ctr", {"candidates": candidates, **with_feedback(history)},
+                                           signature="score")
     assert list(outputs["probabilities"].float_val) == pytest.approx(expected["probabilities"].ravel().tolist())
     assert len(outputs["probabilities"].float_val) == 6

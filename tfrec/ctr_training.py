@@ -684,8 +684,14 @@ def _cmd_export(args):
     base = Path(args.out) / "ranker"
     version_dir(base, args.version)  # fail before loading anything
     model, _, item_vocab, fingerprint = load_trained_ctr(config, args.model)
+    users = profiles = None
+    wide = getattr(model, "wide", None)
+    if wide is not None and (wide.num_users or wide.profile_sizes):  # the ranker maps user tokens in-graph
+        data = load_ctr_data(config.data)
+        users, profiles = data.users, data.user_profiles
     path = export_ctr(model, item_vocab, base, version=args.version, max_history=config.model.max_history,
-                      data_fingerprint=fingerprint, experiment_config=config.to_dict())
+                      data_fingerprint=fingerprint, experiment_config=config.to_dict(), users=users,
+                      user_profiles=profiles)
     print(f"ranker (stock ops, max_history {config.model.max_history}): {path}")
 
 

@@ -30,7 +30,9 @@ subsample), split `train` / `valid` -> `eval` / `test`. The time split already
 keeps every history strictly before its target, so no split leaks into another.
 Features (curated schema `tfx_pipeline/schema/ctr_schema.pbtxt`): `user_id`,
 `history` (the most recent `model.max_history` raw item tokens, oldest first,
-including items that are new in that split), `target`, `label` (int64 0/1),
+including items that are new in that split) with the feedback of each of them
+(`history_ratings` float, 0 = no rating; `history_labels` float 0/1;
+`history_timestamps` int64: what the ranker's `score` takes), `target`, `label` (int64 0/1),
 `target_timestamp`, `history_length` (int64, the whole lifelong history before
 the `max_history` cut) and `history_bucket` (bytes, `history_length` bucketed
 by `HISTORY_BUCKETS`: what the Evaluator slices on).
@@ -50,6 +52,9 @@ from tfrec.data.vocab import NUM_RESERVED
 
 USER_ID, HISTORY, TARGET, TARGET_TIMESTAMP = "user_id", "history", "target", "target_timestamp"
 LABEL, HISTORY_LENGTH, HISTORY_BUCKET = "label", "history_length", "history_bucket"
+# CTR: the feedback of each history item, aligned with `history` (what the ranker's `score` takes)
+HISTORY_RATINGS, HISTORY_LABELS, HISTORY_TIMESTAMPS = "history_ratings", "history_labels", "history_timestamps"
+CTR_FEEDBACK = (HISTORY_RATINGS, HISTORY_LABELS, HISTORY_TIMESTAMPS)
 HISTORY_BUCKETS = (16, 64, 256, 1024)  # ours: lower edges of the history-length slices after the first
 TRAIN, EVAL, TEST = "train", "eval", "test"
 SPLITS = (TRAIN, EVAL, TEST)
@@ -99,13 +104,24 @@ def _int_feature(values):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
 
 
-def make_ctr_example(user_id, history, target, label, target_timestamp, history_length):
-    """Serialized `tf.train.Example` of one CTR sample (`history`: bytes tokens, oldest first)."""
+def make_ctr_example(user_id, history, target, label, target_timestamp, history_length, history_ratings=None,
+                     history_labels=None, history_timestamps=None):
+    """Serialized `tf.train.Example` of one CTR sample (`history`: bytes tokens, oldest first; the
+    feedback lists, one value per history token: rating (0 = none), click 0/1, Unix seconds)."""
     import tensorflow as tf
 
+    feedback = {HISTORY_RATINGS: history_ratings, HISTORY_LABELS: history_labels,
+                HISTORY_TIMESTAMPS: history_timestamps}
+    for name, values in feedback.items():
+        if values is None or len(values) != len(history):
+            raise ValueError(f"{name} needs one value per history item ({len(history)}), got "
+                             f"{None if values is None else len(values)}")
     features = {
         USER_ID: _bytes_feature([str(user_id).encode("utf-8")]),
         HISTORY: _bytes_feature(list(history)),
+        HISTORY_RATINGS: tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in history_ratings])),
+        HISTORY_LABELS: tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in history_labels])),
+        HISTORY_TIMESTAMPS: _int_feature([int(v) for v in history_timestamps]),
         TARGET: _bytes_feature([target]),
         LABEL: _int_feature([int(label)]),
         TARGET_TIMESTAMP: _int_feature([int(target_timestamp)]),
@@ -123,16 +139,18 @@ def ctr_examples(data, max_history):
     if data.event_tokens is None:
         raise ValueError("the lifelong data carries no raw event tokens (LifelongData.event_tokens)")
     tokens = np.array([str(t).encode("utf-8") for t in data.event_tokens], dtype=object)
+    ratings = np.nan_to_num(data.event_ratings, nan=0.0)  # 0 = no rating, as lifelong_dataset
     out = {}
     for name, lifelong_split in CTR_SPLITS.items():
         samples = data.splits[lifelong_split]
         rows = zip(samples.user.tolist(), samples.history_start.tolist(), samples.history_end.tolist(),
                    samples.event.tolist(), samples.label.tolist(), samples.timestamp.tolist())
-        out[name] = [
-            make_ctr_example(data.users[user], tokens[max(start, end - max_history):end], tokens[event], label,
-                             timestamp, end - start)
-            for user, start, end, event, label, timestamp in rows
-        ]
+        out[name] = []
+        for user, start, end, event, label, timestamp in rows:
+            kept = slice(max(start, end - max_history), end)
+            out[name].append(make_ctr_example(
+                data.users[user], tokens[kept], tokens[event], label, timestamp, end - start,
+                ratings[kept], data.event_labels[kept], data.event_timestamps[kept]))
     if not out[TRAIN] or not out[EVAL] or not out[TEST]:
         raise ValueError(f"the lifelong data leaves {', '.join(f'{len(v)} {k}' for k, v in out.items())} "
                          f"examples; the pipeline needs samples in every split")

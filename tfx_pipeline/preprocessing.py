@@ -17,7 +17,9 @@ and `target_id` (int64 scalar). The transform graph is saved with the model
 `history` is fed and TFT prunes the `target` branch.
 
 CTR examples (`task: ctr`, they have a `label`) get the same item ids, plus
-`label` (int64 0/1) and `user_id` (bytes, the GAUC group) passed through; the
+`label` (int64 0/1), `user_id` (bytes, the GAUC group), `target_timestamp` and
+the feedback lists aligned with the history (`history_ratings`,
+`history_labels`, `history_timestamps`) passed through; the
 CTR serving graph maps tokens with this same vocabulary file (see
 `tfx_pipeline.trainer`).
 """
@@ -26,7 +28,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from tfrec.data.vocab import NUM_RESERVED
-from tfx_pipeline.data import HISTORY, LABEL, TARGET, USER_ID
+from tfx_pipeline.data import CTR_FEEDBACK, HISTORY, LABEL, TARGET, TARGET_TIMESTAMP, USER_ID
 
 ITEM_VOCAB = "item_vocab"
 HISTORY_IDS, TARGET_ID = "history_ids", "target_id"
@@ -54,4 +56,6 @@ def preprocessing_fn(inputs):
     if LABEL in inputs:  # a CTR example
         outputs[LABEL] = _scalar(inputs[LABEL], tf.constant(0, tf.int64))
         outputs[USER_ID] = _scalar(inputs[USER_ID], "")
+        outputs[TARGET_TIMESTAMP] = _scalar(inputs[TARGET_TIMESTAMP], tf.constant(0, tf.int64))
+        outputs.update({name: inputs[name] for name in CTR_FEEDBACK})  # aligned with history_ids
     return outputs

@@ -58,7 +58,8 @@ from tfrec.training import build_item_encoder, build_model
 from tfrec.training.engine import build_optimizer, compile_options, fit, make_strategy, seed_everything
 from tfx_pipeline.components import SEMANTIC_IDS_KEY, SEMANTIC_STORE_KEY
 from tfx_pipeline.config import CTR, ctr_experiment_from_dict, experiment_from_dict
-from tfx_pipeline.data import LABEL, USER_ID
+from tfx_pipeline.data import (
+    CTR_FEEDBACK, HISTORY_LABELS, HISTORY_RATINGS, HISTORY_TIMESTAMPS, LABEL, TARGET_TIMESTAMP, USER_ID)
 from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
 from tfx_pipeline.serving import RecommenderServable
 
@@ -67,19 +68,22 @@ TASK_KEY = "task"
 MODEL_FILE, REPORT_FILE = "model.keras", "training.json"
 
 
-def read_transformed(file_patterns, columns, histories=True):
+def read_transformed(file_patterns, columns, histories=True, lists=None):
     """`(histories: list of int64 arrays, {name: (n,) array})` from transformed examples.
 
     Args:
         file_patterns: globs of (optionally GZIP) TFRecord files of `tf.Example`s.
         columns: `{feature name: tf dtype}` of the scalar features to read beside `HISTORY_IDS`.
         histories: False = skip `HISTORY_IDS` (returned as None): only the scalar columns.
+        lists: `{feature name: tf dtype}` of variable-length features (returned as lists of arrays).
     """
+    lists = dict(lists or {})
     files = transformed_files(file_patterns)
-    spec = {name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()}
+    spec = {**{name: tf.io.FixedLenFeature([], dtype) for name, dtype in columns.items()},
+            **{name: tf.io.RaggedFeature(dtype) for name, dtype in lists.items()}}
     if histories:
         spec[HISTORY_IDS] = tf.io.RaggedFeature(tf.int64)
-    rows, values = [], {name: [] for name in columns}
+    rows, values = [], {name: [] for name in (*columns, *lists)}
     for path in files:
         compression = "GZIP" if path.endswith(".gz") else ""
         for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(4096):
@@ -88,7 +92,10 @@ def read_transformed(file_patterns, columns, histories=True):
                 rows += [np.asarray(h, np.int64) for h in parsed[HISTORY_IDS].numpy()]
             for name in columns:
                 values[name].append(parsed[name].numpy())
-    return (rows if histories else None), {name: np.concatenate(v) for name, v in values.items()}
+            for name in lists:
+                values[name] += [np.asarray(v) for v in parsed[name].numpy()]
+    return (rows if histories else None), {name: np.concatenate(v) if name in columns else v
+                                           for name, v in values.items()}
 
 
 def read_pairs(file_patterns):
@@ -261,34 +268,54 @@ def train_model(experiment, train_files, eval_files, vocab_size, train_steps=Non
 
 
 def read_ctr_examples(file_patterns, histories=True):
-    """`(histories: list of int64 arrays, target_id, label, user_id)` from transformed CTR examples.
+    """`(histories: list of int64 arrays, target_id, label, user_id, feedback)` from transformed CTR
+    examples; `feedback`: `{history_ratings, history_labels, history_timestamps: lists of arrays aligned
+    with the histories, target_timestamp: (n,) int64}`.
 
-    `histories=False`: histories and users are None (only targets and labels are read:
-    what the popularity reference of a streamed training split needs)."""
-    columns = {TARGET_ID: tf.int64, LABEL: tf.int64}
+    `histories=False`: histories, users and the feedback lists are None (only targets, labels
+    and target times are read: what the popularity reference of a streamed training split needs)."""
+    columns = {TARGET_ID: tf.int64, LABEL: tf.int64, TARGET_TIMESTAMP: tf.int64}
+    lists = {}
     if histories:
         columns[USER_ID] = tf.string
-    rows, values = read_transformed(file_patterns, columns, histories=histories)
+        lists = {HISTORY_RATINGS: tf.float32, HISTORY_LABELS: tf.float32, HISTORY_TIMESTAMPS: tf.int64}
+    rows, values = read_transformed(file_patterns, columns, histories=histories, lists=lists)
+    feedback = {name: values.get(name) for name in (*CTR_FEEDBACK, TARGET_TIMESTAMP)}
     return (rows, values[TARGET_ID].astype(np.int64), values[LABEL].astype(np.float32),
-            values[USER_ID] if histories else None)
+            values[USER_ID] if histories else None, feedback)
 
 
 def streaming_ctr_dataset(file_patterns, batch_size, max_history, seed=0, shuffle_buffer=10_000):
     """`tfrec.data.lifelong.lifelong_dataset`'s training batches streamed from transformed CTR
-    examples: `({"history_ids" (B, H) int32 right-padded, oldest kept first; "target_id"
-    (B,) int32}, label (B,) float32)`, history ids outside the vocabulary dropped (as
-    `lifelong_data_from_examples`), a seeded shuffle buffer; memory bounded by the buffer."""
+    examples: `({"history_ids" (B, H) int32 right-padded, oldest kept first; "history_labels",
+    "history_ratings" (B, H) float32; "history_gaps" (B, H) int32 (`gap_bucket` of the target's
+    time minus the behaviour's, 0 = padding); "target_id" (B,) int32}, label (B,) float32)`,
+    history ids outside the vocabulary dropped with their feedback (as
+    `lifelong_data_from_examples`), a seeded shuffle buffer; memory bounded by the buffer.
+    No `user_id`: a streamed split has no user index (the user bias, `model.wide_user_id`,
+    is refused by `run_ctr`)."""
+    from tfrec.data.lifelong import gap_bucket
+
     files = transformed_files(file_patterns)
     width = int(max_history)
     spec = {HISTORY_IDS: tf.io.RaggedFeature(tf.int64), TARGET_ID: tf.io.FixedLenFeature([], tf.int64),
-            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+            LABEL: tf.io.FixedLenFeature([], tf.int64), TARGET_TIMESTAMP: tf.io.FixedLenFeature([], tf.int64),
+            HISTORY_RATINGS: tf.io.RaggedFeature(tf.float32), HISTORY_LABELS: tf.io.RaggedFeature(tf.float32),
+            HISTORY_TIMESTAMPS: tf.io.RaggedFeature(tf.int64)}
 
     def parse(serialized):
         parsed = tf.io.parse_single_example(serialized, spec)
-        history = parsed[HISTORY_IDS]
-        history = tf.boolean_mask(history, history >= NUM_RESERVED)[-width:]
-        history = tf.cast(tf.pad(history, [[0, width - tf.shape(history)[0]]]), tf.int32)
-        return ({"history_ids": history, "target_id": tf.cast(parsed[TARGET_ID], tf.int32)},
+        known = parsed[HISTORY_IDS] >= NUM_RESERVED
+        pad = lambda values: tf.pad(tf.boolean_mask(values, known)[-width:],  # noqa: E731
+                                    [[0, width - tf.minimum(tf.reduce_sum(tf.cast(known, tf.int32)), width)]])
+        history = pad(parsed[HISTORY_IDS])
+        stamps = pad(parsed[HISTORY_TIMESTAMPS])
+        valid = history > 0
+        gaps = tf.where(valid, gap_bucket(parsed[TARGET_TIMESTAMP] - stamps), 0)
+        ratings = tf.where(tf.math.is_nan(parsed[HISTORY_RATINGS]), 0.0, parsed[HISTORY_RATINGS])
+        return ({"history_ids": tf.cast(history, tf.int32), "history_labels": pad(parsed[HISTORY_LABELS]),
+                 "history_ratings": pad(ratings), "history_gaps": tf.cast(gaps, tf.int32),
+                 "target_id": tf.cast(parsed[TARGET_ID], tf.int32)},
                 tf.cast(parsed[LABEL], tf.float32))
 
     ds = tf.data.TFRecordDataset(files, compression_type=_compression(files))
@@ -303,18 +330,26 @@ def lifelong_data_from_examples(splits, item_vocab):
         splits: `{lifelong split name ("train", "valid"): read_ctr_examples(...) result}`.
         item_vocab: the Transform vocabulary (`Vocabulary`, ids = line + 2).
 
-    Each example's history (known ids only, oldest first) becomes its own range of
-    the flat event array, so `lifelong_dataset` / `CTREvaluator` read them as they
-    read `tfrec ctr train` samples; users are the examples' `user_id` tokens.
+    Each example's history (known ids only, oldest first, each with its feedback:
+    rating, click and time; OOV ids dropped with theirs, as the serving graph
+    does) becomes its own range of the flat event array, so `lifelong_dataset` /
+    `CTREvaluator` read them as they read `tfrec ctr train` samples; users are the
+    examples' `user_id` tokens; the target's time is `target_timestamp`.
     """
     from tfrec.data.lifelong import LifelongData, LifelongSamples
 
     pieces, samples, offset = [], {}, 0
+    feedback_pieces = {name: [] for name in CTR_FEEDBACK}
     user_index = {}
-    for name, (histories, target, label, user) in splits.items():
+    for name, (histories, target, label, user, feedback) in splits.items():
         # histories None (a streamed training split): empty histories, targets and labels only.
         if histories is not None:
-            known = [h[h >= NUM_RESERVED] for h in histories]
+            masks = [h >= NUM_RESERVED for h in histories]
+            known = [h[m] for h, m in zip(histories, masks)]
+            for field in CTR_FEEDBACK:
+                if any(len(v) != len(h) for v, h in zip(feedback[field], histories)):
+                    raise ValueError(f"{name} examples: {field} needs one value per history item")
+                feedback_pieces[field] += [np.asarray(v)[m] for v, m in zip(feedback[field], masks)]
             lengths = np.array([len(h) for h in known], np.int64)
         else:
             known, lengths = [], np.zeros(len(target), np.int64)
@@ -324,19 +359,21 @@ def lifelong_data_from_examples(splits, item_vocab):
         samples[name] = LifelongSamples(
             event=np.arange(len(target), dtype=np.int64), user=user_ids, history_start=ends - lengths,
             history_end=ends, target_id=target.astype(np.int32), label=label.astype(np.float32),
-            timestamp=np.zeros(len(target), np.int64))
+            timestamp=np.asarray(feedback[TARGET_TIMESTAMP], np.int64))
         pieces += known
         offset = int(ends[-1]) if len(ends) else offset
     users = np.array([u.decode("utf-8") for u in user_index], dtype=object)
     events = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    flat = {field: (np.concatenate(v) if v else np.zeros(0)) for field, v in feedback_pieces.items()}
     metadata = {"num_items": len(item_vocab.tokens), "num_users": len(users),
                 "num_samples": {n: len(s) for n, s in samples.items()},
                 "click_rate": {n: float(s.label.mean()) if len(s) else None for n, s in samples.items()},
                 "source": "transformed examples"}
     return LifelongData(
         item_vocab=item_vocab, users=users, user_offsets=np.zeros(1, np.int64), event_items=events,
-        event_timestamps=np.zeros(len(events), np.int64), event_labels=np.zeros(len(events), np.float32),
-        event_ratings=np.full(len(events), np.nan, np.float32), event_split=np.zeros(len(events), np.int8),
+        event_timestamps=flat[HISTORY_TIMESTAMPS].astype(np.int64),
+        event_labels=flat[HISTORY_LABELS].astype(np.float32),
+        event_ratings=flat[HISTORY_RATINGS].astype(np.float32), event_split=np.zeros(len(events), np.int8),
         splits=samples, cutoffs={}, genre_vocab=None, item_genres=None, metadata=metadata)
 
 
@@ -385,6 +422,9 @@ def run_ctr(fn_args, settings, options):
     if options.get("train_steps"):
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, epochs=1, steps_per_epoch=int(options["train_steps"])))
+    if config.model.wide_user_id:
+        raise ValueError("model.wide_user_id is not supported by the TFX CTR Trainer: it streams its training "
+                         "examples and keeps no user index (set model.wide_user_id: false)")
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     vocab_file = tft_output.vocabulary_file_by_name(ITEM_VOCAB)
     item_vocab = Vocabulary.load(vocab_file)  # ids = line + 2
@@ -406,7 +446,8 @@ def run_ctr(fn_args, settings, options):
     results["semantic_ids"] = fn_args.custom_config.get(SEMANTIC_IDS_KEY)
     results["train_steps"] = options.get("train_steps")
     results["vocab_size"] = int(item_vocab.size)
-    servable = CTRServable(model, item_vocab, vocab_file, max_history=config.model.max_history)
+    servable = CTRServable(model, item_vocab, vocab_file, max_history=config.model.max_history,
+                           users=data.users, user_profiles=data.user_profiles)
     tf.saved_model.save(servable, fn_args.serving_model_dir, signatures=servable.signatures())
     tf.io.gfile.makedirs(fn_args.model_run_dir)
     model.save(os.path.join(fn_args.model_run_dir, MODEL_FILE))

@@ -218,10 +218,10 @@ class ServingCore:
             if input_names is None:
                 input_names = tuple(inputs) if isinstance(inputs, Mapping) else ()
             by_user = self._by_user(signature, input_names)
-            wire_signature = self.histories.by_user_signature(signature) if by_user else signature
+            wire_signature = self.histories.by_user_signature(signature, input_names) if by_user else signature
             arrays = decode(wire_signature, inputs) if decode is not None else inputs
             if by_user:
-                arrays = self.histories.replace_user_ids(validate_inputs(wire_signature, arrays))
+                arrays = self.histories.replace_user_ids(validate_inputs(wire_signature, arrays), signature)
             arrays = validate_inputs(signature, arrays)
             wanted = list(output_filter)
             seen = set()

@@ -11,6 +11,18 @@ With a history store (``ServerOptions.history_store``, ``tfrec serve
   and runs the signature on that history, so the answer equals the one for the
   same history sent explicitly. Other inputs (``exclude_history``, ``k``, ...) are
   sent as usual.
+- **feedback** (CTR rankers' ``score`` and the two-stage signatures, whose
+  inputs include ``history_ratings``, ``history_labels``, ``history_timestamps``,
+  ``timestamp`` and ``user``; see ``tfrec.serving``): the server fills them from
+  the same events, aligned with the history: ``history_timestamps`` = the events'
+  timestamps, ``user`` = the ``user_id``, ``timestamp`` = the request's own
+  ``timestamp`` input when it sends one (then the answer equals the by-history
+  one), else the server's current time (Unix seconds, ``time.time()``). An
+  event's ``feedback`` maps to rating and click (ours, ``feedback_columns``): a
+  feedback above 1 is a rating (``history_ratings`` = feedback, ``history_labels``
+  = 1 when it is >= ``click_threshold``, default 4 as the bundled MovieLens
+  labels); a feedback in ``(0, 1]`` is a click (rating 0 = none, label 1; the
+  ingestion default 1.0); ``<= 0`` is a non-click (rating 0, label 0).
 - **cold start** (ours): a user with no event in the store is answered
   ``NOT_FOUND`` (REST 404) ``user '<id>' has no events in the history store
   (cold start)``, for the whole request. The client falls back (e.g. to popular
@@ -42,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -52,6 +65,11 @@ from tfrec.history import MAX_APPEND, InvalidEvent, StoreUnavailable, event_from
 
 USER_ID = "user_id"
 HISTORY = "history"
+# Inputs of the CTR signatures the store fills beside ``history`` (``tfrec.serving.CTR_FEEDBACK_INPUTS``);
+# ``timestamp`` only when the request does not send it.
+STORE_FILLED = ("history_ratings", "history_labels", "history_timestamps", "user")
+REQUEST_TIME = "timestamp"
+DEFAULT_CLICK_THRESHOLD = 4.0
 DEFAULT_HISTORY_LENGTH = 256
 DEFAULT_MAX_USERS = 1024
 
@@ -63,6 +81,19 @@ def has_history_input(signature: Signature) -> bool:
     spec = signature.inputs.get(HISTORY)
     return (spec is not None and USER_ID not in signature.inputs and spec.dtype == tf.string
             and spec.shape.rank == 2)
+
+
+def feedback_columns(feedback: np.ndarray, click_threshold: float = DEFAULT_CLICK_THRESHOLD):
+    """``(ratings float32, labels float32)`` of stored event feedback (see the module doc).
+
+    >>> feedback_columns(np.array([5.0, 3.0, 1.0, 0.0, 0.5]))
+    (array([5., 3., 0., 0., 0.], dtype=float32), array([1., 0., 1., 0., 1.], dtype=float32))
+    """
+    feedback = np.asarray(feedback, np.float64)
+    rated = feedback > 1.0
+    ratings = np.where(rated, feedback, 0.0).astype(np.float32)
+    labels = np.where(rated, feedback >= click_threshold, feedback > 0.0).astype(np.float32)
+    return ratings, labels
 
 
 def store_error(err: Exception) -> ServingError:
@@ -82,9 +113,12 @@ class UserHistories:
         history_length: ``int``, most recent events read per user (default 256; use at least the
             longest history the served models read).
         max_users: ``int``, most user ids in one request (default 1,024).
+        click_threshold: ``float``, a rating feedback at least this is a click (default 4).
     """
 
-    def __init__(self, store, history_length: int = DEFAULT_HISTORY_LENGTH, max_users: int = DEFAULT_MAX_USERS):
+    def __init__(self, store, history_length: int = DEFAULT_HISTORY_LENGTH, max_users: int = DEFAULT_MAX_USERS,
+                 click_threshold: float = DEFAULT_CLICK_THRESHOLD):
+        self.click_threshold = float(click_threshold)
         for name, value in (("history_length", history_length), ("max_users", max_users)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -97,16 +131,20 @@ class UserHistories:
         return USER_ID in names and HISTORY not in names and has_history_input(signature)
 
     @staticmethod
-    def by_user_signature(signature: Signature) -> Signature:
-        """``signature`` with ``history`` replaced by ``user_id: string (batch,)`` (what by-id requests decode to)."""
+    def by_user_signature(signature: Signature, input_names=()) -> Signature:
+        """``signature`` with ``history`` replaced by ``user_id: string (batch,)`` (what by-id requests decode to).
+
+        The inputs the store fills (``STORE_FILLED``) go too, and ``timestamp`` unless ``input_names`` has it."""
         import tensorflow as tf
 
-        inputs = {k: v for k, v in signature.inputs.items() if k != HISTORY}
+        dropped = {HISTORY, *STORE_FILLED} | ({REQUEST_TIME} if REQUEST_TIME not in input_names else set())
+        inputs = {k: v for k, v in signature.inputs.items() if k not in dropped}
         inputs[USER_ID] = tf.TensorSpec([None], tf.string)
         return Signature(signature.name, inputs, signature.outputs, signature.method_name)
 
-    def histories(self, user_ids: np.ndarray) -> np.ndarray:
-        """``(batch, longest)`` bytes object array: each user's recent items, oldest first, padded ``b""``.
+    def recent_events(self, user_ids: np.ndarray, items_only: bool = False) -> list:
+        """Each user's recent ``Event``s (item tokens with ``items_only``, the store's cheap read), oldest
+        first (``history_length`` at most).
 
         ``ServingError``: NOT_FOUND for a user without events (cold start), INVALID_ARGUMENT for a
         malformed id or too many, UNAVAILABLE when the store fails.
@@ -124,23 +162,52 @@ class UserHistories:
             except UnicodeDecodeError:
                 raise ServingError.invalid_argument(f"{USER_ID} {raw[:64]!r} is not UTF-8") from None
             try:
-                items = self.store.recent_items(user, self.history_length)
+                read = self.store.recent_items if items_only else self.store.recent
+                events = read(user, self.history_length)
             except Exception as err:  # noqa: BLE001 - store errors become statuses
                 raise store_error(err) from None
-            if not items:
+            if not events:
                 raise ServingError.not_found(f"user {user[:128]!r} has no events in the history store (cold start: "
                                              "send a history instead, e.g. popular items)")
-            rows.append([item.encode("utf-8") for item in items])
-        width = max(len(row) for row in rows)
-        history = np.full((len(rows), width), b"", dtype=object)
-        for i, row in enumerate(rows):
-            history[i, : len(row)] = row
-        return history
+            rows.append(events)
+        return rows
 
-    def replace_user_ids(self, arrays: Mapping[str, Any]) -> dict:
-        """``arrays`` with ``user_id`` replaced by ``history`` read from the store."""
+    @staticmethod
+    def _padded(rows, value, dtype, fill):
+        out = np.full((len(rows), max(len(row) for row in rows)), fill, dtype=dtype)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = [value(event) for event in row]
+        return out
+
+    def histories(self, user_ids: np.ndarray) -> np.ndarray:
+        """``(batch, longest)`` bytes object array: each user's recent items, oldest first, padded ``b""``.
+
+        Errors as :meth:`recent_events`.
+        """
+        return self._padded(self.recent_events(user_ids, items_only=True), lambda item: item.encode("utf-8"),
+                            object, b"")
+
+    def replace_user_ids(self, arrays: Mapping[str, Any], signature: Signature = None) -> dict:
+        """``arrays`` with ``user_id`` replaced by ``history`` read from the store, plus the
+        feedback inputs ``signature`` takes (see the module doc)."""
         arrays = dict(arrays)
-        arrays[HISTORY] = self.histories(np.asarray(arrays.pop(USER_ID), dtype=object))
+        user_ids = np.asarray(arrays.pop(USER_ID), dtype=object)
+        wanted = set(signature.inputs) if signature is not None else set()
+        if not wanted & set(STORE_FILLED):
+            arrays[HISTORY] = self.histories(user_ids)
+        else:
+            rows = self.recent_events(user_ids)
+            arrays[HISTORY] = self._padded(rows, lambda e: e.item.encode("utf-8"), object, b"")
+            feedback = self._padded(rows, lambda e: e.feedback, np.float64, 0.0)
+            ratings, labels = feedback_columns(feedback, self.click_threshold)
+            valid = arrays[HISTORY] != b""
+            filled = {"history_ratings": np.where(valid, ratings, 0.0).astype(np.float32),
+                      "history_labels": np.where(valid, labels, 0.0).astype(np.float32),
+                      "history_timestamps": self._padded(rows, lambda e: e.timestamp, np.int64, 0),
+                      "user": user_ids}
+            arrays.update({k: v for k, v in filled.items() if k in wanted})
+        if REQUEST_TIME in wanted and REQUEST_TIME not in arrays:
+            arrays[REQUEST_TIME] = np.full(len(user_ids), int(time.time()), np.int64)
         return arrays
 
     def ingest(self, document: Any) -> dict:
