@@ -67,6 +67,7 @@ class BiLevelFusion(keras.layers.Layer):
         (`(batch, routes * dim)` for `"concat"`).
 
     Example:
+    >>> import numpy as np
     >>> fusion = BiLevelFusion(sid_codebook_sizes=[4, 4])
     >>> out = fusion({"target_embedding": np.ones((2, 8), "float32"),
     ...               "target_sids": np.zeros((2, 2), "int32"),

@@ -52,6 +52,7 @@ def recency_top_k(scores, eligible, k):
         eligible position have `mask = False` and index 0. Works for `n < k`.
 
     Example:
+    >>> import numpy as np
     >>> idx, mask = recency_top_k(np.array([[1., 2., 1., 0.]], "float32"),
     ...                           np.array([[True, True, True, False]]), 3)
     >>> idx.numpy().tolist(), mask.numpy().tolist()
@@ -81,6 +82,7 @@ def shared_prefix_length(sids, target_sids, max_levels=None):
         code (negative) never matches, so it ends the shared prefix.
 
     Example:
+    >>> import numpy as np
     >>> shared_prefix_length(np.array([[1, 2, 3], [1, 5, 3], [2, 2, 3]]), np.array([[1, 2, -1]])).numpy().tolist()
     [2, 1, 0]
     """
@@ -143,6 +145,7 @@ class MultiRouteRetrieval(keras.layers.Layer):
         positions in the history, most relevant first.
 
     Example:
+    >>> import numpy as np
     >>> layer = MultiRouteRetrieval(top_k=2)
     >>> idx, mask = layer({
     ...     "history_sids": np.array([[[1, 5], [1, 6], [2, 5]]]),

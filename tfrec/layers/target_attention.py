@@ -67,6 +67,7 @@ class TargetAttention(keras.layers.Layer):
         `(..., dk)` pooled interest.
 
     Example:
+    >>> import numpy as np
     >>> att = TargetAttention(form="dot", num_heads=2)
     >>> att(np.ones((3, 8), "float32"), np.ones((3, 5, 8), "float32")).shape
     TensorShape([3, 8])
