@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export TF_CPP_MIN_LOG_LEVEL=2 PYTHONWARNINGS=ignore
+export PYTHONWARNINGS=ignore  # TensorFlow start-up noise: hidden by tfrec itself (tfrec/runtime.py)
 CONFIG=${MAIN_CONFIG:-configs/dmesr_sasrec_beauty.yaml}
 BUDGET=${MAIN_BUDGET:-420}
 OUT=${MAIN_OUT:-artifacts/main}
