@@ -226,7 +226,8 @@ def test_config_round_trip_without_weights():
     model = make_model("bert4rec", loss="bce", temperature=0.5, num_negatives=7)
     config = model.get_config()
     clone = NextItemRecommender.from_config(config)
-    for key in ("max_length", "objective", "loss", "num_negatives", "sampling", "temperature", "seed"):
+    for key in ("max_length", "objective", "loss", "num_negatives", "sampling", "temperature", "seed",
+                "loss_reduction"):
         assert clone.get_config()[key] == config[key]
     assert clone.mask_token_id == VOCAB
     assert isinstance(clone.backbone, BERT4RecBackbone) and isinstance(clone.item_encoder, IdItemEncoder)
@@ -260,7 +261,41 @@ def test_mismatched_objective_and_backbone(objective, backbone, match):
     (dict(loss="hinge"), "loss must be one of"),
     (dict(objective="mlm"), "objective must be one of"),
     (dict(sampling="zipf"), "sampling must be 'uniform' or 'popularity'"),
+    (dict(loss_reduction="sum"), "loss_reduction must be one of"),
 ])
 def test_unknown_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NextItemRecommender(IdItemEncoder(VOCAB, DIM), SASRecBackbone(L), max_length=L, **kwargs)
+
+
+# --------------------------------------------------------------------- loss reduction
+def _per_target_losses(model, ids, targets):
+    """Cross-entropy of every target position, computed by hand from the model's states."""
+    states = keras.ops.convert_to_numpy(model({"item_ids": ids}, training=False))
+    table = keras.ops.convert_to_numpy(model.item_encoder.all_items())[NUM_RESERVED:]
+    rows, cols = np.nonzero(targets)
+    logits = states[rows, cols] @ table.T
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -log_probs[np.arange(len(rows)), targets[rows, cols] - NUM_RESERVED]
+
+
+def test_loss_reduction_targets_and_rows():
+    """"targets": mean over the batch's targets; "rows": their sum over the batch's rows, so a
+    long row's targets are not down-weighted against a short row's. Equal with one target per row."""
+    keras.utils.set_random_seed(0)
+    ids = np.array([[2, 3, 4, 5], [6, 7, 0, 0]], np.int32)
+    targets = np.array([[3, 4, 5, 6], [7, 8, 0, 0]], np.int32)
+    by_target = make_model("sasrec")
+    by_row = NextItemRecommender.from_config({**by_target.get_config(), "loss_reduction": "rows"})
+    by_target({"item_ids": ids}), by_row({"item_ids": ids})
+    by_row.set_weights(by_target.get_weights())
+    expected = _per_target_losses(by_target, ids, targets)  # 6 targets, 2 rows
+    states = by_target({"item_ids": ids}, training=False)
+    got_target = float(by_target.compute_loss(y=targets, y_pred=states))
+    got_row = float(by_row.compute_loss(y=targets, y_pred=states))
+    np.testing.assert_allclose(got_target, expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got_row, expected.sum() / 2, rtol=1e-5)
+    one = np.array([[0, 0, 0, 6], [0, 8, 0, 0]], np.int32)  # one target per row: the same loss
+    np.testing.assert_allclose(float(by_row.compute_loss(y=one, y_pred=states)),
+                               float(by_target.compute_loss(y=one, y_pred=states)), rtol=1e-6)

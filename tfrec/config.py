@@ -62,6 +62,7 @@ class ModelConfig:
     num_negatives: int = 1024
     sampling: str = "uniform"
     temperature: float = 1.0
+    loss_reduction: str = "targets"  # "targets" | "rows" (NextItemRecommender(loss_reduction=...))
     mask_prob: float = 0.2
 
 

@@ -34,6 +34,7 @@ from tfrec.data.vocab import NUM_RESERVED
 
 LOSSES = ("softmax", "sampled_softmax", "bce")
 OBJECTIVES = ("causal", "cloze")
+LOSS_REDUCTIONS = ("targets", "rows")
 _NEG_INF = -1e9
 
 
@@ -76,6 +77,14 @@ class NextItemRecommender(keras.Model):
             sampled softmax (popularity needs `set_item_counts`).
         temperature: float. Logits are divided by it.
         seed: int or None. Seed of the negative sampler.
+        loss_reduction: `"targets"`: the loss is the mean over the batch's
+            target positions (every batch weighs the same, however many
+            targets it has); `"rows"`: the sum over the batch's targets divided
+            by its rows (sequences), so every target weighs the same in every
+            batch. The two agree when each row has one target (the `prefixes`
+            scheme); with every position trained at once and batches bucketed
+            by length, `"targets"` gives a short sequence's targets many times
+            the weight of a long one's. Defaults to `"targets"`.
 
     Example:
     >>> from tfrec.layers import IdItemEncoder, SASRecBackbone
@@ -98,6 +107,7 @@ class NextItemRecommender(keras.Model):
         sampling="uniform",
         temperature=1.0,
         seed=None,
+        loss_reduction="targets",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -105,6 +115,8 @@ class NextItemRecommender(keras.Model):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         if sampling not in ("uniform", "popularity"):
             raise ValueError(f"sampling must be 'uniform' or 'popularity', got {sampling!r}.")
         if objective == "causal" and not getattr(backbone, "causal", True):
@@ -120,6 +132,7 @@ class NextItemRecommender(keras.Model):
         self.sampling = sampling
         self.temperature = float(temperature)
         self.seed = seed
+        self.loss_reduction = loss_reduction
         self.vocab_size = int(item_encoder.vocab_size)
         self.mask_token_id = self.vocab_size  # only used by objective="cloze"
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -186,6 +199,7 @@ class NextItemRecommender(keras.Model):
         copy = NextItemRecommender(
             encoder, self.backbone, self.max_length, objective=self.objective, loss=self.loss_name,
             num_negatives=self.num_negatives, sampling=self.sampling, temperature=self.temperature, seed=self.seed,
+            loss_reduction=self.loss_reduction,
             name=f"{self.name}_item_table",
         )
         copy.sampling_log_probs.assign(self.sampling_log_probs)
@@ -291,7 +305,10 @@ class NextItemRecommender(keras.Model):
             pos = tf.reduce_sum(h * tf.gather(items, t), -1) / self.temperature
             neg = tf.reduce_sum(h * tf.gather(items, negatives), -1) / self.temperature
             loss = tf.nn.softplus(-pos) + tf.nn.softplus(neg)
-        loss = tf.reduce_mean(loss)
+        if self.loss_reduction == "rows":
+            loss = tf.reduce_sum(loss) / tf.cast(tf.shape(targets)[0], loss.dtype)
+        else:
+            loss = tf.reduce_mean(loss)
         if self.losses:
             loss = loss + tf.add_n(self.losses)
         return loss
@@ -312,6 +329,7 @@ class NextItemRecommender(keras.Model):
                 "sampling": self.sampling,
                 "temperature": self.temperature,
                 "seed": self.seed,
+                "loss_reduction": self.loss_reduction,
             }
         )
         return config

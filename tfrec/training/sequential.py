@@ -76,6 +76,7 @@ def build_model(model_config, vocab_size, item_encoder=None, seed=None):
         sampling=mc.sampling,
         temperature=mc.temperature,
         seed=seed,
+        loss_reduction=mc.loss_reduction,
     )
 
 
