@@ -36,6 +36,7 @@ from tfrec.data.readers import load_dataset, read_interactions
 from tfrec.evaluation import SequentialEvaluator
 from tfrec.layers import BERT4RecBackbone, GRU4RecBackbone, IdItemEncoder, SASRecBackbone
 from tfrec.models import NextItemRecommender
+from tfrec.training.flops import epoch_flops
 from tfrec.training.engine import build_optimizer, compile_options, fit, make_strategy, seed_everything
 
 BACKBONES = ("sasrec", "bert4rec", "gru4rec")
@@ -270,6 +271,8 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
         "seconds_to_best": result.seconds_to_best,
         "examples_per_second": positions * epochs_run / max(result.train_seconds, 1e-9),
         "examples_unit": "training target positions (next-item predictions) per second",
+        "epoch_seconds": result.train_seconds / max(epochs_run, 1),
+        "epoch_flops": epoch_flops(mc, split.train, data.item_vocab.size, scheme=tc.scheme)["total"],
         "validation_curve": result.validation_curve,
         "loss_curve": result.losses,
         "tensorboard_dir": str(log_dir) if log_dir else None,
