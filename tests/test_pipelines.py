@@ -191,6 +191,26 @@ def test_shuffle_reproducible_for_seed(objective):
     assert order(two_epochs(6)[0]) != order(a1)  # another seed, another order
 
 
+def test_epoch_batch_shuffle_spreads_groups():
+    """`shuffle_batches="epoch"`: a group's batches do not follow one another; the same batches
+    (rows) as `"group"` shuffling, only their order differs."""
+    seqs = random_sequences(n=400, low=2, high=30, seed=7)
+
+    def batches(how):
+        return epoch(training_dataset(seqs, 30, 10, seed=0, bucket_batches=10, shuffle_batches=how))
+
+    spread, grouped = batches("epoch"), batches("group")
+    assert sorted(map(tuple, rows_of(spread))) == sorted(map(tuple, rows_of(grouped)))
+
+    def first_half_groups(bs):  # which groups (of 10 batches) the first half of the epoch drew from
+        width = lambda x: int((x > 0).sum(axis=1).max())  # noqa: E731
+        return np.mean([width(x) for x, _ in bs[: len(bs) // 2]])
+
+    # Global shuffling: the first half's mean width is near the epoch's mean width.
+    widths = [int((x > 0).sum(axis=1).max()) for x, _ in spread]
+    assert abs(first_half_groups(spread) - np.mean(widths)) < 0.25 * np.std(widths) + 1
+
+
 def test_no_shuffle_keeps_row_order():
     seqs = unique_sequences([3, 5, 2, 4])
     batches = epoch(training_dataset(seqs, 6, batch_size=2, shuffle=False, bucket_batches=1))
@@ -257,6 +277,7 @@ def test_cloze_skips_empty_sequences():
     (dict(objective="cloze", mask_token_id=MASK, mask_prob=0.0), r"mask_prob must be in \(0, 1\)"),
     (dict(objective="cloze", mask_token_id=MASK, mask_prob=1.0), r"mask_prob must be in \(0, 1\)"),
     (dict(objective="mlm"), "objective must be 'causal' or 'cloze'"),
+    (dict(shuffle_batches="global"), "shuffle_batches must be 'epoch' or 'group'"),
 ])
 def test_training_dataset_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -125,10 +125,12 @@ class EngineConfig:
 @dataclasses.dataclass
 class TrainConfig(EngineConfig):
     """Next-item training: the engine keys (`EngineConfig`) plus the data pipeline's
-    `bucket_batches` (batches per length-sorted group, 1 = none) and `scheme`
+    `bucket_batches` (batches per length-sorted group, 1 = none), `shuffle_batches`
+    (`epoch`: all of an epoch's batches shuffled; `group`: within two groups) and `scheme`
     (`positions`: every position of a sequence at once; `prefixes`: one row per target)."""
 
     bucket_batches: int = 32
+    shuffle_batches: str = "epoch"
     scheme: str = "positions"
 
 

@@ -146,6 +146,7 @@ def training_dataset(
     seed=0,
     bucket_batches=32,
     scheme="positions",
+    shuffle_batches="epoch",
 ):
     """A `tf.data.Dataset` of `({"item_ids": (b, l)}, targets (b, l))` batches.
 
@@ -162,7 +163,13 @@ def training_dataset(
         scheme: causal only: `"positions"` (every position of a sequence at
             once, `causal_training_arrays`) or `"prefixes"` (one row per
             target, `prefix_training_arrays`).
+        shuffle_batches: with bucketing, how the length-sorted batches are
+            reordered: `"epoch"` shuffles all the epoch's batches (consecutive
+            steps are independent) or `"group"` only within a window of two
+            groups (consecutive steps then see similar lengths for a while).
     """
+    if shuffle_batches not in ("epoch", "group"):
+        raise ValueError(f"shuffle_batches must be 'epoch' or 'group', got {shuffle_batches!r}.")
     if objective == "causal" and scheme == "prefixes":
         inputs, targets = prefix_training_arrays(train_sequences, max_length)
     elif objective == "causal":
@@ -189,7 +196,8 @@ def training_dataset(
 
         ds = ds.batch(batch_size * bucket_batches).flat_map(sorted_batches)
         if shuffle:
-            ds = ds.shuffle(bucket_batches * 2, seed=seed + 1, reshuffle_each_iteration=True)
+            buffer = -(-len(inputs) // batch_size) if shuffle_batches == "epoch" else bucket_batches * 2
+            ds = ds.shuffle(buffer, seed=seed + 1, reshuffle_each_iteration=True)
     else:
         ds = ds.batch(batch_size)
     if objective == "cloze":

@@ -240,6 +240,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
             mask_token_id=model.mask_token_id,
             seed=tc.seed + epoch,
             bucket_batches=tc.bucket_batches,
+            shuffle_batches=tc.shuffle_batches,
             scheme=tc.scheme,
         )
 
