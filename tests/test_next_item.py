@@ -299,3 +299,28 @@ def test_loss_reduction_targets_and_rows():
     one = np.array([[0, 0, 0, 6], [0, 8, 0, 0]], np.int32)  # one target per row: the same loss
     np.testing.assert_allclose(float(by_row.compute_loss(y=one, y_pred=states)),
                                float(by_target.compute_loss(y=one, y_pred=states)), rtol=1e-6)
+
+
+# --------------------------------------------------------------------- packed rows
+def test_packed_rows_give_each_sequence_its_own_outputs():
+    """Several sequences in one row (segment ids, restarting positions) give the states each gets
+    alone; GRU4Rec cannot read packed rows and says so."""
+    from tfrec.data.pipelines import causal_training_arrays, pack_rows
+
+    keras.utils.set_random_seed(0)
+    model = make_model("sasrec")
+    seqs = [np.array([2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9, 10])]
+    inputs, targets = causal_training_arrays(seqs, L)
+    packed, packed_targets = pack_rows(inputs, targets, L, seed=0)
+    alone = keras.ops.convert_to_numpy(model({"item_ids": inputs}, training=False))
+    together = keras.ops.convert_to_numpy(model({k: v for k, v in packed.items()}, training=False))
+    for i, row in enumerate(inputs):
+        n = int((row > 0).sum())
+        r, c = np.argwhere((packed["item_ids"] == row[0]) & (packed["positions"] == 0))[0]
+        np.testing.assert_allclose(together[r, c : c + n], alone[i, :n], atol=1e-5)
+    # The same loss (every target once) packed or not.
+    np.testing.assert_allclose(float(model.compute_loss(y=packed_targets, y_pred=together)),
+                               float(model.compute_loss(y=targets, y_pred=alone)), rtol=1e-5)
+    gru = make_model("gru4rec")
+    with pytest.raises(ValueError, match="cannot read packed rows"):
+        gru(packed)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec.data.pipelines import causal_training_arrays, pad_right, prefix_training_arrays, training_dataset
+from tfrec.data.pipelines import (
+    causal_training_arrays, pack_rows, pad_right, prefix_training_arrays, training_dataset,
+)
 
 MASK = 999
 
@@ -303,3 +305,44 @@ def test_prefix_scheme_has_the_same_targets_one_per_row():
     assert inputs[5].tolist() == [5, 6, 7] and targets[5].tolist() == [0, 0, 8]
     batch = next(iter(training_dataset(seqs, 3, 16, scheme="prefixes", shuffle=False, bucket_batches=1)))
     assert batch[0]["item_ids"].shape[0] == 7
+
+
+# --------------------------------------------------------------------- packing
+def test_pack_rows_keeps_every_window_whole_and_once():
+    seqs = random_sequences(n=120, low=2, high=30, seed=9)  # some longer than a row: several windows
+    inputs, targets = causal_training_arrays(seqs, 12)
+    short = (inputs > 0).sum(axis=1) < 6
+    inputs, targets = np.concatenate([inputs, inputs[short]]), np.concatenate([targets, targets[short]])
+    packed, packed_targets = pack_rows(inputs, targets, 12, seed=3)
+    got = collections.Counter()
+    for r in range(len(packed_targets)):
+        seg = packed["segment_ids"][r]
+        assert (np.diff(seg[seg > 0]) >= 0).all()  # segments are contiguous, numbered in order
+        for s_id in np.unique(seg[seg > 0]):
+            where = np.flatnonzero(seg == s_id)
+            np.testing.assert_array_equal(packed["positions"][r, where], np.arange(len(where)))
+            got[(tuple(packed["item_ids"][r, where]), tuple(packed_targets[r, where]))] += 1
+    assert got == collections.Counter(rows_of([(inputs, targets)]))
+    # Fewer rows than windows, and little left empty.
+    assert len(packed_targets) < 0.8 * len(inputs)
+    fill = (packed["item_ids"] > 0).mean()
+    assert fill > 0.9, fill
+
+
+def test_pack_rows_order_depends_on_seed_and_rejects_wide_rows():
+    seqs = random_sequences(n=50, low=2, high=8, seed=1)
+    inputs, targets = causal_training_arrays(seqs, 8)
+    a = pack_rows(inputs, targets, 8, seed=0)[0]["item_ids"]
+    assert not np.array_equal(a, pack_rows(inputs, targets, 8, seed=1)[0]["item_ids"])
+    np.testing.assert_array_equal(a, pack_rows(inputs, targets, 8, seed=0)[0]["item_ids"])
+    with pytest.raises(ValueError, match="more than the packed width 4"):
+        pack_rows(inputs, targets, 4)
+
+
+def test_packed_dataset_static_shapes_and_bad_args():
+    seqs = random_sequences(n=80, low=2, high=15, seed=2)
+    ds = training_dataset(seqs, 10, batch_size=4, pack=True, seed=0)
+    shapes = {tuple(x.shape) for x, _ in epoch(ds)[:-1]}
+    assert shapes == {(4, 10)}
+    with pytest.raises(ValueError, match="pack=True needs"):
+        training_dataset(seqs, 10, 4, pack=True, scheme="prefixes")

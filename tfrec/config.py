@@ -126,11 +126,13 @@ class EngineConfig:
 class TrainConfig(EngineConfig):
     """Next-item training: the engine keys (`EngineConfig`) plus the data pipeline's
     `bucket_batches` (batches per length-sorted group, 1 = none), `shuffle_batches`
-    (`epoch`: all of an epoch's batches shuffled; `group`: within two groups) and `scheme`
+    (`epoch`: all of an epoch's batches shuffled; `group`: within two groups), `pack`
+    (several sequences per row of `max_length` slots, `batch_size` then counts rows) and `scheme`
     (`positions`: every position of a sequence at once; `prefixes`: one row per target)."""
 
     bucket_batches: int = 32
     shuffle_batches: str = "epoch"
+    pack: bool = False
     scheme: str = "positions"
 
 

@@ -109,6 +109,73 @@ def causal_training_arrays(train_sequences, max_length, all_windows=True):
     return inputs, padded[:, 1:].copy()
 
 
+OPEN_ROWS = 8  # rows still open to a new sequence while packing
+
+
+def pack_rows(inputs, targets, width, seed=0):
+    """Pack right-padded causal rows several to a row of `width` slots (in a seeded random order).
+
+    Each input row (a window of `causal_training_arrays`, its items and targets at
+    the front) is placed whole after the previous one when it still fits in the
+    first of the last few open rows with room (first fit over `OPEN_ROWS` rows), else
+    starts a new row: rows of short
+    sequences then share the work of one row instead of each being padded,
+    every batch mixes sequences of all lengths, and every batch has the same
+    shape. A Transformer backbone keeps each sequence to itself through
+    `segment_ids` and restarts its positions (`TransformerBackbone`).
+
+    Returns:
+        `({"item_ids", "segment_ids", "positions"}, targets)`, int32 arrays
+        `(packed_rows, width)`; `segment_ids` counts the sequences of a row from 1
+        (0 = empty slot).
+
+    Example:
+    >>> inputs = np.array([[2, 3, 0], [4, 0, 0], [5, 6, 7]]); targets = np.array([[3, 8, 0], [9, 0, 0], [6, 7, 8]])
+    >>> packed, t = pack_rows(inputs, targets, 3, seed=0)
+    >>> sorted(packed["item_ids"].tolist())
+    [[2, 3, 4], [5, 6, 7]]
+    >>> packed["segment_ids"].tolist()[packed["item_ids"][:, 0].tolist().index(2)]
+    [1, 1, 2]
+    """
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    lengths = (inputs > 0).sum(axis=1)
+    if (lengths > width).any():
+        raise ValueError(f"a row holds {int(lengths.max())} items, more than the packed width {width}.")
+    order = np.random.default_rng(seed).permutation(len(inputs))
+    order = order[lengths[order] > 0]
+    row_of = np.empty(len(order), np.int64)
+    offset_of = np.empty(len(order), np.int64)
+    open_rows, fills, rows = [], [], 0  # first fit among the last `OPEN_ROWS` rows
+    for k, i in enumerate(order):
+        for j, row in enumerate(open_rows):
+            if fills[j] + lengths[i] <= width:
+                break
+        else:
+            open_rows.append(rows)
+            fills.append(0)
+            rows += 1
+            if len(open_rows) > OPEN_ROWS:
+                del open_rows[0], fills[0]
+            j = len(open_rows) - 1
+        row_of[k], offset_of[k] = open_rows[j], fills[j]
+        fills[j] += lengths[i]
+    shape = (rows, width)
+    packed = {name: np.zeros(shape, np.int32) for name in ("item_ids", "segment_ids", "positions")}
+    packed_targets = np.zeros(shape, np.int32)
+    by_slot = np.lexsort((offset_of, row_of))  # sequences in row order, then slot order
+    segment = np.ones(len(order), np.int64)
+    for a, b in zip(by_slot[:-1], by_slot[1:]):  # the sequence's number inside its row
+        if row_of[a] == row_of[b]:
+            segment[b] = segment[a] + 1
+    for k, i in enumerate(order):
+        n, r, o = lengths[i], row_of[k], offset_of[k]
+        packed["item_ids"][r, o : o + n] = inputs[i, :n]
+        packed_targets[r, o : o + n] = targets[i, :n]
+        packed["segment_ids"][r, o : o + n] = segment[k]
+        packed["positions"][r, o : o + n] = np.arange(n)
+    return packed, packed_targets
+
+
 def _trim_to_longest(features, targets):
     longest = tf.reduce_max(tf.reduce_sum(tf.cast(features["item_ids"] > 0, tf.int32), axis=1))
     longest = tf.maximum(longest, 1)
@@ -147,6 +214,7 @@ def training_dataset(
     bucket_batches=32,
     scheme="positions",
     shuffle_batches="epoch",
+    pack=False,
 ):
     """A `tf.data.Dataset` of `({"item_ids": (b, l)}, targets (b, l))` batches.
 
@@ -163,11 +231,22 @@ def training_dataset(
         scheme: causal only: `"positions"` (every position of a sequence at
             once, `causal_training_arrays`) or `"prefixes"` (one row per
             target, `prefix_training_arrays`).
+        pack: causal `positions` scheme only: pack several windows into each
+            row of `max_length` slots (`pack_rows`, a new random packing every
+            seed); `batch_size` then counts packed rows, and every batch has
+            the same shape. Needs a Transformer backbone.
         shuffle_batches: with bucketing, how the length-sorted batches are
             reordered: `"epoch"` shuffles all the epoch's batches (consecutive
             steps are independent) or `"group"` only within a window of two
             groups (consecutive steps then see similar lengths for a while).
     """
+    if pack:
+        if objective != "causal" or scheme != "positions":
+            raise ValueError("pack=True needs objective='causal' and scheme='positions'.")
+        inputs, targets = causal_training_arrays(train_sequences, max_length)
+        packed, targets = pack_rows(inputs, targets, max_length, seed=seed)
+        ds = tf.data.Dataset.from_tensor_slices((packed, targets))  # rows already in a seeded random order
+        return ds.batch(batch_size).prefetch(2)
     if shuffle_batches not in ("epoch", "group"):
         raise ValueError(f"shuffle_batches must be 'epoch' or 'group', got {shuffle_batches!r}.")
     if objective == "causal" and scheme == "prefixes":

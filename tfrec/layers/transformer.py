@@ -150,6 +150,12 @@ class TransformerBackbone(keras.layers.Layer):
 
     With `normalize_first=True` (pre-norm blocks) a final LayerNorm is added.
 
+    Packed rows: the inputs may also carry `"segment_ids"` `(batch, seq_len)` int
+    (which sequence of the row each slot holds; several short sequences share
+    one row) and `"positions"` `(batch, seq_len)` int (the slot's position inside
+    its own sequence). Attention then stays inside each sequence and positions
+    restart at 0, so every sequence's outputs equal those of its own row.
+
     Args:
         max_length: int. Longest window (number of positions) accepted.
         num_layers: int. Number of blocks.
@@ -170,7 +176,13 @@ class TransformerBackbone(keras.layers.Layer):
     ...           "padding_mask": np.ones((2, 4), bool)})
     >>> tuple(out.shape)
     (2, 4, 8)
+    >>> packed = bb({"item_embeddings": np.ones((1, 4, 8), "float32"), "padding_mask": np.ones((1, 4), bool),
+    ...              "segment_ids": np.array([[1, 1, 2, 2]]), "positions": np.array([[0, 1, 0, 1]])})
+    >>> bool(np.allclose(packed[0, :2], packed[0, 2:], atol=1e-6))  # two equal sequences, one row
+    True
     """
+
+    packable = True
 
     def __init__(
         self,
@@ -237,6 +249,7 @@ class TransformerBackbone(keras.layers.Layer):
     def call(self, inputs, training=False):
         x = inputs["item_embeddings"]  # (batch, seq_len, dim)
         padding_mask = ops.cast(inputs["padding_mask"], "bool")  # (batch, seq_len)
+        segment_ids = inputs.get("segment_ids")  # (batch, seq_len) int or None: packed rows
         seq_len = ops.shape(x)[1]
         if isinstance(seq_len, int) and seq_len > self.max_length:
             raise ValueError(
@@ -246,7 +259,10 @@ class TransformerBackbone(keras.layers.Layer):
         if self.scale_embeddings:
             x = x * math.sqrt(self.dim)
         positions = ops.arange(seq_len)
-        x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        if segment_ids is None:
+            x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        else:  # each packed sequence counts its positions from 0
+            x = x + self.position_embedding(ops.cast(inputs["positions"], "int32"))
         x = self.input_dropout(self.input_norm(x), training=training)
         keep = ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)  # (batch, seq_len, 1)
         x = x * keep
@@ -255,6 +271,9 @@ class TransformerBackbone(keras.layers.Layer):
         attention_mask = ops.logical_and(
             ops.expand_dims(padding_mask, 1), ops.expand_dims(padding_mask, 2)
         )
+        if segment_ids is not None:  # a packed sequence never sees its row neighbours
+            same = ops.equal(ops.expand_dims(segment_ids, 1), ops.expand_dims(segment_ids, 2))
+            attention_mask = ops.logical_and(attention_mask, same)
         if self.causal:
             causal = ops.greater_equal(
                 ops.expand_dims(positions, 1), ops.expand_dims(positions, 0)

@@ -8,7 +8,9 @@ trains on every position of a sequence at once (no prefix replication):
   token id (`mask_token_id == item_encoder.vocab_size`), target = the original
   item at masked positions, 0 elsewhere.
 
-Inputs are `{"item_ids": (batch, seq_len) int}` right-padded with 0; targets
+Inputs are `{"item_ids": (batch, seq_len) int}` right-padded with 0 (for a
+Transformer backbone, packed rows may add `"segment_ids"` and `"positions"`,
+see `tfrec.data.pipelines.pack_rows`); targets
 `(batch, seq_len) int` with 0 where no loss applies. The loss is computed only
 on positions with a target, gathered before the catalog-wide matmul, so padding
 costs nothing in the output layer.
@@ -219,10 +221,14 @@ class NextItemRecommender(keras.Model):
     def call(self, inputs, training=False):
         item_ids = inputs["item_ids"] if isinstance(inputs, dict) else inputs  # (batch, seq_len)
         vectors = self._embed(item_ids)  # (batch, seq_len, dim)
-        return self.backbone(
-            {"item_embeddings": vectors, "padding_mask": ops.cast(item_ids, "int32") > 0},
-            training=training,
-        )
+        backbone_inputs = {"item_embeddings": vectors, "padding_mask": ops.cast(item_ids, "int32") > 0}
+        if isinstance(inputs, dict) and "segment_ids" in inputs:  # packed rows (`training_dataset(pack=True)`)
+            if not getattr(self.backbone, "packable", False):
+                raise ValueError(f"{type(self.backbone).__name__} cannot read packed rows (several sequences "
+                                 "in one row); train it with pack=False.")
+            backbone_inputs["segment_ids"] = inputs["segment_ids"]
+            backbone_inputs["positions"] = inputs["positions"]
+        return self.backbone(backbone_inputs, training=training)
 
     def user_embedding(self, history_ids):
         """One vector per history, from the most recent `max_length` items.

@@ -241,6 +241,7 @@ def train_sequential(config: ExperimentConfig, verbose=2, save=True):
             seed=tc.seed + epoch,
             bucket_batches=tc.bucket_batches,
             shuffle_batches=tc.shuffle_batches,
+            pack=tc.pack,
             scheme=tc.scheme,
         )
 
