@@ -33,7 +33,7 @@ def _load_trained(args):
 
 
 def _cmd_export(args):
-    from export.retrieval import build_indexes
+    from tfrec.serving.retrieval import build_indexes
     from export.saved_model import catalog_table, export_index, export_sequential, version_dir, vocab_fingerprint
     from tfrec.serving import USER_EMBEDDING
 

@@ -7,7 +7,7 @@ import pytest
 
 from export.client import PredictClient
 from export.demo import ask, format_answer, item_titles, user_history
-from export.retrieval import build_indexes
+from tfrec.serving.retrieval import build_indexes
 from export.saved_model import catalog_table, export_index, export_sequential
 from export.server import ModelServer, ServerOptions
 from export.server.config import ModelConfig as ServedModel

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.retrieval import EXCLUDED_SCORE, BruteForceIndex
+from tfrec.serving.retrieval import EXCLUDED_SCORE, BruteForceIndex
 from export.saved_model import (
     METADATA_FILE,
     catalog_table,

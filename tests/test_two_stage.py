@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from export.retrieval import EXCLUDED_SCORE, BruteForceIndex
+from tfrec.serving.retrieval import EXCLUDED_SCORE, BruteForceIndex
 from export.saved_model import catalog_table, export_ctr, export_index, export_sequential
 from export.server import BatchingOptions, ModelConfig, ModelServer, ServerOptions
 from export.server.config import python_factory_spec

@@ -49,7 +49,7 @@ from tfx_pipeline.trainer import CONFIG_KEY, TASK_KEY
 PREPROCESSING_FN = "tfx_pipeline.preprocessing.preprocessing_fn"
 RUN_FN = "tfx_pipeline.trainer.run_fn"
 RESOLVER_ID = "latest_blessed_model_resolver"
-CTR_SIGNATURE, CTR_OUTPUT = "score_examples", "probabilities"  # export.saved_model.CTRServable
+CTR_SIGNATURE, CTR_OUTPUT = "score_examples", "probabilities"  # tfrec.serving.servables.CTRServable
 
 
 def trainer_config(config):

@@ -38,7 +38,7 @@ the Trainer (`tfrec.ctr_training.item_semantics_of`); then
 `tfrec.ctr_training.train_ctr` builds the model (`build_ctr_model` over the
 Transform vocabulary) and fits it with validation AUC early stopping on the
 `eval` split (`train.monitor`). `pipeline.train_steps` = one epoch of that many
-steps. The serving SavedModel is `export.saved_model.CTRServable` (signatures
+steps. The serving SavedModel is `tfrec.serving.servables.CTRServable` (signatures
 `serving_default` = `score`, `score_examples`: raw tokens in, probabilities
 out), its lookup table reading the Transform's vocabulary file (the same ids:
 line + 2, unknown = OOV 1, `""` = padding).
@@ -415,7 +415,7 @@ def _item_genres(config, item_vocab):
 
 def run_ctr(fn_args, settings, options):
     """The CTR Trainer (`task: ctr`, see the module doc)."""
-    from export.saved_model import CTRServable
+    from tfrec.serving.servables import CTRServable
     from tfrec.ctr_training import train_ctr
 
     config = ctr_experiment_from_dict(settings)
