@@ -38,11 +38,11 @@ ALLOWED = {
     ("tfrec.cli", "export.export_cli"),
     ("tfrec.cli", "tfx_pipeline.commands"),
     # `tfrec ctr` exports the trained model as a SavedModel.
-    ("tfrec.ctr_training", "export.saved_model"),
+    ("tfrec.ctr.commands", "export.saved_model"),
 }
 ALLOWED_CYCLES = {
-    # tfrec.cli imports tfrec.ctr_training (its commands), which imports the CLI's helpers.
-    frozenset({"tfrec.cli", "tfrec.ctr_training"}),
+    # tfrec.cli imports tfrec.ctr.commands, which (and tfrec.ctr.training) import the CLI's helpers.
+    frozenset({"tfrec.cli", "tfrec.ctr.commands", "tfrec.ctr.training"}),
 }
 
 

@@ -190,7 +190,7 @@ COMMAND_MODULES = (
     "tfrec.semantics.encode",
     "tfrec.semantics.enrich",
     "tfrec.semantics.sids",
-    "tfrec.ctr_training",
+    "tfrec.ctr.commands",
     "export.export_cli",
     "export.commands",
     "export.demo",

@@ -7,7 +7,7 @@
 - `ItemSemanticsGen`: item text -> a versioned semantic store
   (`tfrec.semantics.encode.encode_items`), aligned with the Transform
   vocabulary (ids = line + 2, tfrec's layout). Named `...Gen` like TFX's
-  generators, and so as not to clash with `tfrec.ctr_training.ItemSemantics`
+  generators, and so as not to clash with `tfrec.ctr.ItemSemantics`
   (the semantics a CTR model trains on); in the pipeline its node id stays
   `ItemSemantics` (`ITEM_SEMANTICS_ID`), the name runs, caches and reports
   know it by.

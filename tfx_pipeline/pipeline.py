@@ -145,7 +145,7 @@ def _semantic_ids_args(config):
     """SemanticIds parameters: the CTR `sids:` section (as `tfrec ctr train` fits them), else the defaults."""
     if not config.is_ctr:
         return {}
-    from tfrec.ctr_training import sids_config
+    from tfrec.ctr import sids_config
 
     section = config.experiment.sids
     fitted = sids_config(section)
