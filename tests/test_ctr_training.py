@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfrec import cli
+import tfrec_cli as cli
 from tfrec.ctr import (
     CTRConfig, load_ctr_config, load_ctr_model, load_store_for, prepare_item_semantics, subsample_users, train_ctr,
     evaluate_saved_ctr)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.config import DataConfig, ExperimentConfig
 from tfrec.data.readers import DEFAULT_DATA_ROOT
 from tfrec.data.vocab import NUM_RESERVED

@@ -136,7 +136,7 @@ def load_trained_ctr(config: CTRConfig, model_path=None):
 
     The vocabulary is the run's `item_vocab.txt` (written by `train_ctr`), else
     rebuilt from the configured data; the fingerprint is the one the run recorded."""
-    from tfrec.cli import recorded_data_fingerprint
+    from tfrec.runs import recorded_data_fingerprint
     from tfrec.data.vocab import Vocabulary
 
     model, path = load_ctr_model(config, model_path)

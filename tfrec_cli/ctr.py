@@ -1,4 +1,4 @@
-"""`tfrec ctr train | evaluate | encode | export`."""
+"""`tfrec ctr train | evaluate | encode | export`: the CTR side of the command line (library: `tfrec.ctr`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tfrec.ctr.evaluation import evaluate_saved_ctr, format_ctr_results
 from tfrec.ctr.models import load_ctr_model
 from tfrec.ctr.semantics import encode_lifelong_store
 from tfrec.ctr.training import fit_reference, load_trained_ctr, train_ctr
+from tfrec_cli.common import add_config_commands, report_evaluation
 
 
 def _cmd_train(args):
@@ -30,14 +31,12 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     config = load_ctr_config(args.config, args.overrides)
-    from tfrec.cli import report_evaluation
-
     model, path = load_ctr_model(config, args.model)
     report_evaluation(evaluate_saved_ctr(config, model), format_ctr_results, path)
 
 
 def _cmd_export(args):
-    # The CLI reaches up to `export` (as `tfrec.cli` does for `tfrec export`); the library does not.
+    # The wiring layer reaches up to `export`; the library (`tfrec.ctr`) does not.
     from export.saved_model import export_ctr, version_dir
 
     config = load_ctr_config(args.config, args.overrides)
@@ -65,8 +64,6 @@ def _cmd_encode(args):
 
 def add_commands(subparsers) -> None:
     """Register `tfrec ctr train | evaluate | encode | export`."""
-    from tfrec.cli import add_config_commands
-
     ctr = subparsers.add_parser("ctr", help="lifelong CTR models (R2LED and baselines)")
     sub = ctr.add_subparsers(dest="ctr_command", required=True)
     parsers = add_config_commands(sub, (
