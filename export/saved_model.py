@@ -68,16 +68,35 @@ sees a half-written version. Beside `saved_model.pb`, `export_metadata.json`
 records the kind, signatures, model config, vocabulary and data fingerprints,
 versions and export time. The vocabulary file ships as `assets/item_vocab.txt`.
 
-Example:
->>> path = export_sequential(model, item_vocab, "/tmp/servables/recommender")  # doctest: +SKIP
->>> served = tf.saved_model.load(str(path))  # doctest: +SKIP
->>> served.signatures["recommend"](history=tf.constant([["a", "b"]]),
-...                                exclude_history=tf.constant([True]))["item_ids"]  # doctest: +SKIP
->>> ranker = tf.saved_model.load(str(export_ctr(ctr_model, item_vocab, "/tmp/servables/ranker")))  # doctest: +SKIP
->>> ranker.signatures["score"](history=tf.constant([["a", "b"]]), candidates=tf.constant([["c", "d", ""]]),
+Example (untrained models, so which items and probabilities come out depends on
+their weights; the layout and shapes do not):
+>>> import tempfile
+>>> import numpy as np
+>>> import tensorflow as tf
+>>> from tfrec.config import ModelConfig
+>>> from tfrec.data.vocab import Vocabulary
+>>> from tfrec.models.ctr_baselines import build_ctr_baseline
+>>> from tfrec.training import build_model
+>>> item_vocab, root = Vocabulary(["a", "b", "c", "d"]), tempfile.mkdtemp()
+>>> model = build_model(ModelConfig(embedding_dim=8, max_length=4, num_layers=1, num_heads=1, dropout=0.0),
+...                     item_vocab.size, seed=0)
+>>> _ = model.user_embedding(np.zeros((1, 4), "int32"))  # build the weights
+>>> path = export_sequential(model, item_vocab, f"{root}/recommender", k=2)
+>>> path.name
+'1'
+>>> served = tf.saved_model.load(str(path))
+>>> out = served.signatures["recommend"](history=tf.constant([["a", "b"]]), exclude_history=tf.constant([True]))
+>>> sorted(out["item_ids"].numpy()[0].tolist())
+[b'c', b'd']
+>>> ctr_model = build_ctr_baseline("din", item_vocab.size, embedding_dim=8, mlp_units=(8,), top_k=2)
+>>> _ = ctr_model.predict({"history_ids": np.array([[2, 3]]), "target_id": np.array([4])}, verbose=0)  # build
+>>> ranker = tf.saved_model.load(str(export_ctr(ctr_model, item_vocab, f"{root}/ranker")))
+>>> out = ranker.signatures["score"](history=tf.constant([["a", "b"]]), candidates=tf.constant([["c", "d", ""]]),
 ...     history_ratings=tf.constant([[5.0, 0.0]]), history_labels=tf.constant([[1.0, 0.0]]),
 ...     history_timestamps=tf.constant([[100, 200]], tf.int64), timestamp=tf.constant([300], tf.int64),
-...     user=tf.constant(["u1"]))["probabilities"]  # doctest: +SKIP
+...     user=tf.constant(["u1"]))
+>>> out["valid"].numpy().tolist(), out["probabilities"].shape
+([[True, True, False]], TensorShape([1, 3]))
 """
 
 import datetime

@@ -181,7 +181,8 @@ class SemanticTrainer(base_component.BaseComponent):
     store's URI at `fn_args.custom_config[SEMANTIC_STORE_KEY]`. Its node id is
     `Trainer` unless set with `with_id`.
 
-    Example:
+    Example (not run as a doctest: it needs the upstream TFX components' channels;
+    `tfx_pipeline.pipeline.create_pipeline` wires it, `tests/test_tfx_pipeline.py` runs it):
     >>> trainer = SemanticTrainer(  # doctest: +SKIP
     ...     examples=transform.outputs["transformed_examples"], transform_graph=transform.outputs["transform_graph"],
     ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={...},

@@ -37,9 +37,11 @@ including items that are new in that split) with the feedback of each of them
 the `max_history` cut) and `history_bucket` (bytes, `history_length` bucketed
 by `HISTORY_BUCKETS`: what the Evaluator slices on).
 
-Example:
->>> summary = write_example_gen_input(load_config(None, ["data.dataset=movielens-100k"]), "/tmp/in")  # doctest: +SKIP
->>> summary["examples"]  # doctest: +SKIP
+Example (the bundled MovieLens-100K):
+>>> import tempfile
+>>> from tfrec.config import load_config
+>>> summary = write_example_gen_input(load_config(None, ["data.dataset=movielens-100k"]), tempfile.mkdtemp())
+>>> summary["examples"]
 {'train': 943, 'eval': 943, 'test': 943}
 """
 

@@ -48,9 +48,9 @@ class RecommenderServable(SequentialServable):
         top_k: int, items per `recommend` answer (capped at the number of items).
         exclude_history: bool, `evaluate` excludes history items from the ranking.
 
-    Example (needs a Transform output, as `tests/test_tfx_pipeline.py` builds; the
-    signatures equal `export.saved_model.export_sequential`'s, see
-    `tests/test_tfx_pipeline.py::test_first_run_pushes_a_savedmodel_that_answers_raw_tokens`):
+    Example (not run as a doctest: it needs a TFX Transform output, which only a
+    pipeline run writes; `tests/test_tfx_pipeline.py` runs one and checks these
+    signatures answer as `export.saved_model.export_sequential`'s):
     >>> servable = RecommenderServable(model, tft.TFTransformOutput(uri), top_k=10)  # doctest: +SKIP
     >>> tf.saved_model.save(servable, "/tmp/m", signatures=servable.signatures())  # doctest: +SKIP
     """

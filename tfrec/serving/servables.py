@@ -137,10 +137,24 @@ class SequentialServable(tf.Module):
         recommend, user_embedding, recommend_examples: the signature functions
         (see the module docstring).
 
-    Example:
-    >>> item_vocab.save("/tmp/vocab.txt")  # doctest: +SKIP
-    >>> servable = SequentialServable(model, item_vocab, "/tmp/vocab.txt", k=5)  # doctest: +SKIP
-    >>> servable.recommend(tf.constant([["a", "b", ""]]), tf.constant([False]))  # doctest: +SKIP
+    Example (an untrained model: which items come first depends on its weights,
+    but the history items are excluded, so the two others fill k = 2):
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from tfrec.config import ModelConfig
+    >>> from tfrec.data.vocab import Vocabulary
+    >>> from tfrec.training import build_model
+    >>> item_vocab = Vocabulary(["a", "b", "c", "d"])
+    >>> model = build_model(ModelConfig(embedding_dim=8, max_length=4, num_layers=1, num_heads=1, dropout=0.0),
+    ...                     item_vocab.size, seed=0)
+    >>> _ = model.user_embedding(np.zeros((1, 4), "int32"))  # build the weights
+    >>> vocab_file = os.path.join(tempfile.mkdtemp(), "item_vocab.txt")
+    >>> item_vocab.save(vocab_file)
+    >>> servable = SequentialServable(model, item_vocab, vocab_file, k=2)
+    >>> out = servable.recommend(tf.constant([["a", "b", ""]]), tf.constant([True]))
+    >>> sorted(out["item_ids"].numpy()[0].tolist()), out["scores"].shape
+    ([b'c', b'd'], TensorShape([1, 2]))
     """
 
     def __init__(self, model, item_vocab, vocab_file, k=10):
@@ -267,13 +281,24 @@ class CTRServable(tf.Module):
     Attributes:
         score, score_examples: the signature functions (see the module docstring).
 
-    Example:
-    >>> item_vocab.save("/tmp/vocab.txt")  # doctest: +SKIP
-    >>> servable = CTRServable(model, item_vocab, "/tmp/vocab.txt", max_history=1024)  # doctest: +SKIP
-    >>> servable.score(tf.constant([["a", "b"]]), tf.constant([["c", ""]]), tf.constant([[5., 0.]]),
-    ...                tf.constant([[1., 0.]]), tf.constant([[100, 200]], tf.int64), tf.constant([300], tf.int64),
-    ...                tf.constant(["u1"]))["probabilities"]  # doctest: +SKIP
-    """
+    Example (an untrained DIN; `""` candidate slots are padding):
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from tfrec.data.vocab import Vocabulary
+    >>> from tfrec.models.ctr_baselines import build_ctr_baseline
+    >>> item_vocab = Vocabulary(["a", "b", "c", "d"])
+    >>> model = build_ctr_baseline("din", item_vocab.size, embedding_dim=8, mlp_units=(8,), top_k=2)
+    >>> _ = model.predict({"history_ids": np.array([[2, 3]]), "target_id": np.array([4])}, verbose=0)  # build
+    >>> vocab_file = os.path.join(tempfile.mkdtemp(), "item_vocab.txt")
+    >>> item_vocab.save(vocab_file)
+    >>> servable = CTRServable(model, item_vocab, vocab_file, max_history=1024)
+    >>> out = servable.score(tf.constant([["a", "b"]]), tf.constant([["c", ""]]), tf.constant([[5., 0.]]),
+    ...                      tf.constant([[1., 0.]]), tf.constant([[100, 200]], tf.int64),
+    ...                      tf.constant([300], tf.int64), tf.constant(["u1"]))
+    >>> out["valid"].numpy().tolist(), 0.0 < float(out["probabilities"][0, 0]) < 1.0
+    ([[True, False]], True)
+"""
 
     def __init__(self, model, item_vocab, vocab_file, max_history=None, users=None, user_profiles=None):
         super().__init__(name="ctr_servable")
