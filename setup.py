@@ -13,7 +13,8 @@ setup(
     name="tfrec",
     version="0.1.0",
     description="Production sequential and lifelong-CTR recommenders on TensorFlow / Keras 3 / TFX",
-    packages=find_packages(include=["tfrec", "tfrec.*", "tfx_pipeline", "tfx_pipeline.*", "export", "export.*"]),
+    packages=find_packages(include=["tfrec", "tfrec.*", "tfx_pipeline", "tfx_pipeline.*", "export", "export.*",
+                                    "tfrec_cli", "tfrec_cli.*"]),
     package_data={"tfx_pipeline": ["schema/*.pbtxt"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
@@ -36,5 +37,5 @@ setup(
         "safetensors==0.4.5",
     ],
     extras_require={"dev": ["pytest==8.3.4", "pytest-timeout==2.3.1", "matplotlib==3.9.2"]},
-    entry_points={"console_scripts": ["tfrec=tfrec.cli:main"]},
+    entry_points={"console_scripts": ["tfrec=tfrec_cli.main:main"]},
 )

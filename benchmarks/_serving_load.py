@@ -163,9 +163,9 @@ def write_models_config(path, models):
     """A TF Serving model config file for `[(name, base_path, platform)]` (`export.server.config`)."""
     from google.protobuf import text_format
 
-    from export.server.config import ModelConfig, to_model_server_config
+    from export.server.config import ServedModelConfig, to_model_server_config
 
-    configs = [ModelConfig(name, str(base), platform=platform) for name, base, platform in models]
+    configs = [ServedModelConfig(name, str(base), platform=platform) for name, base, platform in models]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text_format.MessageToString(to_model_server_config(configs)))
     return path

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tfrec.ctr_training import (  # noqa: E402
+from tfrec.ctr import (  # noqa: E402
     REFERENCES, encode_lifelong_store, fit_reference, load_ctr_config, load_ctr_data, load_store_for,
     needs_semantics, popularity_metrics, prepare_item_semantics, train_ctr)
 from tfrec.metrics import format_metrics_table  # noqa: E402

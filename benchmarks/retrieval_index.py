@@ -1,6 +1,6 @@
 """Benchmark (not a test): ScaNN vs exact (brute-force) retrieval, recall@10 and queries/s.
 
-Indexes are the serving ones of `export/retrieval.py`: `BruteForceIndex` (TF matmul
+Indexes are the serving ones of `tfrec/serving/retrieval.py`: `BruteForceIndex` (TF matmul
 + `top_k`, exact) and `ScaNNIndex` (tree + anisotropic hashing + exact re-ordering),
 both called through their `retrieve` signature (the function an exported
 retrieval servable runs: queries in, item tokens + scores out). k = 10.
@@ -22,7 +22,7 @@ Per catalog: the brute-force index, then one ScaNN index per tuning (`--tunings`
 `leaves:search:reorder` with leaves a multiple of sqrt(N), search a fraction of
 the leaves, reorder the re-ordered candidates; `default` = `ScaNNIndex`'s own
 defaults). Recall@10 = overlap of ScaNN's top 10 with brute force's top 10 on
-`--num-queries` queries (`export.retrieval.recall_at_k`). Throughput: for each
+`--num-queries` queries (`tfrec.serving.retrieval.recall_at_k`). Throughput: for each
 `--batch-sizes` (1 = one request per call, online serving; 256 = a batched
 serving/offline call), the same queries are sent in batches of that size after
 `--warmup` untimed batches; queries/s = queries / wall time of one pass (median
@@ -233,7 +233,7 @@ def queries_per_second(index, queries, batch_size, warmup=3, repeats=3):
 
 def bench_catalog(catalog, table, tokens, queries, tunings, args):
     """Records of the brute-force index and every ScaNN tuning on one catalog."""
-    from export.retrieval import BruteForceIndex, ScaNNIndex, recall_at_k
+    from tfrec.serving.retrieval import BruteForceIndex, ScaNNIndex, recall_at_k
 
     num_items, dim = table.shape
     base = {"catalog": catalog, "num_items": int(num_items), "dim": int(dim)}
@@ -314,7 +314,7 @@ def write_reports(payload, out):
     (out / "scann.json").write_text(json.dumps(payload, indent=2))
     setup = payload["setup"]
     lines = ["# ScaNN vs brute-force retrieval: recall@10 and queries/s", "",
-             "Written by `benchmarks/retrieval_index.py`; do not edit by hand. Indexes of `export/retrieval.py` called "
+             "Written by `benchmarks/retrieval_index.py`; do not edit by hand. Indexes of `tfrec/serving/retrieval.py` called "
              f"through `retrieve` (k = {K}); recall@10 against the brute-force top 10 on {setup['num_queries']} "
              f"queries; queries/s = median of {setup['repeats']} timed passes over the same queries in batches of "
              f"`batch` after {setup['warmup_batches']} warm-up batches; build = index construction. Machine: "

@@ -142,7 +142,7 @@ def build_ml1m(args, force):
     returns `{step: seconds}` of the steps that ran.
     """
     from tfrec.config import load_config
-    from tfrec.ctr_training import load_ctr_config
+    from tfrec.ctr import load_ctr_config
 
     paths = ml1m_paths(args.root)
     ctr = load_ctr_config(args.ctr_config)
@@ -586,7 +586,7 @@ def main(argv=None):
     args = parse_args(argv)
     # SIGTERM ends the benchmark like Ctrl-C: the `finally` blocks stop the servers.
     signal.signal(signal.SIGTERM, _interrupt)
-    from tfrec.ctr_training import load_ctr_config
+    from tfrec.ctr import load_ctr_config
 
     start = time.time()
     out, root = Path(args.out), Path(args.root)

@@ -1,10 +1,9 @@
 """Export and serving: SavedModel signatures, retrieval indexes, the model server.
 
 - `export.saved_model`: versioned TF Serving SavedModels of trained models
-  (`recommend`, `user_embedding`, `recommend_examples` on raw item tokens) and
-  of retrieval indexes; `tfrec export`.
-- `export.retrieval`: `BruteForceIndex` (stock ops) and `ScaNNIndex` over an
-  item-embedding table, `build_indexes`, `recall_at_k`.
+  (the servables of `tfrec.serving.servables`: `recommend`, `user_embedding`,
+  `recommend_examples` on raw item tokens; the CTR `score`) and of retrieval
+  indexes (`tfrec.serving.retrieval`: `BruteForceIndex`, `ScaNNIndex`).
 - `export.stock_ops`: `assert_stock_ops` — does a SavedModel load on stock TF
   Serving (checked in a fresh process that never imports ScaNN)?
 

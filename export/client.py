@@ -6,7 +6,8 @@ signature's dtypes (read once per model/signature with GetModelMetadata), so
 ``{"history": ["a", "b"], "k": 10}`` reaches an int32 ``k`` as int32. Server
 errors raise :class:`export.server.errors.ServingError` carrying the gRPC code.
 
-Example::
+Example (not run as a doctest: it needs a running model server; `tests/test_server_grpc.py`
+starts one)::
 
     >>> with PredictClient("127.0.0.1:8500") as client:                     # doctest: +SKIP
     ...     out = client.predict("recommender", {"history": [["i1", "i7"]]}, signature="recommend")

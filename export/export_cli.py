@@ -13,7 +13,7 @@ from pathlib import Path
 
 def _load_trained(args):
     """`(config, model, item_vocab, data_fingerprint)` as `tfrec evaluate` finds them."""
-    from tfrec.cli import recorded_data_fingerprint
+    from tfrec.runs import recorded_data_fingerprint
     from tfrec.config import load_config
     from tfrec.data.vocab import Vocabulary
     from tfrec.training import load_trained_model
@@ -33,9 +33,9 @@ def _load_trained(args):
 
 
 def _cmd_export(args):
-    from export.retrieval import build_indexes
     from export.saved_model import catalog_table, export_index, export_sequential, version_dir, vocab_fingerprint
     from tfrec.serving import USER_EMBEDDING
+    from tfrec.serving.retrieval import build_indexes
 
     scann_options = {
         key: value

@@ -9,7 +9,9 @@ every op type of the SavedModel's graphs, including the function library
 `tensorflow_text`, which would register their ops — then, by default, loads
 the SavedModel in that process as a server without plug-ins would.
 
-Example:
+Example (not run as a doctest: each call spawns a fresh Python process that imports
+TensorFlow, and needs exported SavedModels; `tests/test_export.py` and
+`tests/test_retrieval_servable.py` run it):
 >>> assert_stock_ops("/tmp/servables/recommender/1")  # doctest: +SKIP
 {'/tmp/servables/recommender/1': ['AddV2', 'All', 'Assert', ...]}
 >>> non_stock_ops("/tmp/servables/retrieval_scann/1")  # doctest: +SKIP

@@ -91,7 +91,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 
-from export.retrieval import RETRIEVE_SIGNATURE
+from tfrec.serving.retrieval import RETRIEVE_SIGNATURE
 from export.server.errors import ServingError
 from export.server.servable import DEFAULT_SIGNATURE, PythonServable, Signature
 from tfrec.serving import CTR_FEEDBACK_INPUTS, CTR_SCORE_SPECS, EXCLUDED_SCORE, RECOMMEND, SCORE, USER_EMBEDDING

@@ -16,7 +16,7 @@ CONFIG=${MAIN_CONFIG:-configs/dmesr_sasrec_beauty.yaml}
 BUDGET=${MAIN_BUDGET:-420}
 OUT=${MAIN_OUT:-artifacts/main}
 PREPARED=artifacts/prepared/amazon-beauty
-TFREC=.venv/bin/tfrec
+TFREC=".venv/bin/python -m tfrec_cli"  # the `tfrec` command, whichever way the venv installed it
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 

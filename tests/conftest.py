@@ -3,7 +3,7 @@
 import os
 
 # Before anything imports TensorFlow: `tf.keras` = tf_keras, which TensorFlow
-# Recommenders (export.retrieval) needs; `import keras` stays Keras 3. The tfrec
+# Recommenders (tfrec.serving.retrieval) needs; `import keras` stays Keras 3. The tfrec
 # CLI sets the same (tfrec/runtime.py).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 

@@ -1,51 +1,39 @@
 """The layers of the house: imports only run downward, and no module imports itself back.
 
-    tfrec (library)  <-  export (artifacts, server), tfx_pipeline  <-  CLI wiring
+    tfrec (library)  <-  export (artifacts, server), tfx_pipeline  <-  tfrec_cli (CLI wiring)
 
-Walks every module of `tfrec`, `export` and `tfx_pipeline` with `ast`,
-including imports inside functions and modules named by string for
+Walks every module of `tfrec`, `export`, `tfx_pipeline` and `tfrec_cli` with
+`ast`, including imports inside functions and modules named by string for
 `importlib` (a string literal in code that is exactly an internal module's
 name), and fails on
 
-- an upward or sideways import: `tfrec` -> `export` / `tfx_pipeline` / `tfx`;
-  `export` <-> `tfx_pipeline`;
+- an upward or sideways import: `tfrec` -> `export` / `tfx_pipeline` / `tfx` /
+  `tfrec_cli`; `export` <-> `tfx_pipeline`; anything -> `tfrec_cli` but itself;
 - an import cycle between modules (a strongly connected component of the
   module import graph with more than one module).
 
-`ALLOWED` / `ALLOWED_CYCLES` list today's known violations, each to be removed
-by phase B of issue 23; an entry that no longer occurs fails too, so the lists
-can only shrink. Cycles are looked for without the `ALLOWED` edges.
+The serving contract and the servables live in `tfrec.serving` (below both
+`export` and `tfx_pipeline`); the CLI wiring lives in `tfrec_cli` (above all
+three). `ALLOWED` / `ALLOWED_CYCLES` are empty and must stay so: an entry that
+no longer occurs fails too.
 """
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tfrec", "export", "tfx_pipeline")
+PACKAGES = ("tfrec", "export", "tfx_pipeline", "tfrec_cli")
 # importer package -> packages it must never import (top-level names).
 FORBIDDEN = {
-    "tfrec": {"export", "tfx_pipeline", "tfx"},
-    "export": {"tfx_pipeline"},
-    "tfx_pipeline": {"export"},
+    "tfrec": {"export", "tfx_pipeline", "tfx", "tfrec_cli"},
+    "export": {"tfx_pipeline", "tfrec_cli"},
+    "tfx_pipeline": {"export", "tfrec_cli"},
+    "tfrec_cli": set(),
 }
 
-# Known violations, phase B of issue 23 removes them (CLI wiring moves out of
-# tfrec; the serving contract moves into tfrec/serving). Do not add to this list.
-ALLOWED = {
-    # tfrec/cli.py registers the export and TFX sub-commands (importlib, by name).
-    ("tfrec.cli", "export.commands"),
-    ("tfrec.cli", "export.demo"),
-    ("tfrec.cli", "export.export_cli"),
-    ("tfrec.cli", "tfx_pipeline.commands"),
-    # `tfrec ctr` exports the trained model as a SavedModel.
-    ("tfrec.ctr_training", "export.saved_model"),
-    # The TFX Trainer writes the CTR servable.
-    ("tfx_pipeline.trainer", "export.saved_model"),
-}
-ALLOWED_CYCLES = {
-    # tfrec.cli imports tfrec.ctr_training (its commands), which imports the CLI's helpers.
-    frozenset({"tfrec.cli", "tfrec.ctr_training"}),
-}
+# Known violations: none. Do not add to these.
+ALLOWED = set()
+ALLOWED_CYCLES = set()
 
 
 def module_files():
@@ -146,23 +134,19 @@ def test_the_walk_sees_imports_inside_functions_and_by_name():
     graph, modules = import_graph()
     assert len(modules) > 50
     assert "tfrec.layers.transformer" in graph["tfrec.layers"]  # from-import of a submodule
-    assert "export.saved_model" in graph["tfx_pipeline.trainer"]
-    assert "export.export_cli" in graph["tfrec.cli"]  # named in COMMAND_MODULES for importlib
+    assert "tfrec.serving.servables" in graph["tfx_pipeline.trainer"]  # import inside a function
+    assert "export.export_cli" in graph["tfrec_cli.main"]  # named in COMMAND_MODULES for importlib
 
 
 def test_imports_only_run_downward():
     graph, _ = import_graph()
     violations = layer_violations(graph)
-    assert violations - ALLOWED == set(), "upward/sideways imports (tfrec must not import export/tfx_pipeline/tfx)"
+    assert violations - ALLOWED == set(), "upward/sideways imports (see FORBIDDEN)"
     assert ALLOWED - violations == set(), "allow-listed violations that no longer exist: remove them from ALLOWED"
 
 
 def test_no_import_cycles():
     graph, modules = import_graph()
-    # Without the allow-listed upward edges: the cycles they close (tfrec.cli ->
-    # export/tfx_pipeline commands -> ... -> tfrec.cli) are those same known
-    # violations and go with them; any other cycle fails here.
-    graph = {m: {t for t in targets if (m, t) not in ALLOWED} for m, targets in graph.items()}
     found = cycles(graph, modules)
     assert found - ALLOWED_CYCLES == set(), "import cycles between modules"
     assert ALLOWED_CYCLES - found == set(), "allow-listed cycles that no longer exist: remove them"
@@ -170,6 +154,26 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_a_planted_violation_and_cycle():
     graph = {"tfrec.a": {"tfrec.b", "numpy"}, "tfrec.b": {"tfrec.a", "tfx.types"}, "export.c": {"tfx_pipeline.d"},
-             "tfx_pipeline.d": set()}
-    assert layer_violations(graph) == {("tfrec.b", "tfx.types"), ("export.c", "tfx_pipeline.d")}
-    assert cycles(graph, set(graph)) == {frozenset({"tfrec.a", "tfrec.b"})}
+             "tfx_pipeline.d": {"tfrec_cli.main"}, "tfrec_cli.main": {"export.c", "tfx_pipeline.d", "tfrec.a"}}
+    assert layer_violations(graph) == {("tfrec.b", "tfx.types"), ("export.c", "tfx_pipeline.d"),
+                                       ("tfx_pipeline.d", "tfrec_cli.main")}
+    assert cycles(graph, set(graph)) == {frozenset({"tfrec.a", "tfrec.b"}),
+                                         frozenset({"export.c", "tfx_pipeline.d", "tfrec_cli.main"})}
+
+
+def public_classes(modules):
+    """`{class name: [modules defining it at top level]}` of public (not `_`-prefixed) classes."""
+    found = {}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                found.setdefault(node.name, []).append(name)
+    return found
+
+
+def test_public_class_names_are_unique_across_packages():
+    # One name, one concept: e.g. the model server's `ServedModelConfig` is not `tfrec.config.ModelConfig`.
+    classes = public_classes(module_files())
+    assert "ServedModelConfig" in classes and "ModelConfig" in classes
+    duplicates = {name: where for name, where in classes.items() if len(where) > 1}
+    assert duplicates == {}, f"public class names defined more than once: {duplicates}"

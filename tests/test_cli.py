@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.data.preprocess import load_prepared
 from tfrec.data.readers import DEFAULT_DATA_ROOT
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from export.saved_model import METADATA_FILE, PADDING_PROBABILITY, export_ctr, vocab_fingerprint
 from export.stock_ops import assert_stock_ops
-from tfrec import cli
+import tfrec_cli as cli
 from tfrec.data.lifelong import gap_bucket
 from tfrec.data.pipelines import pad_right
 from tfrec.data.vocab import NUM_RESERVED, OOV_ID, Vocabulary

@@ -1,4 +1,4 @@
-"""Tests for `tfrec.ctr_training`: CTR config, item semantics from the store, train_ctr end to end.
+"""Tests for `tfrec.ctr`: CTR config, item semantics from the store, train_ctr end to end.
 
 A synthetic lifelong log with planted structure (users like 2 of 6 item clusters;
 a rating is a click iff the item's cluster is liked; every item is clicked by some
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfrec import cli
-from tfrec.ctr_training import (
+import tfrec_cli as cli
+from tfrec.ctr import (
     CTRConfig, load_ctr_config, load_ctr_model, load_store_for, prepare_item_semantics, subsample_users, train_ctr,
     evaluate_saved_ctr)
 from tfrec.data.lifelong import build_lifelong_data
@@ -168,7 +168,7 @@ def test_train_ctr_beats_popularity_and_round_trips(tmp_path, log, store_root, n
 
 
 def test_references_fit_on_training_samples_and_round_trip(tmp_path, log, store_root):
-    from tfrec.ctr_training import fit_reference
+    from tfrec.ctr import fit_reference
 
     frame, _ = synthetic_log()
     rng = np.random.default_rng(1)
@@ -194,7 +194,7 @@ def test_references_fit_on_training_samples_and_round_trip(tmp_path, log, store_
     ("model.wide_genres=required", "genres"),
 ])
 def test_config_asking_for_features_the_data_lacks(tmp_path, log, store_root, override, message):
-    from tfrec.ctr_training import build_ctr_model
+    from tfrec.ctr import build_ctr_model
 
     data, _ = log  # no user side file, no item table
     config = load_ctr_config(None, ["model.name=din", override])

@@ -7,11 +7,11 @@ import pytest
 
 from export.client import PredictClient
 from export.demo import ask, format_answer, item_titles, user_history
-from export.retrieval import build_indexes
+from tfrec.serving.retrieval import build_indexes
 from export.saved_model import catalog_table, export_index, export_sequential
 from export.server import ModelServer, ServerOptions
-from export.server.config import ModelConfig as ServedModel
-from tfrec import cli
+from export.server.config import ServedModelConfig as ServedModel
+import tfrec_cli as cli
 from tfrec.config import ModelConfig
 from tfrec.data.preprocess import prepare, save_prepared
 from tfrec.training import build_model

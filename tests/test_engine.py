@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 from tfrec.config import EngineConfig, ExperimentConfig, TrainConfig, describe_keys, load_config
-from tfrec.ctr_training import CTRTrainConfig, load_ctr_config
+from tfrec.ctr import CTRTrainConfig, load_ctr_config
 from tfrec.training.engine import fit, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]

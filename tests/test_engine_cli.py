@@ -37,7 +37,7 @@ def _env():
 
 
 def _tfrec(*args):
-    return [sys.executable, "-m", "tfrec.cli", *args]
+    return [sys.executable, "-m", "tfrec_cli", *args]
 
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="bundled movielens-100k not available")

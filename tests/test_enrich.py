@@ -15,7 +15,7 @@ import zlib
 import pandas as pd
 import pytest
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.data.readers import DEFAULT_DATA_ROOT, DataFormatError
 from tfrec.semantics.enrich import OutputLog, enrich_items
 from tfrec.semantics.mllm_backends import (BackendError, ItemImage, JsonlImportBackend, KerasHubBackend,

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from history_servers import redis_server
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.history import open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_ingest_resumes_after_sigkill(backend, tmp_path):
     path = write_events(tmp_path / "events.tsv", total)
 
     def run(url):
-        command = [sys.executable, "-m", "tfrec.cli", "events", "ingest", "--file", str(path), "--store", url,
+        command = [sys.executable, "-m", "tfrec_cli", "events", "ingest", "--file", str(path), "--store", url,
                    "--chunk_size", str(chunk), "--progress"]
         env = {**os.environ, "PYTHONPATH": ROOT}
         ingest = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.retrieval import EXCLUDED_SCORE, BruteForceIndex
+from tfrec.serving.retrieval import EXCLUDED_SCORE, BruteForceIndex
 from export.saved_model import (
     METADATA_FILE,
     catalog_table,
@@ -22,7 +22,7 @@ from export.saved_model import (
     write_saved_model,
 )
 from export.stock_ops import NonStockOpsError, assert_stock_ops
-from tfrec import cli
+import tfrec_cli as cli
 from tfrec.config import ModelConfig
 from tfrec.data.pipelines import pad_right, training_dataset
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary

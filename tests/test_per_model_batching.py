@@ -17,11 +17,11 @@ import pytest
 
 from export.client import PredictClient
 from export.commands import server_options
-from export.server import BatchingOptions, ModelConfig, ModelServer, ServerOptions
+from export.server import BatchingOptions, ServedModelConfig, ModelServer, ServerOptions
 from export.server.config import PER_MODEL_BATCHING_FILE, load_per_model_batching_parameters
 from export.server.core import ModelRef
 from export.server.testing import save_toy_model
-from tfrec.cli import build_parser
+from tfrec_cli import build_parser
 
 SCALE = 2.0
 # A long timeout: the batch closes only once it holds max_batch_size rows.
@@ -42,7 +42,7 @@ def add_model(root, name, source, params=None, where=PER_MODEL_BATCHING_FILE):
     if params is not None:
         (version / where).parent.mkdir(parents=True, exist_ok=True)
         (version / where).write_text(params)
-    return ModelConfig(name, str(root / name))
+    return ServedModelConfig(name, str(root / name))
 
 
 def predict_concurrently(srv, model, n):
@@ -79,7 +79,7 @@ def per_model_server(tmp_path_factory, toy_saved_model):
         add_model(root, "toy", toy_saved_model, OWN_PARAMS),  # "toy": what the composite ScaledTotal calls
         add_model(root, "plain", toy_saved_model),
         add_model(root, "broken", toy_saved_model, "max_batch_size { value: 0 }\n"),
-        ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
+        ServedModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
     ]
     options = ServerOptions(port=0, rest_api_port=-1, batching=SERVER_WIDE, per_model_batching=True,
                             allowed_python_modules=("export.server.testing",))

@@ -331,7 +331,7 @@ def _log(tmp_path, text):
 
 
 def test_prepare_counts_duplicates_and_cli_drops_them_on_request(tmp_path, capsys):
-    from tfrec.cli import main
+    from tfrec_cli import main
 
     path = _log(tmp_path, "u1\ti1\t1\nu1\ti1\t1\nu1\ti2\t2\nu2\ti1\t1\nu2\ti1\t1\nu2\ti1\t1\n")
     df = pd.read_csv(path, sep="\t", dtype=str).assign(timestamp=lambda d: d.timestamp.astype("int64"))
@@ -350,7 +350,7 @@ def test_prepare_counts_duplicates_and_cli_drops_them_on_request(tmp_path, capsy
     (lambda t: "  ", "--out is empty"),
 ])
 def test_prepare_out_path_problems_are_clean_errors(tmp_path, capsys, make_out, message):
-    from tfrec.cli import main
+    from tfrec_cli import main
 
     (tmp_path / "a_file").write_text("a regular file")
     path = _log(tmp_path, "u1\ti1\t1\nu1\ti2\t2\n")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.retrieval import (
+from tfrec.serving.retrieval import (
     EXCLUDED_SCORE,
     BruteForceIndex,
     ScaNNIndex,

@@ -32,7 +32,7 @@ NOISE = (
 def run_tfrec(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS")}
     env["PYTHONPATH"] = str(ROOT)
-    code = "import sys; from tfrec.cli import main; sys.exit(main())"
+    code = "import sys; from tfrec_cli import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.data.preprocess import prepare, save_prepared
 from tfrec.data.readers import DEFAULT_DATA_ROOT, DataFormatError, read_items
 from tfrec.data.vocab import Vocabulary

@@ -261,7 +261,7 @@ def test_redis_store_serves_by_id_and_survives_redis_going_away(model_configs, t
 
 
 def test_tfrec_query_by_user_id(server, stub, capsys):
-    from tfrec.cli import main
+    from tfrec_cli import main
 
     argv = ["query", "--address", server.grpc_address, "--model", "seq", "--signature", "recommend",
             "--input", "user_id=u1", "--input", "exclude_history=[true]"]
@@ -282,7 +282,7 @@ def test_events_acknowledged_by_a_killed_server_are_kept(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     url = f"sqlite://{tmp_path / 'events.db'}"
-    command = [sys.executable, "-m", "tfrec.cli", "serve", "--model_name", "none", "--model_base_path",
+    command = [sys.executable, "-m", "tfrec_cli", "serve", "--model_name", "none", "--model_base_path",
                str(tmp_path / "no-models"), "--port", "0", "--rest_api_port", "0", "--history_store", url]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**os.environ, "PYTHONPATH": root})

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import (
 )
 
 from export.client import PredictClient
-from export.server import ModelConfig, ModelServer, ServerOptions
+from export.server import ServedModelConfig, ModelServer, ServerOptions
 from export.server.config import to_model_server_config
 from export.server.testing import save_half_plus_two
 
@@ -35,7 +35,7 @@ def hpt_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(hpt_base):
-    srv = ModelServer([ModelConfig("half_plus_two", str(hpt_base))],
+    srv = ModelServer([ServedModelConfig("half_plus_two", str(hpt_base))],
                       ServerOptions(port=0, rest_api_port=0, rest_max_body_bytes=1 << 20, rest_max_connections=8,
                                     rest_idle_timeout_seconds=2.0)).start()
     yield srv
@@ -71,11 +71,11 @@ def test_reload_cannot_make_the_server_call_a_function(hpt_base, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "victim").mkdir()
     (tmp_path / "victim" / "precious.txt").write_text("keep me")
-    configs = [ModelConfig("half_plus_two", str(hpt_base))]
+    configs = [ServedModelConfig("half_plus_two", str(hpt_base))]
     if allowed:
-        configs.append(ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"))
+        configs.append(ServedModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"))
     with ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=allowed)) as srv:
-        attack = configs + [ModelConfig("victim", "shutil:rmtree", platform="python")]
+        attack = configs + [ServedModelConfig("victim", "shutil:rmtree", platform="python")]
         with pytest.raises(grpc.RpcError) as info:
             reload(srv.grpc_address, attack)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -86,16 +86,16 @@ def test_reload_cannot_make_the_server_call_a_function(hpt_base, tmp_path, monke
 
 
 def test_reload_keeps_to_the_platforms_loaded_at_start_up(hpt_base):
-    with ModelServer([ModelConfig("half_plus_two", str(hpt_base))],
+    with ModelServer([ServedModelConfig("half_plus_two", str(hpt_base))],
                      ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=("export.server.testing",))) as srv:
         with pytest.raises(grpc.RpcError) as info:  # allowed module, but no python model at start-up
-            reload(srv.grpc_address, [ModelConfig("s", "export.server.testing:SleepServable", platform="python")])
+            reload(srv.grpc_address, [ServedModelConfig("s", "export.server.testing:SleepServable", platform="python")])
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "was not loaded at start-up" in info.value.details()
 
 
 def test_python_modules_must_be_allowed_at_start_up(hpt_base):
-    config = ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python")
+    config = ServedModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python")
     with pytest.raises(ValueError, match="not allowed.*--allowed_python_modules"):
         ModelServer([config], ServerOptions(port=0, rest_api_port=-1))
     with pytest.raises(ValueError, match="not allowed"):  # exact names: a parent package is not enough
@@ -135,7 +135,7 @@ def test_tf_serving_style_client_reads_float_val(server):
 def test_tensor_content_on_request(hpt_base):
     import tensorflow as tf
 
-    with ModelServer([ModelConfig("half_plus_two", str(hpt_base))],
+    with ModelServer([ServedModelConfig("half_plus_two", str(hpt_base))],
                      ServerOptions(port=0, rest_api_port=-1, grpc_use_tensor_content=True)) as srv:
         y = tf_serving_style_predict(srv.grpc_address, "half_plus_two", {"x": np.array([2.0], np.float32)}).outputs["y"]
         assert y.tensor_content and not y.float_val
@@ -269,7 +269,7 @@ def test_keep_alive_latency(server):
 def test_unservable_base_paths_do_not_block_others_or_health(hpt_base, tmp_path):
     as_file = tmp_path / "a_file"
     as_file.write_text("not a folder")
-    configs = [ModelConfig("procfs", "/proc"), ModelConfig("half_plus_two", str(hpt_base))]
+    configs = [ServedModelConfig("procfs", "/proc"), ServedModelConfig("half_plus_two", str(hpt_base))]
     options = ServerOptions(port=0, rest_api_port=0, file_system_poll_wait_seconds=0.1)
     with ModelServer(configs, options) as srv:
         assert srv.registry.is_available("half_plus_two")
@@ -280,7 +280,7 @@ def test_unservable_base_paths_do_not_block_others_or_health(hpt_base, tmp_path)
         assert health.status_code == 200 and health.json()["models_with_errors"] == ["procfs"]
         other = tmp_path / "other"
         save_half_plus_two(str(other / "3"))
-        new = configs + [ModelConfig("other", str(other))]
+        new = configs + [ServedModelConfig("other", str(other))]
         reload(srv.grpc_address, new)  # /proc is still there; the new model loads all the same
         assert srv.registry.is_available("other")
         assert requests.get(srv.rest_url + "/healthz", timeout=10).status_code == 200

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from export.server import ModelConfig, ModelServer, ServerOptions
+from export.server import ServedModelConfig, ModelServer, ServerOptions
 from export.server.attack import grpc_cases, rest_cases, send_grpc, send_rest
 from export.server.testing import save_half_plus_two
 
@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("models") / "half_plus_two"
     save_half_plus_two(str(base / "1"))
     options = ServerOptions(port=0, rest_api_port=0, grpc_max_message_bytes=MAX_MESSAGE, rest_max_body_bytes=MAX_BODY)
-    srv = ModelServer([ModelConfig("half_plus_two", str(base))], options).start()
+    srv = ModelServer([ServedModelConfig("half_plus_two", str(base))], options).start()
     yield srv
     srv.stop()
 

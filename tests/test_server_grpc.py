@@ -23,10 +23,10 @@ from tensorflow_serving.apis import (
 )
 
 from export.client import PredictClient
-from export.server import BatchingOptions, ModelConfig, ModelServer, ServerOptions
+from export.server import BatchingOptions, ServedModelConfig, ModelServer, ServerOptions
 from export.server.servable import read_saved_model_proto, uses_scann_ops
 from export.server.testing import save_toy_model
-from tfrec.cli import main
+from tfrec_cli import main
 
 TOY_SCALE = 2.0
 
@@ -41,8 +41,8 @@ def toy_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(toy_base):
     configs = [
-        ModelConfig("toy", str(toy_base), version_labels={"stable": 1}),
-        ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
+        ServedModelConfig("toy", str(toy_base), version_labels={"stable": 1}),
+        ServedModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
     ]
     srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=("export.server.testing",))).start()
     yield srv
@@ -305,7 +305,7 @@ def batching_server(toy_base):
         port=0, rest_api_port=-1,
         batching=BatchingOptions(max_batch_size=4, batch_timeout_micros=3_000_000, num_batch_threads=1),
     )
-    srv = ModelServer([ModelConfig("toy", str(toy_base))], options).start()
+    srv = ModelServer([ServedModelConfig("toy", str(toy_base))], options).start()
     yield srv
     srv.stop()
 
@@ -348,7 +348,7 @@ def test_batching_variable_length_histories(toy_base, pad, timeout_micros, expec
                                  pad_variable_length_inputs=pad),
     )
     histories = [np.array([[b"a", b"b"]], object), np.array([[b"c", b"d", b"e"]], object)]
-    with ModelServer([ModelConfig("toy", str(toy_base))], options) as srv, PredictClient(srv.grpc_address) as client:
+    with ModelServer([ServedModelConfig("toy", str(toy_base))], options) as srv, PredictClient(srv.grpc_address) as client:
         results = _concurrently(2, lambda i: client.predict("toy", {"history": histories[i]}, signature="tokens"))
         assert [int(r["count"][0]) for r in results] == [2, 3]  # padding with "" changes no answer
         assert [r["last"][0] for r in results] == [b"b", b"e"]
@@ -377,7 +377,7 @@ def test_scann_servable(tmp_path, toy_base):
     assert uses_scann_ops(read_saved_model_proto(path))
     assert not uses_scann_ops(read_saved_model_proto(str(toy_base / "1")))  # stock models never need scann
 
-    with ModelServer([ModelConfig("retrieval", str(tmp_path / "retrieval"))],
+    with ModelServer([ServedModelConfig("retrieval", str(tmp_path / "retrieval"))],
                      ServerOptions(port=0, rest_api_port=-1)) as srv, PredictClient(srv.grpc_address) as client:
         out = client.predict("retrieval", {"query": [[0, 0, 1, 0.5]]})
         assert out["indices"][0].tolist() == [2, 3]

@@ -9,7 +9,7 @@ import pytest
 import requests
 import tensorflow as tf
 
-from export.server import ModelConfig, ModelServer, ServerOptions
+from export.server import ServedModelConfig, ModelServer, ServerOptions
 from export.server.testing import save_toy_model
 
 SCALE = 2.0
@@ -20,9 +20,9 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     save_toy_model(str(base / "toy" / "1"), scale=SCALE)
     configs = [
-        ModelConfig("toy", str(base / "toy"), version_labels={"stable": 1}),
-        ModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
-        ModelConfig("ghost", str(base / "ghost")),  # no version on disk
+        ServedModelConfig("toy", str(base / "toy"), version_labels={"stable": 1}),
+        ServedModelConfig("plus_one", "export.server.testing:ScaledTotal", platform="python"),
+        ServedModelConfig("ghost", str(base / "ghost")),  # no version on disk
     ]
     srv = ModelServer(configs, ServerOptions(port=0, rest_api_port=0, allowed_python_modules=("export.server.testing",))).start()
     yield srv
@@ -207,7 +207,7 @@ def test_healthz_reports_models_without_versions(server, tmp_path):
     assert response.status_code == 503
     assert response.json() == {"status": "not ready", "models_without_available_version": ["ghost"]}
     save_toy_model(str(tmp_path / "healthy" / "1"))
-    with ModelServer([ModelConfig("healthy", str(tmp_path / "healthy"))],
+    with ModelServer([ServedModelConfig("healthy", str(tmp_path / "healthy"))],
                      ServerOptions(port=0, rest_api_port=0)) as healthy:
         response = requests.get(healthy.rest_url + "/healthz", timeout=10)
         assert response.status_code == 200 and response.json() == {"status": "ok"}

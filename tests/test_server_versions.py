@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
 from export.client import PredictClient
 from export.server import (
     BatchingOptions,
-    ModelConfig,
+    ServedModelConfig,
     ModelServer,
     ServerOptions,
     ServingError,
@@ -36,7 +36,7 @@ from export.server import (
 from export.server.config import to_model_server_config
 from export.server.models import ModelRegistry
 from export.server.testing import save_toy_model
-from tfrec.cli import main
+from tfrec_cli import main
 
 X = np.ones((1, 3), np.float32)
 
@@ -136,9 +136,9 @@ def test_version_policies(tmp_path, staged):
     for version in (1, 2, 3):
         put_version(base, version, staged[1])
     configs = [
-        ModelConfig("latest2", base, version_policy=VersionPolicy("latest", 2)),
-        ModelConfig("all", base, version_policy=VersionPolicy("all")),
-        ModelConfig("specific", base, version_policy=VersionPolicy("specific", versions=(1, 3))),
+        ServedModelConfig("latest2", base, version_policy=VersionPolicy("latest", 2)),
+        ServedModelConfig("all", base, version_policy=VersionPolicy("all")),
+        ServedModelConfig("specific", base, version_policy=VersionPolicy("specific", versions=(1, 3))),
     ]
     with ModelServer(configs, ServerOptions(port=0, rest_api_port=-1)) as srv, PredictClient(srv.grpc_address) as client:
         served = {c.name: [s["version"] for s in client.status(c.name)] for c in configs}
@@ -153,7 +153,7 @@ def test_hot_swap_under_concurrent_requests(tmp_path, staged):
     base = str(tmp_path / "swap")
     put_version(base, 1, staged[1])
     options = ServerOptions(port=0, rest_api_port=0, file_system_poll_wait_seconds=0.2)
-    with ModelServer([ModelConfig("swap", base)], options) as srv:
+    with ModelServer([ServedModelConfig("swap", base)], options) as srv:
         stop, errors, answers = threading.Event(), [], {}
 
         def grpc_client(key):
@@ -219,7 +219,7 @@ def test_hot_swap_under_concurrent_requests(tmp_path, staged):
 def test_retired_version_waits_for_in_flight_requests(tmp_path, staged):
     base = str(tmp_path / "m")
     put_version(base, 1, staged[1])
-    registry = ModelRegistry([ModelConfig("m", base)], poll_wait_seconds=60)
+    registry = ModelRegistry([ServedModelConfig("m", base)], poll_wait_seconds=60)
     registry.poll_once()
     assert not registry.is_available("m")  # first sight of a version: not loaded until it is stable
     registry.poll_once()
@@ -245,7 +245,7 @@ def test_retired_version_waits_for_in_flight_requests(tmp_path, staged):
 def test_half_written_and_broken_versions(tmp_path, staged):
     base = tmp_path / "m"
     put_version(str(base), 1, staged[1])
-    registry = ModelRegistry([ModelConfig("m", str(base))], poll_wait_seconds=60)
+    registry = ModelRegistry([ServedModelConfig("m", str(base))], poll_wait_seconds=60)
     registry.poll_once()
     registry.poll_once()
     # Version 2 without saved_model.pb (still being written) is never loaded.
@@ -278,7 +278,7 @@ def test_status_of_broken_version_over_grpc_and_rest(tmp_path, staged):
     put_version(str(base), 1, staged[1])
     (base / "2").mkdir()
     (base / "2" / "saved_model.pb").write_bytes(b"garbage")
-    with ModelServer([ModelConfig("m", str(base), version_policy=VersionPolicy("all"))],
+    with ModelServer([ServedModelConfig("m", str(base), version_policy=VersionPolicy("all"))],
                      ServerOptions(port=0, rest_api_port=0)) as srv, PredictClient(srv.grpc_address) as client:
         broken, ok = client.status("m")
         assert (broken["version"], broken["state"]) == (2, "END") and broken["error_code"] != "OK"
@@ -292,11 +292,11 @@ def test_status_of_broken_version_over_grpc_and_rest(tmp_path, staged):
 def test_reload_config(tmp_path, staged):
     put_version(str(tmp_path / "a"), 1, staged[1])
     put_version(str(tmp_path / "b"), 1, staged[2])
-    with ModelServer([ModelConfig("a", str(tmp_path / "a"))], ServerOptions(port=0, rest_api_port=-1)) as srv, \
+    with ModelServer([ServedModelConfig("a", str(tmp_path / "a"))], ServerOptions(port=0, rest_api_port=-1)) as srv, \
             PredictClient(srv.grpc_address) as client:
         stub = model_service_pb2_grpc.ModelServiceStub(client.channel)
         request = model_management_pb2.ReloadConfigRequest(
-            config=to_model_server_config([ModelConfig("b", str(tmp_path / "b"))])
+            config=to_model_server_config([ServedModelConfig("b", str(tmp_path / "b"))])
         )
         assert stub.HandleReloadConfigRequest(request, 30).status.error_code == 0
         assert client.predict("b", {"x": X})["total"].tolist() == [6.0]
@@ -312,7 +312,7 @@ def test_reload_config(tmp_path, staged):
 
 # --- shutdown ----------------------------------------------------------------------------
 
-SLEEPY = ModelConfig("sleepy", "export.server.testing:SleepServable", platform="python")
+SLEEPY = ServedModelConfig("sleepy", "export.server.testing:SleepServable", platform="python")
 
 
 def test_graceful_shutdown_completes_in_flight_requests():

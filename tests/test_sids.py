@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.semantics.sids import (
     NO_SID,
     SidsConfig,

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.data.lifelong import build_lifelong_data
 from tfrec.data.readers import DEFAULT_DATA_ROOT
 from tfrec.metrics import auc

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec.cli import main
+from tfrec_cli import main
 from tfrec.config import DataConfig, ExperimentConfig
 from tfrec.data.readers import DEFAULT_DATA_ROOT
 from tfrec.data.vocab import NUM_RESERVED
@@ -170,6 +170,39 @@ def test_evaluator_metric_equals_tfrec_evaluation_of_the_trained_model(first_run
     expected = ranking_metrics_from_ranks(ranks, ks=config.experiment.eval.ks)
     for name in ("ndcg@10", "hr@10", "mrr@10"):
         assert report["metrics"][name] == pytest.approx(expected[name], abs=1e-5), name
+
+
+def test_pipeline_savedmodel_answers_as_the_export_of_the_same_model(first_run, tmp_path):
+    """One sequential serving graph: the Trainer's SavedModel and `tfrec export`'s agree on every signature."""
+    import keras
+    import tensorflow_transform as tft
+
+    from export.saved_model import export_sequential
+    from tfrec.data.vocab import Vocabulary
+    from tfx_pipeline.preprocessing import ITEM_VOCAB
+    from tfx_pipeline.trainer import MODEL_FILE
+
+    report, config = first_run["report"], first_run["config"]
+    artifacts = {c["component"]: c["artifacts"] for c in report["components"]}
+    vocab_file = tft.TFTransformOutput(artifacts["Transform"]["transform_graph"][0]).vocabulary_file_by_name(ITEM_VOCAB)
+    model = keras.saving.load_model(os.path.join(artifacts["Trainer"]["model_run"][0], MODEL_FILE))
+    exported = tf.saved_model.load(str(export_sequential(model, Vocabulary.load(vocab_file), str(tmp_path),
+                                                         k=config.pipeline.top_k)))
+    pipeline = tf.saved_model.load(report["pushed_path"])
+    test = _examples(os.path.join(config.input_dir, "test", EXAMPLES_FILE))[:8]
+    width = max(len(_tokens(ex, HISTORY)) for ex in test) + 1
+    history = tf.constant([(_tokens(ex, HISTORY) + ["no-such-item"] + [""] * width)[:width] for ex in test])
+    exclude = tf.constant([i % 2 == 0 for i in range(len(test))])
+    for signature, inputs in (("recommend", {"history": history, "exclude_history": exclude}),
+                              ("user_embedding", {"history": history})):
+        ours, theirs = pipeline.signatures[signature](**inputs), exported.signatures[signature](**inputs)
+        assert set(ours) == set(theirs), signature
+        for name in ours:
+            if ours[name].dtype == tf.string:
+                np.testing.assert_array_equal(ours[name].numpy(), theirs[name].numpy(), err_msg=signature)
+            else:
+                np.testing.assert_allclose(ours[name].numpy(), theirs[name].numpy(), rtol=1e-6, err_msg=signature)
+    assert set(pipeline.signatures) == set(exported.signatures) | {"evaluate"}
 
 
 def test_unchanged_rerun_reuses_cached_executions(first_run):

@@ -19,9 +19,9 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from export.retrieval import EXCLUDED_SCORE, BruteForceIndex
+from tfrec.serving.retrieval import EXCLUDED_SCORE, BruteForceIndex
 from export.saved_model import catalog_table, export_ctr, export_index, export_sequential
-from export.server import BatchingOptions, ModelConfig, ModelServer, ServerOptions
+from export.server import BatchingOptions, ServedModelConfig, ModelServer, ServerOptions
 from export.server.config import python_factory_spec
 from export.two_stage import factory, select_candidates, top_by_probability
 from tfrec.config import ModelConfig as RecommenderConfig
@@ -68,12 +68,12 @@ def model_configs(tmp_path_factory):
     ranker.predict({"history_ids": np.array([[2, 3]]), "target_id": np.array([4])}, verbose=0)  # build
     export_ctr(ranker, ranker_vocab, root / "ctr", max_history=4)
     configs = [
-        ModelConfig("seq", str(root / "recommender")),
-        ModelConfig("retrieval", str(root / "retrieval")),
-        ModelConfig("ctr", str(root / "ctr")),
-        ModelConfig("two_stage", "export.two_stage:factory?recommender=seq&retrieval=retrieval&ranker=ctr"
+        ServedModelConfig("seq", str(root / "recommender")),
+        ServedModelConfig("retrieval", str(root / "retrieval")),
+        ServedModelConfig("ctr", str(root / "ctr")),
+        ServedModelConfig("two_stage", "export.two_stage:factory?recommender=seq&retrieval=retrieval&ranker=ctr"
                                  f"&candidates={CANDIDATES}&k={K}", platform="python"),
-        ModelConfig("no_ranker", "export.two_stage:factory?recommender=seq&retrieval=retrieval&ranker=missing",
+        ServedModelConfig("no_ranker", "export.two_stage:factory?recommender=seq&retrieval=retrieval&ranker=missing",
                     platform="python"),
     ]
     return configs
@@ -238,7 +238,7 @@ def test_few_candidates_leave_empty_slots():
         (lambda: factory("ts", None, ranker="ts"), "ranker must name another served model"),
         (lambda: python_factory_spec("export.two_stage:factory?k=1&k=2"), "repeat a key"),
         (lambda: python_factory_spec("export.two_stage:factory?k"), "'key=value' pairs"),
-        (lambda: ModelConfig("ts", "export.two_stage:fac tory", platform="python"), "'package.module:factory"),
+        (lambda: ServedModelConfig("ts", "export.two_stage:fac tory", platform="python"), "'package.module:factory"),
     ],
 )
 def test_configuration_errors_name_the_option(make, message):

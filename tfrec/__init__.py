@@ -7,7 +7,10 @@ Sub-packages (imports point downwards only; `tfrec` never imports `tfx` or `expo
 - `tfrec.layers`: Keras 3 layers (sequential backbones and their parts).
 - `tfrec.models`: Keras models composed from layers (next-item task).
 - `tfrec.metrics`: ranking and CTR metrics.
-- `tfrec.cli`: the `tfrec` command.
+- `tfrec.ctr`: lifelong CTR models (R2LED, baselines): config, data, training, evaluation.
+- `tfrec.serving`: the serving contract and the servables (below `export` and `tfx_pipeline`).
+
+The `tfrec` command lives above the library, in `tfrec_cli`.
 """
 
 import os as _os

@@ -5,7 +5,7 @@ first touched, so an entry point (the `tfrec` CLI, the tests' conftest) calls
 `configure()` before anything imports TensorFlow:
 
 - `TF_USE_LEGACY_KERAS=1`: `tf.keras` is tf_keras, which TensorFlow
-  Recommenders (the retrieval indexes of `export.retrieval`) and TFT need;
+  Recommenders (the retrieval indexes of `tfrec.serving.retrieval`) and TFT need;
   `import keras` stays Keras 3, which all of our models use.
 - Quiet start-up (unless `verbose`): TensorFlow's C++ log lines printed while
   it loads on a CPU-only machine (cuFFT/cuDNN/cuBLAS "Unable to register

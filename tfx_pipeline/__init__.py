@@ -8,13 +8,14 @@ Modules (importing this package imports nothing heavy):
 - `schema/schema.pbtxt`, `schema/ctr_schema.pbtxt`: the curated schemas (ImportSchemaGen).
 - `preprocessing`: Transform's `preprocessing_fn` (tft item vocabulary).
 - `trainer`: the Trainer's `run_fn` (tfrec model, `model.fit`).
-- `serving`: the SavedModel signatures (raw tokens in, transform graph inside).
+- `serving`: the Trainer's sequential SavedModel (`tfrec.serving.servables.SequentialServable`
+  over the Transform's vocabulary, plus TFMA's `evaluate`).
 - `tfma_metrics`: NDCG/HR/MRR@K for the Evaluator.
 - `components`: custom components (AnomalyGate, ItemSemanticsGen, SemanticIds).
 - `pipeline`: `create_pipeline(config)`.
 - `runner`: `run_pipeline` (LocalDagRunner + report), `compile_pipeline` (Kubeflow/Vertex).
 - `commands`: `tfrec pipeline run|compile`.
 
-It may import `tfrec`; of `export`, only the CTR Trainer imports
-`export.saved_model.CTRServable` (the one CTR serving graph). See `tfx_pipeline/README.md`.
+It may import `tfrec`, never `export`: the servables (the CTR Trainer's
+`CTRServable` too) come from `tfrec.serving`. See `tfx_pipeline/README.md`.
 """

@@ -7,7 +7,7 @@
 - `ItemSemanticsGen`: item text -> a versioned semantic store
   (`tfrec.semantics.encode.encode_items`), aligned with the Transform
   vocabulary (ids = line + 2, tfrec's layout). Named `...Gen` like TFX's
-  generators, and so as not to clash with `tfrec.ctr_training.ItemSemantics`
+  generators, and so as not to clash with `tfrec.ctr.ItemSemantics`
   (the semantics a CTR model trains on); in the pipeline its node id stays
   `ItemSemantics` (`ITEM_SEMANTICS_ID`), the name runs, caches and reports
   know it by.
@@ -181,7 +181,8 @@ class SemanticTrainer(base_component.BaseComponent):
     store's URI at `fn_args.custom_config[SEMANTIC_STORE_KEY]`. Its node id is
     `Trainer` unless set with `with_id`.
 
-    Example:
+    Example (not run as a doctest: it needs the upstream TFX components' channels;
+    `tfx_pipeline.pipeline.create_pipeline` wires it, `tests/test_tfx_pipeline.py` runs it):
     >>> trainer = SemanticTrainer(  # doctest: +SKIP
     ...     examples=transform.outputs["transformed_examples"], transform_graph=transform.outputs["transform_graph"],
     ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={...},

@@ -16,7 +16,7 @@ Overrides use the same dotted keys for both parts: `train.epochs=1`,
 `pipeline.train_steps=1`. Unknown keys are errors naming the key.
 
 `task: ctr` (top-level key; default `sequential`) selects the lifelong CTR task:
-the experiment part is then a `tfrec.ctr_training.CTRConfig` (`name`,
+the experiment part is then a `tfrec.ctr.CTRConfig` (`name`,
 `output_dir`, `data`, `model`, `sids`, `train`, as `configs/r2led_ml1m.yaml`) and
 the pipeline trains R2LED or a CTR baseline (`model.name`); see
 `tfx_pipeline/README.md`, "R2LED in the pipeline".
@@ -112,7 +112,7 @@ class PipelineConfig:
     """An experiment plus its pipeline options, with the derived paths.
 
     `experiment` is an `ExperimentConfig` (next-item task) or, with `task: ctr`,
-    a `tfrec.ctr_training.CTRConfig`.
+    a `tfrec.ctr.CTRConfig`.
     """
 
     experiment: object
@@ -120,7 +120,7 @@ class PipelineConfig:
 
     @property
     def task(self):
-        from tfrec.ctr_training import CTRConfig
+        from tfrec.ctr import CTRConfig
 
         return CTR if isinstance(self.experiment, CTRConfig) else SEQUENTIAL
 
@@ -157,7 +157,7 @@ class PipelineConfig:
     @property
     def ctr_semantics(self):
         """What a CTR model reads from item semantics: `"sids"` (R2LED), `"pooled"` (sim-soft) or None."""
-        from tfrec.ctr_training import needs_semantics
+        from tfrec.ctr import needs_semantics
 
         return needs_semantics(self.experiment.model.name) if self.is_ctr else None
 
@@ -248,8 +248,8 @@ def experiment_from_dict(values):
 
 
 def ctr_experiment_from_dict(values):
-    """A checked `tfrec.ctr_training.CTRConfig` from a dict shaped like its YAML file."""
-    from tfrec.ctr_training import CTRConfig, check_ctr_config
+    """A checked `tfrec.ctr.CTRConfig` from a dict shaped like its YAML file."""
+    from tfrec.ctr import CTRConfig, check_ctr_config
 
     return check_ctr_config(build_config(CTRConfig, values))
 

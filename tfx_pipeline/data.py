@@ -23,8 +23,8 @@ and `<out>/metadata.json` (counts, source fingerprint, config). A file whose
 bytes would not change is not rewritten: ImportExampleGen fingerprints its
 input by size and modification time, so an unchanged input keeps the cache.
 
-**CTR task** (`task: ctr`, a `tfrec.ctr_training.CTRConfig`): one example per
-lifelong CTR sample of `tfrec.data.lifelong` (`tfrec.ctr_training.load_ctr_data`:
+**CTR task** (`task: ctr`, a `tfrec.ctr.CTRConfig`): one example per
+lifelong CTR sample of `tfrec.data.lifelong` (`tfrec.ctr.load_ctr_data`:
 rating >= threshold = click, global time split, `data.max_train_samples` user
 subsample), split `train` / `valid` -> `eval` / `test`. The time split already
 keeps every history strictly before its target, so no split leaks into another.
@@ -37,9 +37,11 @@ including items that are new in that split) with the feedback of each of them
 the `max_history` cut) and `history_bucket` (bytes, `history_length` bucketed
 by `HISTORY_BUCKETS`: what the Evaluator slices on).
 
-Example:
->>> summary = write_example_gen_input(load_config(None, ["data.dataset=movielens-100k"]), "/tmp/in")  # doctest: +SKIP
->>> summary["examples"]  # doctest: +SKIP
+Example (the bundled MovieLens-100K):
+>>> import tempfile
+>>> from tfrec.config import load_config
+>>> summary = write_example_gen_input(load_config(None, ["data.dataset=movielens-100k"]), tempfile.mkdtemp())
+>>> summary["examples"]
 {'train': 943, 'eval': 943, 'test': 943}
 """
 
@@ -218,17 +220,17 @@ def write_example_gen_input(experiment_config, out_dir):
 
     Args:
         experiment_config: a `tfrec.config.ExperimentConfig` (its `data` section is used)
-            or a `tfrec.ctr_training.CTRConfig` (`data`, and `model.max_history`).
+            or a `tfrec.ctr.CTRConfig` (`data`, and `model.max_history`).
         out_dir: local folder; created if needed.
 
     Returns:
         dict: `examples` (count per split), `changed` (splits rewritten), `fingerprint`
         (of the source interactions), `input_dir`.
     """
-    from tfrec.ctr_training import CTRConfig
+    from tfrec.ctr import CTRConfig
 
     if isinstance(experiment_config, CTRConfig):
-        from tfrec.ctr_training import load_ctr_data
+        from tfrec.ctr import load_ctr_data
 
         data = load_ctr_data(experiment_config.data)
         examples = ctr_examples(data, experiment_config.model.max_history)

@@ -49,7 +49,7 @@ from tfx_pipeline.trainer import CONFIG_KEY, TASK_KEY
 PREPROCESSING_FN = "tfx_pipeline.preprocessing.preprocessing_fn"
 RUN_FN = "tfx_pipeline.trainer.run_fn"
 RESOLVER_ID = "latest_blessed_model_resolver"
-CTR_SIGNATURE, CTR_OUTPUT = "score_examples", "probabilities"  # export.saved_model.CTRServable
+CTR_SIGNATURE, CTR_OUTPUT = "score_examples", "probabilities"  # tfrec.serving.servables.CTRServable
 
 
 def trainer_config(config):
@@ -145,7 +145,7 @@ def _semantic_ids_args(config):
     """SemanticIds parameters: the CTR `sids:` section (as `tfrec ctr train` fits them), else the defaults."""
     if not config.is_ctr:
         return {}
-    from tfrec.ctr_training import sids_config
+    from tfrec.ctr import sids_config
 
     section = config.experiment.sids
     fitted = sids_config(section)

@@ -12,9 +12,10 @@ follow tfrec's convention (`tfrec.data.vocab`):
   `0` is never produced, so padding (0) can never collide with an item.
 
 Outputs: `history_ids` (int64, variable length, same positions as `history`)
-and `target_id` (int64 scalar). The transform graph is saved with the model
-(`tfx_pipeline.serving`), so clients send raw tokens; at serving time only
-`history` is fed and TFT prunes the `target` branch.
+and `target_id` (int64 scalar). The serving graphs (`tfx_pipeline.serving`,
+the CTR one) map raw tokens with this same vocabulary file
+(`tfrec.serving.servables.ItemLookup`: line `i` = id `i + 2`, unknown = OOV),
+so clients send raw tokens.
 
 CTR examples (`task: ctr`, they have a `label`) get the same item ids, plus
 `label` (int64 0/1), `user_id` (bytes, the GAUC group), `target_timestamp` and

@@ -1,11 +1,12 @@
-"""The Trainer's SavedModel: raw item tokens in, the TFT transform graph inside.
+"""The Trainer's sequential SavedModel: the library's `SequentialServable` plus TFMA's `evaluate`.
 
-`RecommenderServable(model, tft_output, top_k)` wraps a trained
-`NextItemRecommender` and the Transform output in a `tf.Module` saved with
-`tf.saved_model.save`. Its signatures follow the serving contract of
-`tfrec.serving` (`recommend` = `serving_default`, `user_embedding`,
-`recommend_examples`), as `export.saved_model` does, so the same model server
-and clients serve both, plus one for TFMA:
+`RecommenderServable(model, tft_output, top_k)` is `tfrec.serving.servables.SequentialServable`
+(the one sequential serving graph, also written by `tfrec export`) over the
+Transform's vocabulary file: TFT's `item_vocab` maps line `i` to id `i + 2` and
+unknown tokens to OOV (1), exactly as `ItemLookup` reads a vocabulary file, so
+the raw-token signatures (`recommend` = `serving_default`, `user_embedding`,
+`recommend_examples`) answer as the `export` SavedModel of the same model does.
+One signature is added for TFMA:
 
 - `evaluate`: `examples: string (batch,)` raw pipeline examples (`history`,
   `target`, see `tfx_pipeline.data`) -> `rank: float32 (batch,)`, the 0-based
@@ -15,98 +16,67 @@ and clients serve both, plus one for TFMA:
   `exclude_history=True`; a history with no known token is scored from the
   empty window rather than failing the batch). TFMA calls it;
   `tfx_pipeline.tfma_metrics` turns ranks into NDCG/HR/MRR@K.
-
-Every signature maps tokens with `tft_output.transform_features_layer()` (the
-`item_vocab` of `tfx_pipeline.preprocessing`), then drops out-of-vocabulary
-positions and left-aligns the known items, as the Trainer saw them.
 """
 
-import numpy as np
 import tensorflow as tf
 
-from tfrec.data.vocab import NUM_RESERVED, OOV_TOKEN, PAD_TOKEN
-from tfrec.serving import (
-    EXCLUDE_SPEC,
-    EXCLUDED_SCORE,
-    HISTORY_SPEC,
-    RECOMMEND,
-    RECOMMEND_EXAMPLES,
-    SERIALIZED_SPEC,
-    SERVING_DEFAULT,
-    USER_EMBEDDING,
-    checked_exclude_flags,
-    compact_known_ids,
-    parse_history_examples,
-    signature_variables,
-)
+from tfrec.data.vocab import NUM_RESERVED, Vocabulary
+from tfrec.serving import EXCLUDED_SCORE, compact_known_ids, signature_variables
+from tfrec.serving.servables import SequentialServable
 from tfx_pipeline.data import HISTORY, TARGET
-from tfx_pipeline.preprocessing import HISTORY_IDS, ITEM_VOCAB, TARGET_ID
+from tfx_pipeline.preprocessing import ITEM_VOCAB
 
 EVALUATE = "evaluate"
 RANK_OUTPUT = "rank"
 
 
-def read_vocabulary(tft_output):
-    """Item tokens in id order (id = position + 2) from the Transform output."""
-    with tf.io.gfile.GFile(tft_output.vocabulary_file_by_name(ITEM_VOCAB), "rb") as f:
-        return [line.decode("utf-8") for line in f.read().split(b"\n") if line]
+def _dense_tokens(tokens):
+    """A parsed string feature (dense, `SparseTensor` or `RaggedTensor`) as `(batch, n)` padded with `""`."""
+    if isinstance(tokens, tf.SparseTensor):
+        return tf.sparse.to_dense(tokens, default_value="")
+    if isinstance(tokens, tf.RaggedTensor):
+        return tokens.to_tensor(default_value="")
+    return tf.reshape(tokens, [tf.shape(tokens)[0], -1])
 
 
-class RecommenderServable(tf.Module):
-    """Serving and evaluation graph of a next-item model (see the module doc).
+class RecommenderServable(SequentialServable):
+    """`SequentialServable` over the Transform's vocabulary, plus `evaluate` (see the module doc).
 
     Args:
         model: a trained `NextItemRecommender` whose ids come from `tft_output`.
         tft_output: `tft.TFTransformOutput` of the pipeline's Transform.
-        top_k: int, items per `recommend` answer.
+        top_k: int, items per `recommend` answer (capped at the number of items).
         exclude_history: bool, `evaluate` excludes history items from the ranking.
 
-    Example:
+    Example (not run as a doctest: it needs a TFX Transform output, which only a
+    pipeline run writes; `tests/test_tfx_pipeline.py` runs one and checks these
+    signatures answer as `export.saved_model.export_sequential`'s):
     >>> servable = RecommenderServable(model, tft.TFTransformOutput(uri), top_k=10)  # doctest: +SKIP
     >>> tf.saved_model.save(servable, "/tmp/m", signatures=servable.signatures())  # doctest: +SKIP
     """
 
     def __init__(self, model, tft_output, top_k=10, exclude_history=False):
-        super().__init__(name="recommender_servable")
-        model = model.with_item_table()  # a semantic encoder (DMESR) is served as its materialised table
-        tokens = read_vocabulary(tft_output)
-        if len(tokens) + NUM_RESERVED != model.vocab_size:
+        vocab_file = tft_output.vocabulary_file_by_name(ITEM_VOCAB)
+        item_vocab = Vocabulary.load(vocab_file)  # ids = line + 2, as the Transform's
+        if item_vocab.size != model.vocab_size:
             raise ValueError(
-                f"model has {model.vocab_size} item ids but the Transform vocabulary has {len(tokens)} tokens "
-                f"(+{NUM_RESERVED} reserved): the model was trained on another transform graph"
+                f"model has {model.vocab_size} item ids but the Transform vocabulary has {len(item_vocab.tokens)} "
+                f"tokens (+{NUM_RESERVED} reserved): the model was trained on another transform graph"
             )
-        self.num_items = len(tokens)
-        self.top_k = int(min(top_k, self.num_items))
+        super().__init__(model, item_vocab, vocab_file, k=min(int(top_k), len(item_vocab.tokens)))
+        model = self._keras.model  # the served model (a semantic encoder's materialised table)
+        self.num_items = len(item_vocab.tokens)
+        self.top_k = self.k
         self.exclude_history = bool(exclude_history)
-        self.item_tokens = tf.Variable(np.array([PAD_TOKEN, OOV_TOKEN, *tokens], dtype=object), trainable=False)
         self._catalog = tf.range(model.vocab_size) >= NUM_RESERVED  # (vocab,) real items
-        self.tft_layer = tft_output.transform_features_layer()
         raw_spec = tft_output.raw_feature_spec()
         self._eval_spec = {HISTORY: raw_spec[HISTORY], TARGET: raw_spec[TARGET]}
 
-        def user_embedding(history):
-            ids = self._history_ids(history, require_known=True)
-            return {"embedding": model.user_embedding(ids)}  # (batch, dim)
-
-        def recommend(history, exclude_history):
-            exclude_history = checked_exclude_flags(history, exclude_history)
-            ids = self._history_ids(history, require_known=True)  # (batch, seq)
-            scores = model.score_items(ids)  # (batch, vocab)
-            scores = tf.where(self._catalog[None, :], scores, EXCLUDED_SCORE)  # reserved ids never rank
-            scores = self._mask_history(scores, ids, exclude_history)
-            top_scores, top_ids = tf.math.top_k(scores, k=self.top_k)  # (batch, k)
-            item_ids = tf.gather(self.item_tokens, top_ids)
-            item_ids = tf.where(top_scores > EXCLUDED_SCORE, item_ids, "")
-            return {"item_ids": item_ids, "scores": top_scores}
-
-        def recommend_examples(serialized):
-            return self.recommend(*parse_history_examples(serialized))
-
         def evaluate(examples):
             raw = tf.io.parse_example(examples, self._eval_spec)
-            transformed = self.tft_layer(raw)
-            ids, _ = compact_known_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]))  # (batch, seq)
-            target = tf.cast(transformed[TARGET_ID], tf.int32)  # (batch,)
+            ids, _ = compact_known_ids(self.item_lookup.ids(_dense_tokens(raw[HISTORY])))  # (batch, seq)
+            target = tf.pad(_dense_tokens(raw[TARGET]), [[0, 0], [0, 1]])[:, 0]  # (batch,), "" if absent
+            target = self.item_lookup.ids(target)  # "" -> 0: not a catalog item, the worst rank
             scores = model.score_items(ids)  # (batch, vocab)
             if self.exclude_history:
                 scores = self._mask_history(scores, ids, tf.fill(tf.shape(target), True), keep=target)
@@ -116,21 +86,10 @@ class RecommenderServable(tf.Module):
             rank = tf.where(target >= NUM_RESERVED, rank, self.num_items)
             return {RANK_OUTPUT: tf.cast(rank, tf.float32)}
 
-        self.user_embedding = tf.function(user_embedding, input_signature=[HISTORY_SPEC])
-        self.recommend = tf.function(recommend, input_signature=[HISTORY_SPEC, EXCLUDE_SPEC])
-        self.recommend_examples = tf.function(recommend_examples, input_signature=[SERIALIZED_SPEC])
         self.evaluate = tf.function(evaluate, input_signature=[tf.TensorSpec((None,), tf.string, name="examples")])
-        # The Keras model stays out of the object graph (its optimizer state is not
-        # served); the variables the signatures read are tracked here.
         self.model_variables = signature_variables(
-            (self.user_embedding, self.recommend, self.recommend_examples, self.evaluate)
+            (self.user_embedding, self.recommend, self.recommend_examples, self.evaluate), model
         )
-
-    def _history_ids(self, history, require_known=False):
-        """Dense `""`-padded tokens `(batch, seq)` -> compacted ids `(batch, seq)` int32."""
-        sparse = tf.sparse.from_dense(history)  # drops "" padding
-        transformed = self.tft_layer({HISTORY: sparse})
-        return compact_known_ids(tf.sparse.to_dense(transformed[HISTORY_IDS]), require_known)[0]
 
     @staticmethod
     def _mask_history(scores, ids, exclude, keep=None):
@@ -144,10 +103,4 @@ class RecommenderServable(tf.Module):
         return tf.where(mask, tf.cast(EXCLUDED_SCORE, scores.dtype), scores)
 
     def signatures(self):
-        return {
-            SERVING_DEFAULT: self.recommend,
-            RECOMMEND: self.recommend,
-            USER_EMBEDDING: self.user_embedding,
-            RECOMMEND_EXAMPLES: self.recommend_examples,
-            EVALUATE: self.evaluate,
-        }
+        return {**super().signatures(), EVALUATE: self.evaluate}

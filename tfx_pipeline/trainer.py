@@ -34,11 +34,11 @@ validation target) cannot be ranked and are left out of early stopping.
 the examples' histories (`lifelong_data_from_examples`; history ids outside the
 vocabulary are dropped, as the serving graph drops unknown tokens); the item
 semantics come from the ItemSemantics store and the SemanticIds codes wired into
-the Trainer (`tfrec.ctr_training.item_semantics_of`); then
-`tfrec.ctr_training.train_ctr` builds the model (`build_ctr_model` over the
+the Trainer (`tfrec.ctr.item_semantics_of`); then
+`tfrec.ctr.train_ctr` builds the model (`build_ctr_model` over the
 Transform vocabulary) and fits it with validation AUC early stopping on the
 `eval` split (`train.monitor`). `pipeline.train_steps` = one epoch of that many
-steps. The serving SavedModel is `export.saved_model.CTRServable` (signatures
+steps. The serving SavedModel is `tfrec.serving.servables.CTRServable` (signatures
 `serving_default` = `score`, `score_examples`: raw tokens in, probabilities
 out), its lookup table reading the Transform's vocabulary file (the same ids:
 line + 2, unknown = OOV 1, `""` = padding).
@@ -378,13 +378,13 @@ def lifelong_data_from_examples(splits, item_vocab):
 
 
 def pipeline_item_semantics(config, item_vocab, store_uri, sids_uri):
-    """`tfrec.ctr_training.ItemSemantics` from the ItemSemantics store and SemanticIds codes (or None).
+    """`tfrec.ctr.ItemSemantics` from the ItemSemantics store and SemanticIds codes (or None).
 
     Raises:
         ValueError: the model needs a store / codes the Trainer was not given.
         VocabularyMismatchError: the store does not follow the Transform vocabulary.
     """
-    from tfrec.ctr_training import item_semantics_of, load_store_for, needs_semantics
+    from tfrec.ctr import item_semantics_of, load_store_for, needs_semantics
     from tfrec.semantics.sids import load_sids
 
     need = needs_semantics(config.model.name)
@@ -415,8 +415,8 @@ def _item_genres(config, item_vocab):
 
 def run_ctr(fn_args, settings, options):
     """The CTR Trainer (`task: ctr`, see the module doc)."""
-    from export.saved_model import CTRServable
-    from tfrec.ctr_training import train_ctr
+    from tfrec.serving.servables import CTRServable
+    from tfrec.ctr import train_ctr
 
     config = ctr_experiment_from_dict(settings)
     if options.get("train_steps"):

@@ -11,7 +11,8 @@ options), ``models`` (version watching, loading, retiring), ``servable``
 (SavedModel and Python composite servables), ``batching``, ``core`` (request
 handling), ``grpc_service``, ``rest`` + ``json_format``, ``metrics``, ``server``.
 
-Example::
+Example (not run as a doctest: it starts a server on local ports;
+`tests/test_server_grpc.py` and `tests/test_server_rest.py` do)::
 
     >>> from export.server import ModelServer, ServerOptions, single_model_config
     >>> with ModelServer(single_model_config("m", "/models/m"),          # doctest: +SKIP
@@ -21,7 +22,7 @@ Example::
 
 from export.server.config import (
     BatchingOptions,
-    ModelConfig,
+    ServedModelConfig,
     ServerOptions,
     VersionPolicy,
     load_batching_parameters,
@@ -35,7 +36,7 @@ from export.server.servable import PythonServable, Signature
 
 __all__ = [
     "BatchingOptions",
-    "ModelConfig",
+    "ServedModelConfig",
     "ModelServer",
     "PythonServable",
     "ServerOptions",

@@ -87,7 +87,7 @@ class VersionPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ServedModelConfig:
     """One served model.
 
     Args:
@@ -149,7 +149,7 @@ def python_factory_spec(base_path: str):
     return module, attr, options
 
 
-def check_python_module_allowed(config: ModelConfig, allowed: Iterable[str]) -> None:
+def check_python_module_allowed(config: ServedModelConfig, allowed: Iterable[str]) -> None:
     """``ServingError`` PERMISSION_DENIED (a ``ValueError``) unless python model ``config``
     names a module in ``allowed``.
 
@@ -158,9 +158,9 @@ def check_python_module_allowed(config: ModelConfig, allowed: Iterable[str]) -> 
     a config (file or ``HandleReloadConfigRequest``) cannot add one. Exact module
     names only, no prefixes: allowing ``export`` does not allow ``export.two_stage``.
 
-    >>> check_python_module_allowed(ModelConfig("t", "export.two_stage:factory", platform="python"),
+    >>> check_python_module_allowed(ServedModelConfig("t", "export.two_stage:factory", platform="python"),
     ...                             ["export.two_stage"])
-    >>> check_python_module_allowed(ModelConfig("x", "shutil:rmtree", platform="python"), ["export.two_stage"])
+    >>> check_python_module_allowed(ServedModelConfig("x", "shutil:rmtree", platform="python"), ["export.two_stage"])
     Traceback (most recent call last):
     ...
     export.server.errors.ServingError: python model 'x': module 'shutil' is not allowed; the server allows python servables only from modules named by --allowed_python_modules (allowed: export.two_stage)
@@ -202,7 +202,7 @@ def _from_proto_list(model_config_list, source: str) -> list:
                 num = proto.model_version_policy.latest.num_versions if which == "latest" else 1
                 policy = VersionPolicy("latest", num_versions=max(1, num))
             configs.append(
-                ModelConfig(
+                ServedModelConfig(
                     name=proto.name,
                     base_path=proto.base_path,
                     platform=platform,
@@ -216,14 +216,14 @@ def _from_proto_list(model_config_list, source: str) -> list:
 
 
 def from_model_server_config(server_config, source: str = "<ModelServerConfig>") -> list:
-    """:class:`ModelConfig` s of a ``ModelServerConfig`` proto (``model_config_list`` only)."""
+    """:class:`ServedModelConfig` s of a ``ModelServerConfig`` proto (``model_config_list`` only)."""
     if server_config.WhichOneof("config") == "custom_model_config":
         raise ValueError(f"{source}: custom_model_config is not supported; use model_config_list")
     return _from_proto_list(server_config.model_config_list, source)
 
 
 def parse_model_config_text(text: str, source: str = "<model config>") -> list:
-    """Parse a text-proto ``ModelServerConfig`` (or a bare ``ModelConfigList``) into :class:`ModelConfig` s."""
+    """Parse a text-proto ``ModelServerConfig`` (or a bare ``ModelConfigList``) into :class:`ServedModelConfig` s."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -251,10 +251,10 @@ def load_model_config_file(path) -> list:
 
 def single_model_config(name: str, base_path: str, version_policy: Optional[VersionPolicy] = None) -> list:
     """The config list for TF Serving's ``--model_name`` / ``--model_base_path`` flags."""
-    return [ModelConfig(name=name, base_path=base_path, version_policy=version_policy or VersionPolicy())]
+    return [ServedModelConfig(name=name, base_path=base_path, version_policy=version_policy or VersionPolicy())]
 
 
-def to_model_server_config(configs: Sequence[ModelConfig]):
+def to_model_server_config(configs: Sequence[ServedModelConfig]):
     """The ``ModelServerConfig`` proto for ``configs`` (e.g. for ``HandleReloadConfigRequest``)."""
     from tensorflow_serving.config import model_server_config_pb2
 

@@ -5,12 +5,24 @@ request goes through :class:`ServingCore`, which resolves the model version
 (taking a reference for the request's duration), finds the signature, decodes
 and validates inputs, runs the model (batched when enabled), and records metrics.
 
-Example::
+Example (in-process: a registry serving the toy model, no server or network)::
 
-    >>> core = ServingCore(registry)                       # doctest: +SKIP
-    >>> result = core.predict(ModelRef("m"), {"x": np.ones((1, 3), np.float32)})  # doctest: +SKIP
-    >>> result.version, sorted(result.outputs)              # doctest: +SKIP
-    (2, ['y'])
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from export.server.config import ServedModelConfig
+    >>> from export.server.models import ModelRegistry
+    >>> from export.server.testing import save_toy_model
+    >>> base = tempfile.mkdtemp()
+    >>> _ = save_toy_model(os.path.join(base, "2"), scale=2.0)
+    >>> registry = ModelRegistry([ServedModelConfig("m", base)], poll_wait_seconds=1)
+    >>> registry.start()
+    >>> registry.wait_until_available("m")
+    True
+    >>> core = ServingCore(registry)
+    >>> result = core.predict(ModelRef("m"), {"x": np.ones((1, 3), np.float32)})
+    >>> result.version, sorted(result.outputs), result.outputs["total"].tolist()
+    (2, ['total', 'y'], [6.0])
+    >>> registry.close()
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Predict, GetModelMetadata, Classify, Regress (MultiInference answers
 UNIMPLEMENTED), GetModelStatus and HandleReloadConfigRequest. Failures abort
 the call with the status code TF Serving uses (see ``export.server.errors``).
 
-Example::
+Example (not run as a doctest: it needs a gRPC server and a serving core;
+`tests/test_server_grpc.py` builds both)::
 
     >>> from concurrent.futures import ThreadPoolExecutor
     >>> server = grpc.server(ThreadPoolExecutor(8))

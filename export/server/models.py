@@ -30,8 +30,8 @@ the file, in :meth:`ModelRegistry.status`) like any load error.
 
 Example::
 
-    >>> from export.server.config import ModelConfig
-    >>> registry = ModelRegistry([ModelConfig("m", "/tmp/no-such-models")], poll_wait_seconds=1)
+    >>> from export.server.config import ServedModelConfig
+    >>> registry = ModelRegistry([ServedModelConfig("m", "/tmp/no-such-models")], poll_wait_seconds=1)
     >>> registry.start()
     >>> registry.acquire("m")
     Traceback (most recent call last):
@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from export.server.config import (
     PYTHON_PLATFORM,
-    ModelConfig,
+    ServedModelConfig,
     check_python_module_allowed,
     load_per_model_batching_parameters,
     python_factory_spec,
@@ -84,7 +84,7 @@ class VersionRecord:
 
 @dataclasses.dataclass
 class _Model:
-    config: ModelConfig
+    config: ServedModelConfig
     records: Dict[int, VersionRecord] = dataclasses.field(default_factory=dict)
     serving: Dict[int, VersionRecord] = dataclasses.field(default_factory=dict)
     snapshots: Dict[int, Optional[tuple]] = dataclasses.field(default_factory=dict)
@@ -121,7 +121,7 @@ class ModelRegistry:
     """Loads, serves and retires model versions (see the module docstring).
 
     Args:
-        configs: ``Sequence[ModelConfig]``.
+        configs: ``Sequence[ServedModelConfig]``.
         poll_wait_seconds: ``float``, polling period of base paths, default 1.
         batch_scheduler: optional ``BatchScheduler`` attached to every loaded servable.
         per_model_batching: ``bool``, batch each SavedModel version with the parameters of
@@ -136,7 +136,7 @@ class ModelRegistry:
 
     def __init__(
         self,
-        configs: Sequence[ModelConfig],
+        configs: Sequence[ServedModelConfig],
         poll_wait_seconds: float = 1.0,
         batch_scheduler=None,
         context=None,
@@ -181,7 +181,7 @@ class ModelRegistry:
         for thread in list(self._unloaders):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def reload_config(self, configs: Sequence[ModelConfig], wait_seconds: float = 0.2) -> None:
+    def reload_config(self, configs: Sequence[ServedModelConfig], wait_seconds: float = 0.2) -> None:
         """Switch to a new model list: new models load (returns once the versions on disk now
         are loaded), removed ones retire, others update in place (policy, labels).
 
@@ -205,7 +205,7 @@ class ModelRegistry:
         time.sleep(min(wait_seconds, self.poll_wait_seconds))
         self.poll_once()
 
-    def _set_configs(self, configs: Sequence[ModelConfig]) -> None:
+    def _set_configs(self, configs: Sequence[ServedModelConfig]) -> None:
         names = [c.name for c in configs]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

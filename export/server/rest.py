@@ -33,7 +33,8 @@ Nagle / delayed-ACK stall on kept-open connections).
 nor DNS rebinding can reach the models; bound wider, any ``Host`` is accepted and
 an ``Origin`` must name the ``Host`` itself or an ``allowed_hosts`` entry.
 
-Example::
+Example (not run as a doctest: it starts an HTTP server on a local port;
+`tests/test_server_rest.py` does)::
 
     >>> rest = RestServer(core, host="127.0.0.1", port=0)    # doctest: +SKIP
     >>> rest.start(); rest.port                               # doctest: +SKIP

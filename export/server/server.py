@@ -5,7 +5,8 @@ One ``BatchScheduler`` (when ``ServerOptions.batching`` is set) serves every mod
 batching parameters (TF Serving's ``--enable_per_model_batching_parameters``, see
 ``export.server.models``); without batching it is ignored with a warning.
 
-Example::
+Example (not run as a doctest: it starts a server on local ports;
+`tests/test_server_grpc.py` and `tests/test_server_rest.py` do)::
 
     >>> from export.server import ModelServer, ServerOptions, single_model_config
     >>> server = ModelServer(single_model_config("m", "/models/m"),        # doctest: +SKIP
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import grpc
 
 from export.server.batching import BatchScheduler
-from export.server.config import ModelConfig, ServerOptions
+from export.server.config import ServedModelConfig, ServerOptions
 from export.server.core import ServingCore
 from export.server.grpc_service import add_services
 from export.server.metrics import ServingMetrics
@@ -44,12 +45,12 @@ class ModelServer:
     """Serves the models of ``configs`` over gRPC and REST.
 
     Args:
-        configs: ``Sequence[ModelConfig]`` (see ``load_model_config_file`` / ``single_model_config``).
+        configs: ``Sequence[ServedModelConfig]`` (see ``load_model_config_file`` / ``single_model_config``).
         options: :class:`ServerOptions` (ports, batching, polling, shutdown grace).
         loader: optional ``callable(name, version, path) -> Servable`` replacing SavedModel loading.
     """
 
-    def __init__(self, configs: Sequence[ModelConfig], options: Optional[ServerOptions] = None, loader=None):
+    def __init__(self, configs: Sequence[ServedModelConfig], options: Optional[ServerOptions] = None, loader=None):
         self.options = options or ServerOptions()
         self.configs = list(configs)
         kwargs = {} if loader is None else {"loader": loader}

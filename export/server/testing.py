@@ -12,7 +12,10 @@
 
 Example::
 
-    >>> save_toy_model("/tmp/toy/1", scale=1.0)      # doctest: +SKIP
+    >>> import os, tempfile
+    >>> path = save_toy_model(os.path.join(tempfile.mkdtemp(), "toy", "1"), scale=1.0)
+    >>> sorted(os.listdir(path))[:2]
+    ['assets', 'fingerprint.pb']
 """
 
 from __future__ import annotations

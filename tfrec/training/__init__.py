@@ -5,7 +5,7 @@
 - `sequential`: `train_sequential` (what `tfrec train` runs), model builders,
   data preparation and evaluation helpers.
 
-CTR training (`tfrec.ctr_training.train_ctr`) and the TFX Trainer
+CTR training (`tfrec.ctr.train_ctr`) and the TFX Trainer
 (`tfx_pipeline.trainer`) use the same engine.
 """
 

@@ -1,7 +1,7 @@
 """The one training engine: `fit(model, train_data, evaluator, config)`.
 
 Used by next-item training (`tfrec.training.train_sequential`), CTR training
-(`tfrec.ctr_training.train_ctr`) and the TFX Trainer (`tfx_pipeline.trainer`).
+(`tfrec.ctr.train_ctr`) and the TFX Trainer (`tfx_pipeline.trainer`).
 Configured by `tfrec.config.EngineConfig` (the `train:` keys both tasks share).
 
 What it does, epoch by epoch (one `model.fit` call per epoch, so an epoch's data
@@ -147,7 +147,7 @@ class BestEpochTracker(keras.callbacks.Callback):
         evaluator: an object whose `evaluate(model)` returns metrics: a
             `SequentialEvaluator` with protocol "full" (`{protocol: {metric:
             value}}`), or any evaluator returning `{metric: value}` directly
-            with `protocol=None` (e.g. the CTR evaluator of `tfrec.ctr_training`).
+            with `protocol=None` (e.g. the CTR evaluator of `tfrec.ctr`).
         monitor: metric name, e.g. "ndcg@10" or "auc" (higher is better).
         patience: epochs without improvement before stopping.
         max_seconds: optional wall-time budget (training plus validation), checked

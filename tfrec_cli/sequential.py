@@ -1,25 +1,10 @@
-"""The `tfrec` command.
+"""`tfrec prepare | train | evaluate`: the sequential (next-item) side."""
 
-    tfrec prepare  --dataset amazon-beauty --out artifacts/beauty [--beam] [--user-core 5 --item-core 5]
-    tfrec train    --config configs/sasrec_beauty.yaml [--resume] [key=value ...]
-    tfrec evaluate --config configs/sasrec_beauty.yaml [--model runs/<name>/model.keras] [key=value ...]
-
-`key=value` overrides use dotted config keys (`train.epochs=3`, `model.backbone=gru4rec`).
-`train` shows a progress bar per epoch (one line per epoch when not on a terminal),
-writes TensorBoard logs to `<output_dir>/<name>/logs` (`train.tensorboard_dir`), a
-checkpoint after every epoch to `<output_dir>/<name>/backup` (`--resume` continues
-from it), prints the metrics tables (one per protocol, never mixed; the model beside
-the popularity baseline) and writes `results.json` beside the model.
-`tfrec train --help` lists every config key with its default.
-"""
-
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from tfrec import runtime  # before anything imports TensorFlow
+from tfrec_cli.common import add_config_commands, report_evaluation
 
 
 def _tables(results):
@@ -107,57 +92,8 @@ def _cmd_evaluate(args):
     report_evaluation(evaluate_saved_model(config, model), _tables, model_path)
 
 
-def add_config_commands(subparsers, commands, config_help, override_example, config_class=None):
-    """Sub-commands `(name, func, help)` taking `--config` plus dotted overrides
-    (`evaluate` also `--model`, `train` also `--resume`); returns `{name: parser}` for
-    extra arguments. With `config_class` (a config dataclass) `--help` lists its keys."""
-    from tfrec.config import describe_keys
-
-    parsers = {}
-    for name, func, text in commands:
-        epilog = None
-        if config_class is not None:
-            epilog = ("config keys (YAML sections, or dotted overrides) with their defaults; "
-                      "documented in the config dataclasses' docstrings:\n" + describe_keys(config_class))
-        cmd = subparsers.add_parser(name, help=text, epilog=epilog,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        cmd.add_argument("--config", help=config_help)
-        cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
-        if name == "evaluate":
-            cmd.add_argument("--model", help="path to model.keras (default: <run_dir>/model.keras)")
-        if name == "train":
-            cmd.add_argument("--resume", action="store_true",
-                             help="continue from the run's last checkpoint (train.backup_dir, default "
-                                  "<output_dir>/<name>/backup) instead of starting over")
-        cmd.set_defaults(func=func)
-        parsers[name] = cmd
-    return parsers
-
-
-def report_evaluation(results, format_tables, model_path):
-    """Print an `evaluate` command's tables and write `evaluation.json` beside the model."""
-    print(format_tables(results))
-    out = Path(model_path).parent / "evaluation.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten {out}")
-
-
-def recorded_data_fingerprint(run_dir):
-    """The training data fingerprint a run recorded (`results.json`, else `evaluation.json`), or None."""
-    for name in ("results.json", "evaluation.json"):
-        path = Path(run_dir) / name
-        fingerprint = json.loads(path.read_text()).get("data", {}).get("fingerprint") if path.is_file() else None
-        if fingerprint is not None:
-            return fingerprint
-    return None
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="tfrec", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--verbose", action="store_true",
-                        help="show TensorFlow's start-up log lines and all warnings")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub):
+    """Register `tfrec prepare | train | evaluate`."""
     prep = sub.add_parser("prepare", help="filter, build vocabularies and sequences, save them")
     prep.add_argument("--dataset", default="amazon-beauty", help="bundled dataset name")
     prep.add_argument("--input", help="a user interactions file (TSV/CSV/Parquet) instead of --dataset")
@@ -177,51 +113,3 @@ def build_parser():
         ("train", _cmd_train, "train, evaluate and save a next-item model"),
         ("evaluate", _cmd_evaluate, "evaluate a saved model on the validation and test splits"),
     ), "YAML experiment config (see configs/)", "train.epochs=3", config_class=ExperimentConfig)
-    for module_name in COMMAND_MODULES:
-        _add_module_commands(sub, module_name)
-    return parser
-
-
-# Feature packages register their own sub-commands: each module defines
-# `add_commands(subparsers)`. `export` and `tfx_pipeline` sit above `tfrec` in the
-# dependency order, so the CLI is the one place that reaches up to them, and only
-# to register commands; the library itself never imports them.
-COMMAND_MODULES = (
-    "tfrec.semantics.encode",
-    "tfrec.semantics.enrich",
-    "tfrec.semantics.sids",
-    "tfrec.ctr_training",
-    "export.export_cli",
-    "export.commands",
-    "export.demo",
-    "tfx_pipeline.commands",
-)
-
-
-def _add_module_commands(subparsers, module_name):
-    import importlib
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec(module_name) is None:
-            return
-    except ModuleNotFoundError:  # parent package absent
-        return
-    importlib.import_module(module_name).add_commands(subparsers)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    runtime.configure(verbose="--verbose" in argv)  # before TensorFlow is imported
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"tfrec {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

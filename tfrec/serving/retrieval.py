@@ -10,7 +10,7 @@ Recommenders layer of the same name (`tfrs.layers.factorized_top_k`):
   server that loaded ScaNN (`import scann` before `tf.saved_model.load`).
 
 TFRS 0.7.7 subclasses `tf.keras`, so it needs `tf.keras` to be tf_keras:
-`TF_USE_LEGACY_KERAS=1` is set below before TensorFlow is imported (and by the
+`TF_USE_LEGACY_KERAS=1` is set by `tfrec.serving` before TensorFlow is imported (and by the
 `tfrec` CLI and the tests' conftest, before anything imports TensorFlow);
 `import keras` stays Keras 3. Only TFRS's top-k layers are used: its
 `tasks`/`models` do not work with Keras 3 models.
@@ -46,14 +46,11 @@ import math
 import os
 import types
 
-# Before TensorFlow is first imported: `tf.keras` = tf_keras, which TFRS needs.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfrec.data.vocab import Vocabulary  # noqa: E402
-from tfrec.serving import EXCLUDED_SCORE  # noqa: E402
+from tfrec.data.vocab import Vocabulary
+from tfrec.serving.contract import EXCLUDED_SCORE
 
 RETRIEVE_SIGNATURE = "retrieve"
 # Score of an empty slot (no item found or every remaining item excluded).
@@ -91,7 +88,7 @@ def _factorized_top_k():
     ):
         raise RuntimeError(
             "retrieval indexes use TensorFlow Recommenders, which needs tf.keras = tf_keras: set "
-            "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (the tfrec CLI and export.retrieval do); "
+            "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (the tfrec CLI and tfrec.serving do); "
             f"here tf.keras is {tf.keras.__name__!r}"
         )
     from tensorflow_recommenders.layers import factorized_top_k

@@ -1,9 +1,8 @@
-"""The serving contract of sequential recommenders, shared by every exporter.
+"""The serving contract of sequential recommenders and CTR rankers, shared by every exporter.
 
-`export.saved_model` (vocabulary as an in-graph lookup table) and
-`tfx_pipeline.serving` (vocabulary from the TFT transform graph) both write
-SavedModels with these signatures, so one model server and one client serve
-either:
+The servables of `tfrec.serving.servables` implement it; `export.saved_model`
+(`tfrec export`, `tfrec ctr export`) and the TFX Trainer (`tfx_pipeline`) both
+write them, so one model server and one client serve either:
 
 - `recommend` (also `serving_default`): `history: string (batch, None)` item
   tokens, oldest first, padded with `""`; `exclude_history: bool (batch,)` ->
