@@ -16,6 +16,11 @@ first line naming exactly these columns is a header; ``timestamp`` an integer,
 
 ``tfrec events delete --user U --store URL`` forgets a user (right to be forgotten).
 
+``tfrec events routes --store URL --model_dir SERVABLE/VERSION --model NAME``
+stores an exported R2LED ranker's SID map in the store and builds every user's
+SID-prefix buckets (``export.routes``, ``tfrec.history.routes``); ``--clear``
+removes them.
+
 Example:
 >>> import os, tempfile
 >>> folder = tempfile.mkdtemp()
@@ -158,6 +163,28 @@ def _cmd_delete(args) -> None:
     print(f"tfrec events delete: {deleted} events of user {args.user!r} deleted", file=sys.stdout, flush=True)
 
 
+def _cmd_routes(args) -> None:
+    routes = None
+    if not args.clear:
+        if not args.model_dir or not args.model:
+            raise ValueError("tfrec events routes needs --model_dir and --model (or --clear)")
+        from export.routes import savedmodel_routes
+
+        routes = savedmodel_routes(args.model_dir, args.model, args.bucket_size, args.recent)
+    store = open_store(args.store)
+    try:
+        users = store.set_routes(routes)
+    except HistoryStoreError as err:
+        raise ValueError(str(err)) from None
+    finally:
+        store.close()
+    if routes is None:
+        print("tfrec events routes: SID routes removed", flush=True)
+    else:
+        print(f"tfrec events routes: {len(routes.sids)} item SIDs of model {args.model!r}, levels {routes.levels}, "
+              f"buckets of {routes.bucket_size} built for {users} users", flush=True)
+
+
 def add_commands(subparsers) -> None:
     events = subparsers.add_parser("events", help="user event histories (serving by user id)")
     commands = events.add_subparsers(dest="events_command", required=True)
@@ -171,3 +198,12 @@ def add_commands(subparsers) -> None:
     delete.add_argument("--user", required=True)
     delete.add_argument("--store", required=True, help="sqlite:///path/events.db or redis://host:port/db")
     delete.set_defaults(func=_cmd_delete)
+    routes = commands.add_parser("routes", help="stateful R2LED routes: store a ranker's SID map, build buckets")
+    routes.add_argument("--store", required=True, help="sqlite:///path/events.db or redis://host:port/db")
+    routes.add_argument("--model_dir", help="an exported R2LED ranker's version folder (tfrec ctr export)")
+    routes.add_argument("--model", help="the ranker's name in the server's model config")
+    routes.add_argument("--bucket_size", type=int, default=64, help="behaviours per SID-prefix bucket (default 64)")
+    routes.add_argument("--recent", type=int, default=64,
+                        help="most recent behaviours gathered beside the buckets (default 64)")
+    routes.add_argument("--clear", action="store_true", help="remove the store's SID routes")
+    routes.set_defaults(func=_cmd_routes)

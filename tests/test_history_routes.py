@@ -104,6 +104,8 @@ def test_set_routes_rebuilds_and_is_stored_beside(store, store_url):
         assert store.route_events("u", ["i4"], 2) == reference(events + more, routes, ["i4"], 2)
         finer = SIDRoutes(SIDS, levels=[3], bucket_size=2)
         store.set_routes(finer)
+        # the other process reads (and later appends) under the new map, not the one it loaded
+        assert other.route_events("u", ["i4"], 1) == reference(events + more, finer, ["i4"], 1)
         late = [Event("u", "i4", 10_000, 1.0, "late")]
         other.append(late)  # still holding the old map: follows the new one before writing
         assert other.routes.fingerprint == finer.fingerprint

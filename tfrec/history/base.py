@@ -59,6 +59,7 @@ import abc
 import dataclasses
 import math
 import re
+import time
 from typing import List, Sequence
 
 MAX_ID_BYTES = 128  # user ids and event ids
@@ -185,6 +186,7 @@ class HistoryStore(abc.ABC):
             raise ValueError(f"max_read must be a positive int, got {max_read!r}")
         self.max_read = max_read
         self.routes = None  # tfrec.history.routes.SIDRoutes once the store has a SID map (backends load it)
+        self._routes_checked = time.monotonic()
 
     def set_routes(self, routes) -> int:
         """Store ``routes`` (a ``SIDRoutes``) in the store, replacing any earlier map, and rebuild every
@@ -212,7 +214,7 @@ class HistoryStore(abc.ABC):
             raise InvalidEvent("targets", f"{len(targets)} targets, more than the limit of {MAX_TARGETS}")
         for index, item in enumerate(targets):
             check_text("target", item, MAX_TOKEN_BYTES, index)
-        return self._read_routes(user, self.routes.target_keys(targets), recent)
+        return self._read_routes(user, targets, recent)
 
     def bucket_keys(self, events: Sequence[Event]):
         """``[(event, [bucket keys])]`` of validated ``events`` under the loaded routes (``[]`` keys without)."""
@@ -229,13 +231,27 @@ class HistoryStore(abc.ABC):
                 buckets.setdefault(key, []).append(value)
         return {key: bucket[-routes.bucket_size:] for key, bucket in buckets.items()}
 
+    def current_routes(self, max_age_seconds: float = 1.0):
+        """The store's SID routes (or None), re-checked against the store at most every ``max_age_seconds``
+        (another process may have set or removed them since this one opened the store)."""
+        now = time.monotonic()
+        if now - self._routes_checked >= max_age_seconds:
+            self._routes_checked = now
+            self._refresh_routes()
+        return self.routes
+
+    def _refresh_routes(self) -> None:
+        """Reload the SID map when the store's differs from the loaded one."""
+
     def _ensure_routes(self) -> None:
         """Load the store's SID map if not loaded yet (backends that may start without their server)."""
 
     def _set_routes(self, routes) -> int:
         raise NotImplementedError(f"{type(self).__name__} does not keep SID routes")
 
-    def _read_routes(self, user: str, keys: List[str], recent: int) -> List[Event]:
+    def _read_routes(self, user: str, targets: List[str], recent: int) -> List[Event]:
+        """The buckets of ``targets`` under the store's current map (checked in the read's snapshot) and the
+        ``recent`` most recent events, oldest first."""
         raise NotImplementedError(f"{type(self).__name__} does not keep SID routes")
 
     def append(self, events: Sequence[Event]) -> int:

@@ -12,7 +12,7 @@ hash tag, so a user's keys live on one shard):
   sorted sets (the bucket's ``bucket_size`` most recent members of ``:ev``, trimmed
   by rank in the append script), ``prefix{U}:bk`` the set of the user's bucket
   keys (what a delete removes), and the SID map beside the data:
-  ``prefix routes`` (hash: fingerprint, levels, bucket_size) and ``prefix
+  ``prefix routes`` (hash: fingerprint, routes = the JSON of ``SIDRoutes.meta``) and ``prefix
   routes:sids`` (hash item -> codes). The append script checks the fingerprint
   first and answers ``ROUTES_CHANGED`` (the client reloads the map and retries)
   when another process set new routes.
@@ -134,7 +134,7 @@ class RedisHistoryStore(HistoryStore):
             return None
         sids = self._run(lambda: self._client.hgetall(self.prefix + "routes:sids"))
         routes = SIDRoutes({k.decode("utf-8"): tuple(int(c) for c in v.split()) for k, v in sids.items()},
-                           json.loads(meta[b"levels"]), int(meta[b"bucket_size"]))
+                           **json.loads(meta[b"routes"]))
         if routes.fingerprint != meta[b"fingerprint"].decode():
             raise StoreUnavailable(f"Redis history store at {self.url}: its SID routes do not match their "
                                    "fingerprint (set them again: tfrec events routes)")
@@ -171,17 +171,33 @@ class RedisHistoryStore(HistoryStore):
         _, ts, item, feedback, event_id = member.decode("utf-8").split("\t")
         return Event(user, item, int(ts), float(feedback), event_id)
 
-    def _read_routes(self, user: str, keys: List[str], recent: int) -> List[Event]:
+    def _refresh_routes(self) -> None:
+        stored = self._run(lambda: self._client.hget(self.prefix + "routes", "fingerprint"))
+        if (stored.decode() if stored else None) != (self.routes.fingerprint if self.routes else None):
+            self.routes, self._routes_loaded = self._load_routes(), True
+
+    def _read_routes(self, user: str, targets: List[str], recent: int) -> List[Event]:
         base = self._key(user, "b:")
 
-        def read():
-            pipe = self._client.pipeline(transaction=True)  # one snapshot of buckets and history
+        def read(keys):
+            pipe = self._client.pipeline(transaction=True)  # one snapshot of the map, buckets and history
+            pipe.hget(self.prefix + "routes", "fingerprint")
             for key in keys:
                 pipe.zrange(base + key, 0, -1, withscores=True)
             pipe.zrange(self._key(user, "ev"), -recent, -1, withscores=True)
             return pipe.execute()
 
-        members = {member: score for part in self._run(read) for member, score in part}
+        for _ in range(2):  # a second try after following routes another process set
+            if self.routes is None:
+                raise ValueError("this history store has no SID routes any more (removed by another process)")
+            routes = self.routes
+            stored, *parts = self._run(lambda: read(routes.target_keys(targets)))
+            if stored is not None and stored.decode() == routes.fingerprint:
+                break
+            self.routes, self._routes_loaded = self._load_routes(), True
+        else:
+            raise StoreUnavailable(f"Redis history store at {self.url}: its SID routes keep changing")
+        members = {member: score for part in parts for member, score in part}
         ordered = sorted(members, key=lambda m: (members[m], m))  # timestamp, then the arrival number
         return [self._event(user, member) for member in ordered]
 
@@ -197,8 +213,8 @@ class RedisHistoryStore(HistoryStore):
                 items = list(routes.sids.items())
                 for start in range(0, len(items), 10_000):
                     pipe.hset(sids_key, mapping={k: " ".join(map(str, v)) for k, v in items[start:start + 10_000]})
-                pipe.hset(meta_key, mapping={"fingerprint": routes.fingerprint, "levels": json.dumps(routes.levels),
-                                             "bucket_size": routes.bucket_size})
+                pipe.hset(meta_key, mapping={"fingerprint": routes.fingerprint,
+                                             "routes": json.dumps(routes.meta())})
             pipe.execute()
 
         self._run(write_meta)  # appenders with the old map now fail their check and reload this one

@@ -63,10 +63,13 @@ class SIDRoutes:
         item_sids: mapping item token -> sequence of ``L`` int codes (coarse to fine; negative = none).
         levels: route prefix lengths (default ``1..L``, R2LED's default routes).
         bucket_size: ``int``, behaviours kept per bucket (default 64).
+        recent: ``int``, most recent behaviours a request gathers beside the buckets (default 64).
+        model: optional ``str``, the served model (its name in the server's model config) whose ``score``
+            requests by user id use the buckets; other models keep reading the plain history.
     """
 
     def __init__(self, item_sids: Mapping[str, Sequence[int]], levels: Optional[Sequence[int]] = None,
-                 bucket_size: int = DEFAULT_BUCKET_SIZE):
+                 bucket_size: int = DEFAULT_BUCKET_SIZE, recent: int = DEFAULT_RECENT, model: Optional[str] = None):
         if not isinstance(item_sids, Mapping) or not item_sids:
             raise ValueError("item_sids must be a non-empty mapping item token -> SID codes")
         if len(item_sids) > MAX_ITEMS:
@@ -90,11 +93,20 @@ class SIDRoutes:
             raise ValueError(f"levels must be prefix lengths in 1..{num_levels}, got {levels}")
         if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or not 1 <= bucket_size <= MAX_BUCKET_SIZE:
             raise ValueError(f"bucket_size must be an int in [1, {MAX_BUCKET_SIZE}], got {bucket_size!r}")
+        if isinstance(recent, bool) or not isinstance(recent, int) or not 1 <= recent <= MAX_BUCKET_SIZE:
+            raise ValueError(f"recent must be an int in [1, {MAX_BUCKET_SIZE}], got {recent!r}")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ValueError(f"model must be a non-empty string or None, got {model!r}")
         self.sids, self.levels, self.bucket_size, self.num_levels = sids, levels, bucket_size, num_levels
-        digest = hashlib.sha256(f"{levels}|{bucket_size}|".encode())
+        self.recent, self.model = recent, model
+        digest = hashlib.sha256(f"{levels}|{bucket_size}|{recent}|{model}|".encode())
         for item in sorted(sids):
             digest.update(f"{item}\t{sids[item]}\n".encode())
         self.fingerprint = digest.hexdigest()[:32]
+
+    def meta(self) -> dict:
+        """What a store keeps beside the SID map (JSON-able); ``SIDRoutes(sids, **meta)`` restores it."""
+        return {"levels": self.levels, "bucket_size": self.bucket_size, "recent": self.recent, "model": self.model}
 
     def keys(self, item: str) -> List[str]:
         """Bucket keys ``"<level>:<c1>.<c2>..."`` of ``item``, one per route level its SID reaches."""
@@ -118,7 +130,8 @@ class SIDRoutes:
         return list(seen)
 
 
-def load_sid_routes(path: str, levels=None, bucket_size: int = DEFAULT_BUCKET_SIZE) -> SIDRoutes:
+def load_sid_routes(path: str, levels=None, bucket_size: int = DEFAULT_BUCKET_SIZE, recent: int = DEFAULT_RECENT,
+                    model: Optional[str] = None) -> SIDRoutes:
     """:class:`SIDRoutes` of a TSV file ``item<TAB>c1 c2 ... cL`` (one item a line; what
     :func:`write_sid_file` writes). ``ValueError`` naming the line otherwise.
 
@@ -146,7 +159,7 @@ def load_sid_routes(path: str, levels=None, bucket_size: int = DEFAULT_BUCKET_SI
             except ValueError:
                 raise ValueError(f"{path} line {number}: SID codes must be integers") from None
     try:
-        return SIDRoutes(sids, levels, bucket_size)
+        return SIDRoutes(sids, levels, bucket_size, recent, model)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 

@@ -131,7 +131,7 @@ class SQLiteHistoryStore(HistoryStore):
             return None
         sids = {item: tuple(int(c) for c in codes.split()) for item, codes in
                 conn.execute("SELECT item, codes FROM route_sids")}
-        routes = SIDRoutes(sids, meta["levels"], meta["bucket_size"])
+        routes = SIDRoutes(sids, **meta["routes"])
         if routes.fingerprint != meta["fingerprint"]:
             raise StoreUnavailable(f"history store {self.path}: its SID routes do not match their fingerprint "
                                    "(set them again: tfrec events routes)")
@@ -199,14 +199,28 @@ class SQLiteHistoryStore(HistoryStore):
             conn.execute("COMMIT")
         return added
 
-    def _read_routes(self, user: str, keys: List[str], recent: int) -> List[Event]:
-        marks = ",".join("?" * len(keys))
+    def _refresh_routes(self) -> None:
         with self._connection() as conn:
+            stored = self._stored_routes_meta(conn)
+            if (stored and stored["fingerprint"]) != (self.routes and self.routes.fingerprint):
+                self.routes = self._load_routes(conn)
+
+    def _read_routes(self, user: str, targets: List[str], recent: int) -> List[Event]:
+        with self._connection() as conn:
+            conn.execute("BEGIN")  # one snapshot: the map checked is the one the buckets were built with
+            stored = self._stored_routes_meta(conn)
+            if (stored and stored["fingerprint"]) != (self.routes and self.routes.fingerprint):
+                self.routes = self._load_routes(conn)
+            if self.routes is None:
+                raise ValueError("this history store has no SID routes any more (removed by another process)")
+            keys = self.routes.target_keys(targets)
+            marks = ",".join("?" * len(keys))
             rows = conn.execute(
                 "SELECT item, ts, feedback, event_id FROM events WHERE seq IN ("
                 f"SELECT seq FROM buckets WHERE user = ? AND key IN ({marks}) UNION SELECT seq FROM "
                 "(SELECT seq FROM events WHERE user = ? ORDER BY ts DESC, seq DESC LIMIT ?)) ORDER BY ts, seq",
                 (user, *keys, user, recent)).fetchall()
+            conn.execute("COMMIT")
         return [Event(user, item, ts, feedback, event_id) for item, ts, feedback, event_id in rows]
 
     def _set_routes(self, routes) -> int:
@@ -220,8 +234,7 @@ class SQLiteHistoryStore(HistoryStore):
                 conn.executemany("INSERT INTO route_sids (item, codes) VALUES (?, ?)",
                                  [(item, " ".join(map(str, codes))) for item, codes in routes.sids.items()])
                 conn.execute("INSERT INTO meta (name, value) VALUES ('routes', ?)", (json.dumps(
-                    {"fingerprint": routes.fingerprint, "levels": routes.levels,
-                     "bucket_size": routes.bucket_size}),))
+                    {"fingerprint": routes.fingerprint, "routes": routes.meta()}),))
                 for (user,) in conn.execute("SELECT DISTINCT user FROM events").fetchall():
                     rows = conn.execute("SELECT item, ts, seq FROM events WHERE user = ? ORDER BY ts, seq",
                                         (user,)).fetchall()
