@@ -145,3 +145,32 @@ def test_bad_route_requests_are_clear_errors(store):
         store.route_events("u", ["i1"], 0)
     with pytest.raises(ValueError, match="SIDRoutes"):
         store.set_routes({"i1": (1, 2)})
+
+
+def _routes_worker(url, worker, count, barrier):
+    store = open_store(url)  # finds the routes in the store
+    barrier.wait()
+    for i in range(count):
+        item = f"i{(worker * 7 + i) % 40}"
+        store.append([Event("shared", item, i % 9, 1.0, f"w{worker}-{i}"), Event("shared", "i3", i, 1.0, f"d{i}")])
+    store.close()
+
+
+def test_concurrent_appends_keep_buckets_consistent_with_the_history(store, store_url):
+    import multiprocessing
+
+    routes = SIDRoutes(SIDS, bucket_size=6)
+    store.set_routes(routes)
+    workers, count = 3, 30
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(workers)
+    processes = [context.Process(target=_routes_worker, args=(store_url, w, count, barrier)) for w in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    history = store.recent("shared", 10_000)  # oldest first: timestamp, then arrival
+    assert len(history) == workers * count + count
+    for target in (f"i{n}" for n in range(0, 40, 3)):
+        assert store.route_events("shared", [target], 2) == reference(history, routes, [target], 2), target
