@@ -4,36 +4,12 @@ import random
 
 import pytest
 
-from history_servers import redis_server
+from test_history_store import redis_url, store, store_url  # noqa: F401  (both backends, fixtures reused)
 from tfrec.history import Event, InvalidEvent, open_store
 from tfrec.history.routes import SIDRoutes, load_sid_routes, write_sid_file
 
 SIDS = {f"i{n}": (n % 3, (n // 3) % 3, n % 2) for n in range(40)}
 SIDS["nosid2"] = (1, -1, -1)  # a code only at level 1
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as (url, _):
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'events.db'}"
-    url = request.getfixturevalue("redis_url")
-    client = open_store(url)
-    client._client.flushdb()
-    client.close()
-    return url
-
-
-@pytest.fixture
-def store(store_url):
-    opened = open_store(store_url)
-    yield opened
-    opened.close()
 
 
 def random_events(user, count, seed):
