@@ -141,3 +141,27 @@ def test_the_buckets_bring_old_behaviours_the_recent_window_lacks(served):
     # the same number of behaviours, but the most recent ones: another answer (the test can tell)
     recent = predict(served["stub"], "plain", "score", **explicit(events[-48:], candidates))["probabilities"]
     assert np.abs(recent - stateful).max() > 1e-3
+
+
+def test_an_unreachable_redis_store_is_unavailable_for_a_score_by_id():
+    import time
+
+    import grpc
+    import tensorflow as tf
+
+    from export.server.errors import ServingError
+    from export.server.servable import Signature
+    from export.server.user_history import UserHistories
+    from history_servers import free_port
+
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_seconds=0.5)  # nobody listens
+    histories = UserHistories(store)
+    signature = Signature.of("score", {"history": tf.TensorSpec([None, None], tf.string),
+                                       "candidates": tf.TensorSpec([None, None], tf.string),
+                                       "history_timestamps": tf.TensorSpec([None, None], tf.int64)}, {})
+    time.sleep(1.05)  # past the routes' re-check interval: the request asks the store for them
+    with pytest.raises(ServingError) as info:
+        histories.replace_user_ids({"user_id": np.array([b"u"], dtype=object),
+                                    "candidates": np.array([[b"it-1"]], dtype=object)}, signature, model="r2led")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "unreachable" in info.value.message
+    store.close()

@@ -206,7 +206,10 @@ class UserHistories:
     def route_targets(self, arrays: Mapping[str, Any], model) -> list:
         """One list of candidate tokens per row when the store's stateful routes serve ``model``
         (a ``score`` request: ``candidates`` sent), else None."""
-        routes = self.store.current_routes()
+        try:
+            routes = self.store.current_routes()
+        except Exception as err:  # noqa: BLE001 - store errors become statuses
+            raise store_error(err) from None
         if routes is None or model is None or routes.model != model or CANDIDATES not in arrays:
             return None
         candidates = np.asarray(arrays[CANDIDATES], dtype=object)
