@@ -67,7 +67,7 @@ class DeltaRetrievalServable(PythonServable):
             raise ServingError.invalid_argument(f"queries have {queries.shape[1]} dims, the delta items "
                                                 f"{delta.vectors.shape[1]}")
         base_ids = np.asarray(base["item_ids"], dtype=object)
-        item_ids, scores = merge_top_k(base_ids, base["scores"], delta.tokens, queries @ delta.vectors.T
+        item_ids, scores = merge_top_k(base_ids, base["scores"], delta, queries @ delta.vectors.T
                                        if len(delta.tokens) else None, base_ids.shape[1])
         return {"item_ids": item_ids, "scores": scores}
 

@@ -80,6 +80,21 @@ class Delta:
     sids: np.ndarray  # (n, L) int32, L may be 0
     generation: int = 0
 
+    @property
+    def ids(self) -> np.ndarray:
+        """``tokens`` as UTF-8 bytes, an object array (what the retrieval outputs hold); computed once."""
+        if "_ids" not in self.__dict__:
+            ids = np.empty(len(self.tokens), dtype=object)
+            ids[:] = [t.encode("utf-8") for t in self.tokens.tolist()]
+            object.__setattr__(self, "_ids", ids)
+            object.__setattr__(self, "_id_set", frozenset(ids.tolist()))
+        return self.__dict__["_ids"]
+
+    @property
+    def id_set(self) -> frozenset:
+        self.ids  # noqa: B018 - computes both once
+        return self.__dict__["_id_set"]
+
 
 EMPTY = Delta(np.zeros((0,), dtype=str), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), 0)
 
@@ -149,21 +164,34 @@ def add_items(path: str, tokens, vectors, sids=None) -> dict:
     return {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens), "generation": generation}
 
 
-def merge_top_k(base_ids, base_scores, delta_tokens, delta_scores, k):
-    """Top ``k`` per row of the base answer ``(batch, kb)`` and the delta's ``(batch, n)`` scores.
+def merge_top_k(base_ids, base_scores, delta, delta_scores, k):
+    """Top ``k`` per row of the base answer ``(batch, kb)`` and the ``delta``'s scores ``(batch, n)``.
 
-    A base token the delta also holds is dropped from the base side (the delta's score counts). Empty base
-    slots (``b""``) never win. Returns ``(item_ids object (batch, k), scores float32 (batch, k))``; ties keep
-    base items first, then delta order.
+    ``delta``: a :class:`Delta` (or its tokens). A base token the delta also holds is dropped from the base
+    side (the delta's score counts). Empty base slots (``b""``) never win; slots nothing fills hold ``b""``
+    and ``EXCLUDED_SCORE``. Only each row's ``k`` best delta items enter the merge (``argpartition``), so the
+    cost beyond scoring is ``O(n)`` per row. Ties keep base items first, then delta order.
+    Returns ``(item_ids object (batch, k), scores float32 (batch, k))``.
     """
+    if not isinstance(delta, Delta):
+        tokens = np.asarray(delta, dtype=str)
+        delta = Delta(tokens, np.zeros((len(tokens), 0), np.float32), np.zeros((len(tokens), 0), np.int32))
     base_ids = np.asarray(base_ids, dtype=object)
     base_scores = np.asarray(base_scores, np.float32)
-    delta_ids = np.array([t.encode("utf-8") for t in np.asarray(delta_tokens).tolist()], dtype=object)
-    if not len(delta_ids):
+    if not len(delta.tokens):
         return base_ids[:, :k], base_scores[:, :k]
-    overridden = np.isin(base_ids, delta_ids) | (base_ids == b"")
-    scores = np.concatenate([np.where(overridden, -np.inf, base_scores), np.asarray(delta_scores, np.float32)], 1)
-    ids = np.concatenate([base_ids, np.broadcast_to(delta_ids, (len(base_ids), len(delta_ids)))], axis=1)
+    delta_scores = np.asarray(delta_scores, np.float32)
+    n = delta_scores.shape[1]
+    if n > k:  # each row's k best delta items, back in delta order (ties: earlier first)
+        chosen = np.sort(np.argpartition(-delta_scores, k - 1, axis=1)[:, :k], axis=1)
+    else:
+        chosen = np.broadcast_to(np.arange(n), (len(delta_scores), n))
+    id_set = delta.id_set
+    overridden = np.array([[t in id_set or t == b"" for t in row] for row in base_ids.tolist()], dtype=bool)
+    overridden = overridden.reshape(base_ids.shape)
+    scores = np.concatenate([np.where(overridden, -np.inf, base_scores),
+                             np.take_along_axis(delta_scores, chosen, axis=1)], axis=1)
+    ids = np.concatenate([base_ids, delta.ids[chosen]], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top_ids = np.take_along_axis(ids, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
