@@ -409,6 +409,7 @@ def route_cost(folder, args):
                            "model_ms_p50": round(1e3 * float(np.median(models)), 3),
                            "request_ms_p50": round(1e3 * float(np.median(total)), 3),
                            "request_ms_p90": round(1e3 * float(np.percentile(total, 90)), 3),
+                           "request_ms_min": round(1e3 * float(np.min(total)), 3),
                            "events_to_model_mean": round(float(np.mean(sizes)), 1)}
             appends = []
             for i in range(args.route_appends):
@@ -422,14 +423,18 @@ def route_cost(folder, args):
     stateful.close()
     plain.close()
     flat = [p["stateful"]["request_ms_p50"] for p in curve]
+    best = [p["stateful"]["request_ms_min"] for p in curve]  # the least disturbed by other work on the machine
     at = {p["history"]: p for p in curve}
     result = {"model": "R2LED, untrained, exported (export_ctr), 3 SID levels x 16 codes, top_k 16, dim 32",
               "items": args.route_items, "candidates": args.route_candidates, "bucket_size": 16, "recent": 32,
               "store": "SQLite, synchronous FULL", "requests_per_point": args.route_requests, "curve": curve,
-              "stateful_max_over_min": round(max(flat) / min(flat), 3)}
+              "stateful_max_over_min": round(max(flat) / min(flat), 3),
+              "stateful_max_over_min_of_best": round(max(best) / min(best), 3)}
     if 1024 in at:
         result["at_1024"] = {"stateful_ms": at[1024]["stateful"]["request_ms_p50"],
-                             "stateless_ms": at[1024]["stateless"]["request_ms_p50"]}
+                             "stateless_ms": at[1024]["stateless"]["request_ms_p50"],
+                             "stateful_best_ms": at[1024]["stateful"]["request_ms_min"],
+                             "stateless_best_ms": at[1024]["stateless"]["request_ms_min"]}
     return result
 
 
@@ -501,18 +506,25 @@ def write_reports(report, out):
               f"buckets of {routes['bucket_size']} + the {routes['recent']} most recent events; {routes['store']}; "
               f"median of {routes['requests_per_point']} requests (read = the server's `replace_user_ids`, model = "
               "the SavedModel's `score`).", "",
-              "| history | stateful read / model / total ms | events to model | append ms | "
-              "stateless read / model / total ms | events to model | append ms |", "|---|---|---|---|---|---|---|"]
+              "| history | stateful read / model / total ms (best) | events to model | append ms | "
+              "stateless read / model / total ms (best) | events to model | append ms |",
+              "|---|---|---|---|---|---|---|"]
     for p in routes["curve"]:
         a, b = p["stateful"], p["stateless"]
         lines.append(f"| {p['history']} | {a['read_ms_p50']:.2f} / {a['model_ms_p50']:.2f} / {a['request_ms_p50']:.2f} "
-                     f"| {a['events_to_model_mean']} | {a['append_ms_p50']:.2f} | {b['read_ms_p50']:.2f} / "
-                     f"{b['model_ms_p50']:.2f} / {b['request_ms_p50']:.2f} | {b['events_to_model_mean']} | "
-                     f"{b['append_ms_p50']:.2f} |")
+                     f"({a.get('request_ms_min', float('nan')):.2f}) | {a['events_to_model_mean']} | "
+                     f"{a['append_ms_p50']:.2f} | {b['read_ms_p50']:.2f} / {b['model_ms_p50']:.2f} / "
+                     f"{b['request_ms_p50']:.2f} ({b.get('request_ms_min', float('nan')):.2f}) | "
+                     f"{b['events_to_model_mean']} | {b['append_ms_p50']:.2f} |")
     at = routes.get("at_1024", {})
     lines += ["", f"Stateful cost, largest over smallest from {routes['curve'][0]['history']} to "
-              f"{routes['curve'][-1]['history']}: {routes['stateful_max_over_min']}x (target <= 1.5x); at 1,024: "
-              f"stateful {at.get('stateful_ms')} ms against stateless {at.get('stateless_ms')} ms (target: below). "
+              f"{routes['curve'][-1]['history']}: {routes['stateful_max_over_min']}x at p50, "
+              f"{routes.get('stateful_max_over_min_of_best')}x on the best of each point (target <= 1.5x; medians "
+              "move with the other work on the machine, the best request less so); at 1,024: stateful "
+              f"{at.get('stateful_ms')} ms against stateless {at.get('stateless_ms')} ms at p50, "
+              f"{at.get('stateful_best_ms')} against {at.get('stateless_best_ms')} ms best (target: below). The read "
+              "column is what grows with the history when stateless; the events the stateful route sends to the "
+              "model level off once the buckets are full (at most candidates x levels x bucket + recent). "
               "Append ms: one event per `append` call to that user, with its buckets (stateful: one row per SID "
               "level more, trimmed in the same transaction) and without (stateless).", "",
               "p99 at 8 and 32 callers is dominated by CPU contention (2 shared cores, the load average above); "
