@@ -24,6 +24,7 @@ from _plots import stale_plots  # noqa: E402
 WRITERS = {
     "backbones.json": "backbones",
     "dmesr.json": "dmesr",
+    "history_store.json": "history_store",
     "pipeline.json": "pipeline",
     "r2led.json": "r2led",
     "scann.json": "retrieval_index",

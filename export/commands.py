@@ -106,6 +106,9 @@ def add_commands(subparsers) -> None:
     from export.events import add_commands as add_events_commands
 
     add_events_commands(subparsers)
+    from export.items_add import add_commands as add_items_commands
+
+    add_items_commands(subparsers)
 
 
 def _batching_options(args):

@@ -16,6 +16,11 @@ first line naming exactly these columns is a header; ``timestamp`` an integer,
 
 ``tfrec events delete --user U --store URL`` forgets a user (right to be forgotten).
 
+``tfrec events routes --store URL --model_dir SERVABLE/VERSION --model NAME``
+stores an exported R2LED ranker's SID map in the store and builds every user's
+SID-prefix buckets (``export.routes``, ``tfrec.history.routes``); ``--clear``
+removes them.
+
 Example:
 >>> import os, tempfile
 >>> folder = tempfile.mkdtemp()
@@ -158,6 +163,81 @@ def _cmd_delete(args) -> None:
     print(f"tfrec events delete: {deleted} events of user {args.user!r} deleted", file=sys.stdout, flush=True)
 
 
+def _cmd_routes(args) -> None:
+    routes = None
+    if not args.clear:
+        if not args.model_dir or not args.model:
+            raise ValueError("tfrec events routes needs --model_dir and --model (or --clear)")
+        from export.routes import savedmodel_routes
+
+        routes = savedmodel_routes(args.model_dir, args.model, args.bucket_size, args.recent)
+    store = open_store(args.store)
+    try:
+        users = store.set_routes(routes)
+    except HistoryStoreError as err:
+        raise ValueError(str(err)) from None
+    finally:
+        store.close()
+    if routes is None:
+        print("tfrec events routes: SID routes removed", flush=True)
+    else:
+        print(f"tfrec events routes: {len(routes.sids)} item SIDs of model {args.model!r}, levels {routes.levels}, "
+              f"buckets of {routes.bucket_size} built for {users} users", flush=True)
+
+
+def ingest_and_ask(address: str, rest_url: str, prepared: str, user=None, user_index: int = 0, k: int = 10,
+                   recommender: str = "recommender", chunk_size: int = 1000) -> dict:
+    """Post a prepared user's history as events, then compare ``recommend`` by id and by history.
+
+    Returns ``{"user", "history", "held_out", "received", "appended", "by_id": [(token, score)],
+    "same": bool}`` (see the module docstring).
+    """
+    import json
+    import urllib.request
+
+    import numpy as np
+
+    from export.client import PredictClient
+    from export.demo import user_history
+
+    user, history, held_out = user_history(prepared, user, user_index)
+    events = [{"user": user, "item": token, "timestamp": i, "event_id": f"{user}:{i}"}
+              for i, token in enumerate(history)]
+    received = appended = 0
+    for start in range(0, len(events), chunk_size):
+        body = json.dumps({"events": events[start:start + chunk_size]}).encode("utf-8")
+        request = urllib.request.Request(rest_url.rstrip("/") + "/v1/events", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        received, appended = received + answer["received"], appended + answer["appended"]
+    with PredictClient(address) as client:
+        by_id = client.predict(recommender, {"user_id": [user], "exclude_history": [False]}, signature="recommend")
+        by_history = client.predict(recommender, {"history": [history], "exclude_history": [False]},
+                                    signature="recommend")
+    pairs = [(t.decode(), float(s)) for t, s in zip(by_id["item_ids"][0], by_id["scores"][0]) if t][:k]
+    same = (by_id["item_ids"].tolist() == by_history["item_ids"].tolist()
+            and np.allclose(by_id["scores"], by_history["scores"], rtol=1e-6, atol=1e-6))
+    return {"user": user, "history": history, "held_out": held_out, "received": received, "appended": appended,
+            "by_id": pairs, "same": bool(same)}
+
+
+def _cmd_ask(args) -> None:
+    from export.demo import item_titles
+
+    result = ingest_and_ask(args.address, args.rest_url, args.prepared, args.user, args.user_index, args.k,
+                            args.recommender)
+    titles = item_titles(args.dataset, args.data_root)
+    print(f"user {result['user']}: {result['received']} events posted to /v1/events "
+          f"({result['appended']} new); top-{len(result['by_id'])} by user_id:")
+    for rank, (token, score) in enumerate(result["by_id"], 1):
+        mark = "  <- held-out next item" if token == result["held_out"] else ""
+        print(f"  {rank:2d}. {token:>12}  {score:8.3f}  {titles.get(token, '')[:70]}{mark}")
+    if not result["same"]:
+        raise ValueError("recommend by user_id differs from the same history sent explicitly")
+    print("by user_id == by history: the same top-k and scores", flush=True)
+
+
 def add_commands(subparsers) -> None:
     events = subparsers.add_parser("events", help="user event histories (serving by user id)")
     commands = events.add_subparsers(dest="events_command", required=True)
@@ -171,3 +251,23 @@ def add_commands(subparsers) -> None:
     delete.add_argument("--user", required=True)
     delete.add_argument("--store", required=True, help="sqlite:///path/events.db or redis://host:port/db")
     delete.set_defaults(func=_cmd_delete)
+    routes = commands.add_parser("routes", help="stateful R2LED routes: store a ranker's SID map, build buckets")
+    routes.add_argument("--store", required=True, help="sqlite:///path/events.db or redis://host:port/db")
+    routes.add_argument("--model_dir", help="an exported R2LED ranker's version folder (tfrec ctr export)")
+    routes.add_argument("--model", help="the ranker's name in the server's model config")
+    routes.add_argument("--bucket_size", type=int, default=64, help="behaviours per SID-prefix bucket (default 64)")
+    routes.add_argument("--recent", type=int, default=64,
+                        help="most recent behaviours gathered beside the buckets (default 64)")
+    routes.add_argument("--clear", action="store_true", help="remove the store's SID routes")
+    routes.set_defaults(func=_cmd_routes)
+    ask = commands.add_parser("ask", help="post a prepared user's history as events, then ask recommend by user_id")
+    ask.add_argument("--address", default="127.0.0.1:8500", help="host:port of the server's gRPC endpoint")
+    ask.add_argument("--rest_url", required=True, help="the server's REST root, e.g. http://127.0.0.1:8501")
+    ask.add_argument("--prepared", required=True, help="folder written by `tfrec prepare`")
+    ask.add_argument("--dataset", help="bundled dataset whose item titles to print")
+    ask.add_argument("--data-root", help="folder of the bundled datasets (default: ../shared/data)")
+    ask.add_argument("--user", help="user token (default: --user-index)")
+    ask.add_argument("--user-index", type=int, default=0, help="user by position in user_vocab.txt (default 0)")
+    ask.add_argument("--k", type=int, default=10)
+    ask.add_argument("--recommender", default="recommender", help="model name (default recommender)")
+    ask.set_defaults(func=_cmd_ask)

@@ -99,3 +99,37 @@ def test_ingest_resumes_after_sigkill(backend, tmp_path):
     else:
         with redis_server(tmp_path) as (url, _):
             run(url)
+
+
+def test_events_ask_posts_a_prepared_user_then_answers_by_user_id(tmp_path, capsys, tmp_path_factory):
+    """The main job's step 7 (scripts/main.sh): events over REST, then recommend by id == by history."""
+    import keras
+
+    from export.saved_model import export_sequential
+    from export.server import ModelServer, ServerOptions
+    from export.server.config import ModelConfig as ServedModel
+    from test_demo import prepared_dir as make_prepared
+    from tfrec.config import ModelConfig
+    from tfrec.data.preprocess import load_prepared
+    from tfrec.training import build_model
+
+    prepared = make_prepared.__wrapped__(tmp_path_factory)
+    vocab = load_prepared(prepared).item_vocab
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(embedding_dim=8, max_length=6, num_layers=1, num_heads=1, dropout=0.0),
+                        vocab.size, seed=0)
+    export_sequential(model, vocab, tmp_path / "recommender", k=5)
+    server = ModelServer([ServedModel("recommender", str(tmp_path / "recommender"))],
+                         ServerOptions(port=0, rest_api_port=0,
+                                       history_store=f"sqlite://{tmp_path / 'events.db'}")).start()
+    try:
+        args = ["events", "ask", "--address", server.grpc_address, "--rest_url", server.rest_url,
+                "--prepared", str(prepared), "--user", "u3", "--k", "5"]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "user u3: 10 events posted to /v1/events (10 new); top-5 by user_id:" in out
+        assert "by user_id == by history" in out and out.count("\n   ") + out.count("\n  ") >= 5
+        assert main(args) == 0  # idempotent: the same event ids
+        assert "(0 new)" in capsys.readouterr().out
+    finally:
+        server.stop()

@@ -233,7 +233,8 @@ class ServingCore:
             wire_signature = self.histories.by_user_signature(signature, input_names) if by_user else signature
             arrays = decode(wire_signature, inputs) if decode is not None else inputs
             if by_user:
-                arrays = self.histories.replace_user_ids(validate_inputs(wire_signature, arrays), signature)
+                arrays = self.histories.replace_user_ids(validate_inputs(wire_signature, arrays), signature,
+                                                         servable.name)
             arrays = validate_inputs(signature, arrays)
             wanted = list(output_filter)
             seen = set()

@@ -23,6 +23,16 @@ With a history store (``ServerOptions.history_store``, ``tfrec serve
   = 1 when it is >= ``click_threshold``, default 4 as the bundled MovieLens
   labels); a feedback in ``(0, 1]`` is a click (rating 0 = none, label 1; the
   ingestion default 1.0); ``<= 0`` is a non-click (rating 0, label 0).
+- **stateful R2LED routes** (issue 22 item 4, ``tfrec.history.routes``): when
+  the store holds a SID map for the model a ``score`` request by user id names
+  (``tfrec events routes --model NAME``), the history sent to the ranker is not
+  the ``history_length`` most recent events but the union of the candidates'
+  SID-prefix buckets and the ``recent`` most recent events, oldest first (with
+  their feedback and timestamps as above): read cost bounded by ``candidates x
+  levels x bucket_size + recent`` events whatever the user's history length, and
+  the ranker's scores are those of the whole history under the condition stated
+  in ``tfrec.history.routes``. Keep that bound below the ranker's ``max_history``
+  (it reads only that many most recent behaviours of what it is sent).
 - **cold start** (ours): a user with no event in the store is answered
   ``NOT_FOUND`` (REST 404) ``user '<id>' has no events in the history store
   (cold start)``, for the whole request. The client falls back (e.g. to popular
@@ -69,6 +79,7 @@ HISTORY = "history"
 # ``timestamp`` only when the request does not send it.
 STORE_FILLED = ("history_ratings", "history_labels", "history_timestamps", "user")
 REQUEST_TIME = "timestamp"
+CANDIDATES = "candidates"
 DEFAULT_CLICK_THRESHOLD = 4.0
 DEFAULT_HISTORY_LENGTH = 256
 DEFAULT_MAX_USERS = 1024
@@ -142,9 +153,10 @@ class UserHistories:
         inputs[USER_ID] = tf.TensorSpec([None], tf.string)
         return Signature(signature.name, inputs, signature.outputs, signature.method_name)
 
-    def recent_events(self, user_ids: np.ndarray, items_only: bool = False) -> list:
+    def recent_events(self, user_ids: np.ndarray, items_only: bool = False, targets=None) -> list:
         """Each user's recent ``Event``s (item tokens with ``items_only``, the store's cheap read), oldest
-        first (``history_length`` at most).
+        first (``history_length`` at most); with ``targets`` (one list of item tokens per user), the
+        events of the store's stateful routes for them instead (``HistoryStore.route_events``).
 
         ``ServingError``: NOT_FOUND for a user without events (cold start), INVALID_ARGUMENT for a
         malformed id or too many, UNAVAILABLE when the store fails.
@@ -156,14 +168,18 @@ class UserHistories:
             raise ServingError.invalid_argument(f"{len(user_ids)} user ids in one request, more than the limit "
                                                 f"of {self.max_users}")
         rows = []
-        for raw in user_ids.tolist():
+        for row, raw in enumerate(user_ids.tolist()):
             try:
                 user = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 raise ServingError.invalid_argument(f"{USER_ID} {raw[:64]!r} is not UTF-8") from None
             try:
-                read = self.store.recent_items if items_only else self.store.recent
-                events = read(user, self.history_length)
+                if targets is not None:
+                    routes = self.store.routes
+                    events = self.store.route_events(user, targets[row], routes.recent if routes else 1)
+                else:
+                    read = self.store.recent_items if items_only else self.store.recent
+                    events = read(user, self.history_length)
             except Exception as err:  # noqa: BLE001 - store errors become statuses
                 raise store_error(err) from None
             if not events:
@@ -187,16 +203,38 @@ class UserHistories:
         return self._padded(self.recent_events(user_ids, items_only=True), lambda item: item.encode("utf-8"),
                             object, b"")
 
-    def replace_user_ids(self, arrays: Mapping[str, Any], signature: Signature = None) -> dict:
+    def route_targets(self, arrays: Mapping[str, Any], model) -> list:
+        """One list of candidate tokens per row when the store's stateful routes serve ``model``
+        (a ``score`` request: ``candidates`` sent), else None."""
+        try:
+            routes = self.store.current_routes()
+        except Exception as err:  # noqa: BLE001 - store errors become statuses
+            raise store_error(err) from None
+        if routes is None or model is None or routes.model != model or CANDIDATES not in arrays:
+            return None
+        candidates = np.asarray(arrays[CANDIDATES], dtype=object)
+        if candidates.ndim != 2:
+            return None  # the signature's own validation names the problem
+        try:
+            return [[c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in row if c not in (b"", "")]
+                    for row in candidates.tolist()]
+        except UnicodeDecodeError:
+            raise ServingError.invalid_argument(f"{CANDIDATES} holds a token that is not UTF-8") from None
+
+    def replace_user_ids(self, arrays: Mapping[str, Any], signature: Signature = None, model: str = None) -> dict:
         """``arrays`` with ``user_id`` replaced by ``history`` read from the store, plus the
-        feedback inputs ``signature`` takes (see the module doc)."""
+        feedback inputs ``signature`` takes (see the module doc); ``model``: the served model's name
+        (its ``score`` requests use the store's stateful routes when they were set for it)."""
         arrays = dict(arrays)
         user_ids = np.asarray(arrays.pop(USER_ID), dtype=object)
         wanted = set(signature.inputs) if signature is not None else set()
         if not wanted & set(STORE_FILLED):
             arrays[HISTORY] = self.histories(user_ids)
         else:
-            rows = self.recent_events(user_ids)
+            targets = self.route_targets(arrays, model)
+            if targets is not None and len(targets) != len(user_ids):
+                raise ServingError.invalid_argument(f"{CANDIDATES} needs one row per {USER_ID}")
+            rows = self.recent_events(user_ids, targets=targets)
             arrays[HISTORY] = self._padded(rows, lambda e: e.item.encode("utf-8"), object, b"")
             feedback = self._padded(rows, lambda e: e.feedback, np.float64, 0.0)
             ratings, labels = feedback_columns(feedback, self.click_threshold)

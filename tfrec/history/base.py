@@ -27,9 +27,16 @@ Contract (the same tests run against every backend):
 Failures of the backend itself (unreachable server, locked file beyond the
 timeout) raise :class:`StoreUnavailable`.
 
-Extension point (issue 22 item 4): backends write an appended batch in one
-transaction in ``_write``; per-route (SID prefix) buckets are further writes of
-that same transaction.
+Stateful R2LED routes (issue 22 item 4, ``tfrec.history.routes``):
+:meth:`HistoryStore.set_routes` stores a served model's item -> SID map *in the
+store* (so every process appending to it, a server replica or ``tfrec events
+ingest``, maintains the same buckets) and rebuilds the buckets from the
+histories. From then on every append writes, in the same transaction as the
+events, each new event into its ``(user, level, prefix)`` buckets (trimmed to the
+``bucket_size`` most recent), and :meth:`HistoryStore.route_events` gathers a
+request's buckets plus the most recent events. An append checks, inside its
+transaction, that the store's map is still the one this process loaded (else it
+loads the new one first), so a bucket never disagrees with the history. :meth:`HistoryStore.delete_user` removes the buckets too.
 
 Example:
 >>> import tempfile, os
@@ -52,12 +59,14 @@ import abc
 import dataclasses
 import math
 import re
+import time
 from typing import List, Sequence
 
 MAX_ID_BYTES = 128  # user ids and event ids
 MAX_TOKEN_BYTES = 256  # item tokens
 MAX_APPEND = 10_000  # events per append call (one transaction)
 DEFAULT_MAX_READ = 10_000  # events per read
+MAX_TARGETS = 1_000  # targets of one route_events call
 MAX_TIMESTAMP = 2**53  # exact in a float64 (Redis sorted-set scores)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -176,6 +185,74 @@ class HistoryStore(abc.ABC):
         if isinstance(max_read, bool) or not isinstance(max_read, int) or max_read < 1:
             raise ValueError(f"max_read must be a positive int, got {max_read!r}")
         self.max_read = max_read
+        self.routes = None  # tfrec.history.routes.SIDRoutes once the store has a SID map (backends load it)
+        self._routes_checked = time.monotonic()
+
+    def set_routes(self, routes) -> int:
+        """Store ``routes`` (a ``SIDRoutes``) in the store, replacing any earlier map, and rebuild every
+        user's buckets from their history; the number of users rebuilt. ``None`` removes the routes."""
+        from tfrec.history.routes import SIDRoutes
+
+        if routes is not None and not isinstance(routes, SIDRoutes):
+            raise ValueError(f"routes must be a SIDRoutes or None, got {type(routes).__name__}")
+        users = self._set_routes(routes)
+        self.routes = routes
+        return users
+
+    def route_events(self, user: str, targets: Sequence[str], recent: int) -> List[Event]:
+        """The events a stateful R2LED request for ``targets`` needs: the union of the targets' SID-prefix
+        buckets and the ``recent`` most recent events, oldest first (see ``tfrec.history.routes``).
+
+        ``ValueError`` when the store has no SID map; ``InvalidEvent`` for a malformed user, ``recent`` or
+        target token."""
+        self._check_read(user, recent)
+        self._ensure_routes()
+        if self.routes is None:
+            raise ValueError("this history store has no SID routes (HistoryStore.set_routes / tfrec events routes)")
+        targets = list(targets)
+        if len(targets) > MAX_TARGETS:
+            raise InvalidEvent("targets", f"{len(targets)} targets, more than the limit of {MAX_TARGETS}")
+        for index, item in enumerate(targets):
+            check_text("target", item, MAX_TOKEN_BYTES, index)
+        return self._read_routes(user, targets, recent)
+
+    def bucket_keys(self, events: Sequence[Event]):
+        """``[(event, [bucket keys])]`` of validated ``events`` under the loaded routes (``[]`` keys without)."""
+        routes = self.routes
+        return [(e, routes.keys(e.item) if routes is not None else []) for e in events]
+
+    @staticmethod
+    def trimmed_buckets(rows, routes) -> dict:
+        """``{bucket key: [values, oldest first]}`` of a user's ``(item, value)`` rows given oldest first,
+        each bucket its ``routes.bucket_size`` most recent (what a rebuild writes)."""
+        buckets: dict = {}
+        for item, value in rows:
+            for key in routes.keys(item):
+                buckets.setdefault(key, []).append(value)
+        return {key: bucket[-routes.bucket_size:] for key, bucket in buckets.items()}
+
+    def current_routes(self, max_age_seconds: float = 1.0):
+        """The store's SID routes (or None), re-checked against the store at most every ``max_age_seconds``
+        (another process may have set or removed them since this one opened the store)."""
+        now = time.monotonic()
+        if now - self._routes_checked >= max_age_seconds:
+            self._routes_checked = now
+            self._refresh_routes()
+        return self.routes
+
+    def _refresh_routes(self) -> None:
+        """Reload the SID map when the store's differs from the loaded one."""
+
+    def _ensure_routes(self) -> None:
+        """Load the store's SID map if not loaded yet (backends that may start without their server)."""
+
+    def _set_routes(self, routes) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not keep SID routes")
+
+    def _read_routes(self, user: str, targets: List[str], recent: int) -> List[Event]:
+        """The buckets of ``targets`` under the store's current map (checked in the read's snapshot) and the
+        ``recent`` most recent events, oldest first."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep SID routes")
 
     def append(self, events: Sequence[Event]) -> int:
         """Store ``events`` atomically; the number that were new (duplicates by ``(user, event_id)`` ignored)."""

@@ -17,7 +17,11 @@ pool of connections (``pool_size``) shared by its threads.
 Schema: ``events(seq INTEGER PRIMARY KEY AUTOINCREMENT, user, event_id, item, ts,
 feedback, UNIQUE(user, event_id))`` with an index on ``(user, ts, seq, item)``:
 ``seq`` is the arrival order that breaks timestamp ties, and the index alone
-answers :meth:`recent_items` (what a request by user id reads).
+answers :meth:`recent_items` (what a request by user id reads). Stateful R2LED
+routes (``tfrec.history.routes``): ``buckets(user, key, ts, seq)`` (primary key in
+that order, so a bucket is one index range, trimmed in the append's transaction
+to its ``bucket_size`` newest rows), the SID map in ``route_sids(item, codes)``,
+and ``meta('routes')`` = its fingerprint, levels and bucket size.
 
 Example:
 >>> import os, tempfile
@@ -33,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import sqlite3
@@ -40,6 +45,7 @@ import threading
 from typing import List, Optional
 
 from tfrec.history.base import DEFAULT_MAX_READ, Event, HistoryStore, StoreUnavailable
+from tfrec.history.routes import SIDRoutes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -52,7 +58,20 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (user, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_by_user_time ON events (user, ts, seq, item);
+CREATE TABLE IF NOT EXISTS buckets (
+    user TEXT NOT NULL,
+    key TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (user, key, ts, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS route_sids (item TEXT PRIMARY KEY, codes TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_INSERT = "INSERT OR IGNORE INTO events (user, event_id, item, ts, feedback) VALUES (?, ?, ?, ?, ?)"
+# Keep a bucket's `bucket_size` most recent rows: delete those older than its bucket_size-th newest.
+_TRIM = ("DELETE FROM buckets WHERE user = ?1 AND key = ?2 AND (ts, seq) < (SELECT ts, seq FROM buckets "
+         "WHERE user = ?1 AND key = ?2 ORDER BY ts DESC, seq DESC LIMIT 1 OFFSET ?3)")
 
 
 def resolve_under_root(path: str, root: Optional[str]) -> str:
@@ -99,6 +118,24 @@ class SQLiteHistoryStore(HistoryStore):
         self._closed = False
         with self._connection() as conn:
             conn.executescript(_SCHEMA)
+            self.routes = self._load_routes(conn)
+
+    @staticmethod
+    def _stored_routes_meta(conn):
+        row = conn.execute("SELECT value FROM meta WHERE name = 'routes'").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _load_routes(self, conn):
+        meta = self._stored_routes_meta(conn)
+        if meta is None:
+            return None
+        sids = {item: tuple(int(c) for c in codes.split()) for item, codes in
+                conn.execute("SELECT item, codes FROM route_sids")}
+        routes = SIDRoutes(sids, **meta["routes"])
+        if routes.fingerprint != meta["fingerprint"]:
+            raise StoreUnavailable(f"history store {self.path}: its SID routes do not match their fingerprint "
+                                   "(set them again: tfrec events routes)")
+        return routes
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -137,15 +174,76 @@ class SQLiteHistoryStore(HistoryStore):
             self._slots.release()
 
     def _write(self, events: List[Event]) -> int:
-        rows = [(e.user, e.event_id, e.item, e.timestamp, e.feedback) for e in events]
+        routes = self.routes
         with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO events (user, event_id, item, ts, feedback) VALUES (?, ?, ?, ?, ?)", rows)
-            added = conn.total_changes - before
+            stored = self._stored_routes_meta(conn)
+            if (stored and stored["fingerprint"]) != (routes and routes.fingerprint):
+                routes = self.routes = self._load_routes(conn)  # another process set new routes: follow them
+            if routes is None:
+                before = conn.total_changes
+                conn.executemany(_INSERT, [(e.user, e.event_id, e.item, e.timestamp, e.feedback) for e in events])
+                added = conn.total_changes - before
+            else:
+                added, touched = 0, set()
+                for event, keys in self.bucket_keys(events):
+                    cursor = conn.execute(_INSERT, (event.user, event.event_id, event.item, event.timestamp,
+                                                    event.feedback))
+                    if cursor.rowcount != 1:
+                        continue  # already stored: its buckets too
+                    added += 1
+                    conn.executemany("INSERT INTO buckets (user, key, ts, seq) VALUES (?, ?, ?, ?)",
+                                     [(event.user, key, event.timestamp, cursor.lastrowid) for key in keys])
+                    touched.update((event.user, key) for key in keys)
+                conn.executemany(_TRIM, [(user, key, routes.bucket_size - 1) for user, key in touched])
             conn.execute("COMMIT")
         return added
+
+    def _refresh_routes(self) -> None:
+        with self._connection() as conn:
+            stored = self._stored_routes_meta(conn)
+            if (stored and stored["fingerprint"]) != (self.routes and self.routes.fingerprint):
+                self.routes = self._load_routes(conn)
+
+    def _read_routes(self, user: str, targets: List[str], recent: int) -> List[Event]:
+        with self._connection() as conn:
+            conn.execute("BEGIN")  # one snapshot: the map checked is the one the buckets were built with
+            stored = self._stored_routes_meta(conn)
+            if (stored and stored["fingerprint"]) != (self.routes and self.routes.fingerprint):
+                self.routes = self._load_routes(conn)
+            if self.routes is None:
+                raise ValueError("this history store has no SID routes any more (removed by another process)")
+            keys = self.routes.target_keys(targets)
+            marks = ",".join("?" * len(keys))
+            rows = conn.execute(
+                "SELECT item, ts, feedback, event_id FROM events WHERE seq IN ("
+                f"SELECT seq FROM buckets WHERE user = ? AND key IN ({marks}) UNION SELECT seq FROM "
+                "(SELECT seq FROM events WHERE user = ? ORDER BY ts DESC, seq DESC LIMIT ?)) ORDER BY ts, seq",
+                (user, *keys, user, recent)).fetchall()
+            conn.execute("COMMIT")
+        return [Event(user, item, ts, feedback, event_id) for item, ts, feedback, event_id in rows]
+
+    def _set_routes(self, routes) -> int:
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM buckets")
+            conn.execute("DELETE FROM route_sids")
+            conn.execute("DELETE FROM meta WHERE name = 'routes'")
+            users = 0
+            if routes is not None:
+                conn.executemany("INSERT INTO route_sids (item, codes) VALUES (?, ?)",
+                                 [(item, " ".join(map(str, codes))) for item, codes in routes.sids.items()])
+                conn.execute("INSERT INTO meta (name, value) VALUES ('routes', ?)", (json.dumps(
+                    {"fingerprint": routes.fingerprint, "routes": routes.meta()}),))
+                for (user,) in conn.execute("SELECT DISTINCT user FROM events").fetchall():
+                    rows = conn.execute("SELECT item, ts, seq FROM events WHERE user = ? ORDER BY ts, seq",
+                                        (user,)).fetchall()
+                    buckets = self.trimmed_buckets(((item, (ts, seq)) for item, ts, seq in rows), routes)
+                    conn.executemany("INSERT INTO buckets (user, key, ts, seq) VALUES (?, ?, ?, ?)",
+                                     [(user, key, ts, seq) for key, bucket in buckets.items() for ts, seq in bucket])
+                    users += 1
+            conn.execute("COMMIT")
+        return users
 
     def _read(self, user: str, n: int) -> List[Event]:
         with self._connection() as conn:
@@ -164,6 +262,7 @@ class SQLiteHistoryStore(HistoryStore):
         with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             deleted = conn.execute("DELETE FROM events WHERE user = ?", (user,)).rowcount
+            conn.execute("DELETE FROM buckets WHERE user = ?", (user,))
             conn.execute("COMMIT")
         return deleted
 

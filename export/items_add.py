@@ -1,0 +1,297 @@
+"""New items recommendable without retraining (issue 22 item 5, serving side): a delta index.
+
+``tfrec items add --items new.tsv --delta /srv/delta/items.npz --encoder pkg.module:function``
+embeds new catalogue items with an encoder (the trained model's frozen parts)
+and appends them to a **delta file**; a served ``export.delta_retrieval.DeltaRetrievalServable``
+merges the delta with the retrieval servable (ScaNN or brute force) at query
+time, so the items are recommendable within ``reload_seconds`` of the ``add``,
+with no retraining, no restart and no failed request.
+
+- **Delta file** (``.npz``): ``tokens`` (n,), ``vectors`` float32 (n, d) in the
+  retrieval index's space (a query's score of an item = dot product, as the
+  exported indexes), ``sids`` int32 (n, L) or (n, 0), ``generation`` (int, +1 per
+  add). Written whole to a temporary file then renamed over the old one (atomic:
+  a reader sees the old or the new file, never half of one). Re-adding a token
+  replaces its vector (ours). At most ``MAX_DELTA_ITEMS`` items (brute force:
+  rebuild the base index — ``tfrec export --scann`` — beyond that).
+- **Serving**: ``export.delta_retrieval.DeltaRetrievalServable`` (python platform) answers ``retrieve``
+  (``queries: float32 (batch, d)`` -> ``item_ids`` / ``scores`` (batch, k), as the
+  base index) by calling the base retrieval model, scoring the delta by brute
+  force (``queries @ vectors.T``), and keeping the top ``k`` of the union (a base
+  item the delta re-adds counts once, with the delta's score). The delta file is
+  re-read when its modification time or size changed, checked at most every
+  ``reload_seconds`` (default 1); the new arrays replace the old by one reference
+  swap, so requests in flight finish on the old ones (zero failed requests). A
+  delta file that is missing means an empty delta; one that cannot be read keeps
+  the last good delta and logs the error once per change.
+- **Encoder interface** (what the DMESR side connects at merge): a function
+  ``encode(rows) -> (vectors, sids)`` taking the new items' rows (``list`` of
+  ``{column: str}`` dicts from ``new.tsv``, with ``item_id`` and the catalogue's
+  text columns, e.g. ``title``) and returning ``vectors`` float32 ``(n, d)`` (the
+  DMESR item vectors, same space as the exported retrieval table) and ``sids``
+  int ``(n, L)`` or None. ``--encoder`` names it as ``module:function`` (a
+  command-line choice of the operator, never a request's); see
+  :func:`load_encoder`.
+
+Configuration::
+
+    config { name: 'retrieval_live' model_platform: 'python'
+             base_path: 'export.delta_retrieval:factory?retrieval=retrieval_scann&delta=/srv/delta/items.npz' }
+
+served with ``--allowed_python_modules export.delta_retrieval``.
+
+Example:
+>>> import os, tempfile
+>>> import numpy as np
+>>> path = os.path.join(tempfile.mkdtemp(), "items.npz")
+>>> add_items(path, ["new-1", "new-2"], np.eye(2, 4, dtype="float32"))
+{'added': 2, 'replaced': 0, 'items': 2, 'generation': 1}
+>>> load_delta(path).tokens.tolist()
+['new-1', 'new-2']
+>>> merge_top_k(np.array([[b"a", b"b"]], dtype=object), np.array([[3.0, 1.0]], "float32"),
+...             np.array(["c"]), np.array([[2.0]], "float32"), 2)[0].tolist()
+[[b'a', b'c']]
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_DELTA_ITEMS = 200_000
+EXCLUDED_SCORE = float(np.finfo(np.float32).min)  # tfrec.serving.EXCLUDED_SCORE (an empty slot), without TensorFlow
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """The new items of a delta file (empty: ``tokens`` of length 0)."""
+
+    tokens: np.ndarray  # (n,) str
+    vectors: np.ndarray  # (n, d) float32
+    sids: np.ndarray  # (n, L) int32, L may be 0
+    generation: int = 0
+
+    @property
+    def ids(self) -> np.ndarray:
+        """``tokens`` as UTF-8 bytes, an object array (what the retrieval outputs hold); computed once."""
+        if "_ids" not in self.__dict__:
+            ids = np.empty(len(self.tokens), dtype=object)
+            ids[:] = [t.encode("utf-8") for t in self.tokens.tolist()]
+            object.__setattr__(self, "_ids", ids)
+            object.__setattr__(self, "_id_set", frozenset(ids.tolist()))
+        return self.__dict__["_ids"]
+
+    @property
+    def id_set(self) -> frozenset:
+        self.ids  # noqa: B018 - computes both once
+        return self.__dict__["_id_set"]
+
+
+EMPTY = Delta(np.zeros((0,), dtype=str), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), 0)
+
+
+def load_delta(path: str) -> Delta:
+    """The :class:`Delta` in ``path`` (``EMPTY`` if the file does not exist); ``ValueError`` when malformed."""
+    if not os.path.exists(path):
+        return EMPTY
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            tokens, vectors, sids = data["tokens"], data["vectors"], data["sids"]
+            generation = int(data["generation"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"delta file {path} is not readable: {err}") from None
+    if tokens.ndim != 1 or vectors.ndim != 2 or len(vectors) != len(tokens) or len(sids) != len(tokens):
+        raise ValueError(f"delta file {path} is malformed: tokens {tokens.shape}, vectors {vectors.shape}, "
+                         f"sids {sids.shape}")
+    return Delta(tokens.astype(str), vectors.astype(np.float32), sids.astype(np.int32), generation)
+
+
+def add_items(path: str, tokens, vectors, sids=None) -> dict:
+    """Append (or replace, by token) items in the delta file ``path``, atomically.
+
+    Returns ``{"added", "replaced", "items", "generation"}``. ``ValueError`` naming the problem for
+    empty/duplicate/over-long tokens, vectors of another width than the file's, non-finite values,
+    or more than ``MAX_DELTA_ITEMS`` items in all.
+    """
+    tokens = [str(t) for t in tokens]
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if not tokens:
+        raise ValueError("no items to add")
+    if vectors.ndim != 2 or len(vectors) != len(tokens):
+        raise ValueError(f"vectors must be (items, dim) = ({len(tokens)}, d), got {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors hold NaN or infinite values")
+    bad = [t for t in tokens if not t or len(t.encode("utf-8")) > 256 or any(c in t for c in "\t\n\r")]
+    if bad:
+        raise ValueError(f"item tokens must be 1..256 bytes without tabs or newlines, got {bad[0][:64]!r}")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("the same item token appears twice in one add")
+    sids = np.zeros((len(tokens), 0), np.int32) if sids is None else np.asarray(sids, dtype=np.int32)
+    if sids.ndim != 2 or len(sids) != len(tokens):
+        raise ValueError(f"sids must be (items, levels), got {sids.shape}")
+    old = load_delta(path)
+    if len(old.tokens):
+        if old.vectors.shape[1] != vectors.shape[1]:
+            raise ValueError(f"vectors have {vectors.shape[1]} dims, the delta file {old.vectors.shape[1]}")
+        if old.sids.shape[1] != sids.shape[1]:
+            raise ValueError(f"sids have {sids.shape[1]} levels, the delta file {old.sids.shape[1]}")
+    new = set(tokens)
+    keep = np.array([t not in new for t in old.tokens.tolist()], dtype=bool)
+    replaced = int((~keep).sum())
+    all_tokens = np.concatenate([old.tokens[keep].astype(object), np.array(tokens, dtype=object)])
+    if len(all_tokens) > MAX_DELTA_ITEMS:
+        raise ValueError(f"the delta would hold {len(all_tokens)} items, more than {MAX_DELTA_ITEMS}: rebuild the "
+                         "retrieval index with them instead (tfrec export)")
+    if len(old.tokens):
+        all_vectors, all_sids = np.concatenate([old.vectors[keep], vectors]), np.concatenate([old.sids[keep], sids])
+    else:
+        all_vectors, all_sids = vectors, sids
+    generation = old.generation + 1
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids, generation=np.int64(generation))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens), "generation": generation}
+
+
+def merge_top_k(base_ids, base_scores, delta, delta_scores, k):
+    """Top ``k`` per row of the base answer ``(batch, kb)`` and the ``delta``'s scores ``(batch, n)``.
+
+    ``delta``: a :class:`Delta` (or its tokens). A base token the delta also holds is dropped from the base
+    side (the delta's score counts). Empty base slots (``b""``) never win; slots nothing fills hold ``b""``
+    and ``EXCLUDED_SCORE``. Only each row's ``k`` best delta items enter the merge (``argpartition``), so the
+    cost beyond scoring is ``O(n)`` per row. Ties keep base items first, then delta order.
+    Returns ``(item_ids object (batch, k), scores float32 (batch, k))``.
+    """
+    if not isinstance(delta, Delta):
+        tokens = np.asarray(delta, dtype=str)
+        delta = Delta(tokens, np.zeros((len(tokens), 0), np.float32), np.zeros((len(tokens), 0), np.int32))
+    base_ids = np.asarray(base_ids, dtype=object)
+    base_scores = np.asarray(base_scores, np.float32)
+    if not len(delta.tokens):
+        return base_ids[:, :k], base_scores[:, :k]
+    delta_scores = np.asarray(delta_scores, np.float32)
+    n = delta_scores.shape[1]
+    if n > k:  # each row's k best delta items, back in delta order (ties: earlier first)
+        chosen = np.sort(np.argpartition(-delta_scores, k - 1, axis=1)[:, :k], axis=1)
+    else:
+        chosen = np.broadcast_to(np.arange(n), (len(delta_scores), n))
+    id_set = delta.id_set
+    overridden = np.array([[t in id_set or t == b"" for t in row] for row in base_ids.tolist()], dtype=bool)
+    overridden = overridden.reshape(base_ids.shape)
+    scores = np.concatenate([np.where(overridden, -np.inf, base_scores),
+                             np.take_along_axis(delta_scores, chosen, axis=1)], axis=1)
+    ids = np.concatenate([base_ids, delta.ids[chosen]], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    empty = ~np.isfinite(top_scores)
+    return (np.where(empty, b"", top_ids).astype(object),
+            np.where(empty, EXCLUDED_SCORE, top_scores).astype(np.float32))
+
+
+class DeltaWatcher:
+    """The current :class:`Delta` of a file, re-read when it changed (checked every ``reload_seconds``)."""
+
+    def __init__(self, path: str, reload_seconds: float = 1.0):
+        self.path, self.reload_seconds = str(path), float(reload_seconds)
+        self._delta, self._stamp, self._checked = EMPTY, None, -float("inf")
+        self._lock = threading.Lock()
+        self.current()
+
+    def current(self) -> Delta:
+        now = time.monotonic()
+        if now - self._checked < self.reload_seconds:
+            return self._delta
+        with self._lock:
+            if now - self._checked < self.reload_seconds:
+                return self._delta
+            self._checked = now
+            try:
+                info = os.stat(self.path)
+                stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            except FileNotFoundError:
+                stamp = None
+            if stamp != self._stamp:
+                try:
+                    self._delta = load_delta(self.path) if stamp is not None else EMPTY
+                except ValueError as err:  # keep serving the last good delta
+                    logger.error("%s (keeping the previous %d delta items)", err, len(self._delta.tokens))
+                self._stamp = stamp
+            return self._delta
+
+
+def read_items_file(path: str, max_items: int = MAX_DELTA_ITEMS) -> list:
+    """Rows of a TSV with a header naming its columns (``item_id`` required), as dicts of strings."""
+    try:
+        handle = open(path, encoding="utf-8", newline="")
+    except OSError as err:
+        raise ValueError(f"cannot read items file {path}: {err.strerror}") from None
+    with handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not reader.fieldnames or "item_id" not in reader.fieldnames:
+            raise ValueError(f"{path}: the first line must name the columns, with item_id")
+        rows = []
+        for number, row in enumerate(reader, 2):
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(f"{path} line {number}: expected {len(reader.fieldnames)} tab-separated fields")
+            if not row["item_id"]:
+                raise ValueError(f"{path} line {number}: empty item_id")
+            rows.append(row)
+            if len(rows) > max_items:
+                raise ValueError(f"{path}: more than {max_items} items")
+    if not rows:
+        raise ValueError(f"{path}: no items")
+    return rows
+
+
+def load_encoder(spec: str):
+    """The function ``module:function`` names (an operator's command-line choice; see the module doc)."""
+    module, _, function = (spec or "").partition(":")
+    if not module or not function:
+        raise ValueError(f"--encoder must be module:function, got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load the encoder {spec!r}: {err}") from None
+    if not callable(found):
+        raise ValueError(f"the encoder {spec!r} is not callable")
+    return found
+
+
+def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
+    """Encode the items of ``items_path`` with ``encoder(rows) -> (vectors, sids)`` and add them to the delta."""
+    rows = read_items_file(items_path)
+    started = time.perf_counter()
+    encoded = encoder(rows)
+    if not isinstance(encoded, tuple) or len(encoded) != 2:
+        raise ValueError("the encoder must return (vectors (n, d), sids (n, L) or None)")
+    vectors, sids = encoded
+    result = add_items(delta_path, [row["item_id"] for row in rows], vectors, sids)
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _cmd_add(args) -> None:
+    result = add_items_file(args.items, args.delta, load_encoder(args.encoder))
+    print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
+          f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
+
+
+def add_commands(subparsers) -> None:
+    items = subparsers.add_parser("items", help="catalogue items added at serving time (no retraining)")
+    commands = items.add_subparsers(dest="items_command", required=True)
+    add = commands.add_parser("add", help="embed new items and add them to a delta file a server merges")
+    add.add_argument("--items", required=True, help="TSV with a header: item_id and the text columns")
+    add.add_argument("--delta", required=True, help="the delta file (.npz) a DeltaRetrievalServable serves")
+    add.add_argument("--encoder", required=True, help="module:function returning (vectors, sids) for the rows")
+    add.set_defaults(func=_cmd_add)
