@@ -454,7 +454,7 @@ def main():
                          "warmup_batches": args.warmup, "repeats": args.repeats,
                          "timing": "median over repeats of one pass over all queries via index.retrieve, "
                                    "outputs fetched with .numpy()",
-                         "recall": "export.retrieval.recall_at_k vs the BruteForceIndex top 10 (recall batch 256)",
+                         "recall": "tfrec.serving.retrieval.recall_at_k vs the BruteForceIndex top 10 (recall batch 256)",
                          "tunings": args.tunings, "seed": args.seed, "quick": args.quick},
                "catalogs": {}, "records": []}
     jobs = [] if args.skip_beauty else ["beauty"]

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from export.items_add import DeltaWatcher, merge_top_k
-from export.retrieval import RETRIEVE_SIGNATURE as RETRIEVE
+from tfrec.serving.retrieval import RETRIEVE_SIGNATURE as RETRIEVE
 from export.server.errors import ServingError
 from export.server.servable import DEFAULT_SIGNATURE, PythonServable, Signature
 

@@ -10,12 +10,12 @@ import pytest
 
 from export.client import PredictClient
 from export.items_add import add_items, add_items_file, load_delta, load_encoder, merge_top_k, read_items_file
-from export.retrieval import build_indexes
+from tfrec.serving.retrieval import build_indexes
 from export.saved_model import catalog_table, export_index, export_sequential
 from export.server import ModelServer, ServerOptions
-from export.server.config import ModelConfig as ServedModel
+from export.server.config import ServedModelConfig as ServedModel
 from export.server.errors import ServingError
-from tfrec.cli import main
+from tfrec_cli.main import main
 from tfrec.config import ModelConfig
 from tfrec.data.vocab import Vocabulary
 from tfrec.training import build_model

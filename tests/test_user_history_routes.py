@@ -17,10 +17,10 @@ import pytest
 
 from export.routes import savedmodel_routes
 from export.saved_model import export_ctr
-from export.server import ModelConfig, ModelServer, ServerOptions
+from export.server import ModelServer, ServedModelConfig, ServerOptions
 from export.server.user_history import feedback_columns
 from test_two_stage import predict
-from tfrec.cli import main
+from tfrec_cli.main import main
 from tfrec.data.vocab import NUM_RESERVED, Vocabulary
 from tfrec.history import open_store
 from tfrec.models.ctr_baselines import build_ctr_baseline
@@ -72,7 +72,7 @@ def served(tmp_path_factory):
     url = f"sqlite://{root / 'events.db'}"
     assert main(["events", "routes", "--store", url, "--model_dir", str(version), "--model", "r2led",
                  "--bucket_size", "16", "--recent", "8"]) == 0
-    configs = [ModelConfig("r2led", str(root / "r2led")), ModelConfig("plain", str(root / "r2led"))]
+    configs = [ServedModelConfig("r2led", str(root / "r2led")), ServedModelConfig("plain", str(root / "r2led"))]
     server = ModelServer(configs, ServerOptions(port=0, rest_api_port=0, history_store=url,
                                                 history_length=1024)).start()
     body = json.dumps({"events": user_events()}).encode()
