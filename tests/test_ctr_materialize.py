@@ -13,14 +13,15 @@ V, H, B = 40, 24, 6
 ATOL = 1e-5
 
 
-def features(seed=0, split_labels=True):
+def features(seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, H + 1, B)
     ids = np.where(np.arange(H)[None] < lengths[:, None], rng.integers(1, V, (B, H)), 0).astype("int32")
     return {"history_ids": ids, "target_id": rng.integers(1, V, B).astype("int32"),
             "history_labels": (rng.random((B, H)) < 0.5).astype("float32") * (ids > 0),
             "history_ratings": rng.integers(0, 6, (B, H)).astype("float32") * (ids > 0),
-            "history_gaps": rng.integers(0, 32, (B, H)).astype("int32") * (ids > 0)}
+            "history_gaps": rng.integers(0, 32, (B, H)).astype("int32") * (ids > 0),
+            "user_profile": rng.integers(0, 4, (B, 2)).astype("int32")}
 
 
 def sids(rng, sizes=(3, 4, 2)):
@@ -44,7 +45,17 @@ def r2led(**kwargs):
     return R2LED(V, sids(rng), sid_codebook_sizes=[3, 4, 2], embedding_dim=8, top_k=4, **kwargs)
 
 
+def wide():
+    rng = np.random.default_rng(4)
+    genres = np.where(rng.random((V, 3)) < 0.7, rng.integers(2, 12, (V, 3)), 0)
+    genres[:2] = 0
+    return {"item_prior": rng.uniform(0.1, 0.9, V), "item_genres": genres, "global_rate": 0.4,
+            "profile_sizes": [4, 5]}
+
+
 MODELS = {
+    "r2led-wide": lambda: r2led(wide=wide()),
+    "twin-wide": lambda: build_ctr_baseline("twin", V, embedding_dim=8, top_k=5, wide=wide()),
     "r2led": lambda: r2led(),
     "r2led-mlp-attention": lambda: r2led(attention_form="mlp"),
     "r2led-split-feedback": lambda: r2led(split_feedback=True),
@@ -66,9 +77,10 @@ def test_materialized_scores_equal_training_path(name):
     perturbed(model)
     plain = np.asarray(model(x, training=False))
     candidates = np.random.default_rng(3).integers(1, V, (B, 3)).astype("int32")
-    extra = {k: x[k] for k in ("history_labels", "history_ratings", "history_gaps")}
+    extra = {k: x[k] for k in ("history_labels", "history_ratings", "history_gaps", "user_profile")}
     plain_scores = np.asarray(model.score(x["history_ids"], candidates, **extra))
     assert model.materialize() is model and model.materialized
+    assert model.wide is None or model.wide._genre_bits is not None
     np.testing.assert_allclose(np.asarray(model(x, training=False)), plain, atol=ATOL)
     np.testing.assert_allclose(np.asarray(model.score(x["history_ids"], candidates, **extra)), plain_scores, atol=ATOL)
     np.testing.assert_allclose(np.asarray(model(x, training=True)), plain, atol=ATOL)  # training: no tables

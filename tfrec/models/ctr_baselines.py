@@ -197,14 +197,18 @@ class CTRModel(keras.Model):
         """
         if not self.built:
             raise ValueError("materialize() needs a built model: call it on a batch (or load a trained one) first.")
-        self._tables = None
+        self.dematerialize()
         tables = self.precompute()
         self._tables = ServingTables(tables) if tables else None
+        if self.wide is not None:
+            self.wide.materialize()
         return self
 
     def dematerialize(self):
         """Drop the serving tables (inference recomputes everything again)."""
         self._tables = None
+        if self.wide is not None:
+            self.wide.dematerialize()
         return self
 
     @property
@@ -226,7 +230,7 @@ class CTRModel(keras.Model):
         return None if training else self._tables
 
     def fit(self, *args, **kwargs):
-        self._tables = None  # training changes the weights the tables were computed from
+        self.dematerialize()  # training changes the weights the tables were computed from
         return super().fit(*args, **kwargs)
 
     # --- forward ---------------------------------------------------------

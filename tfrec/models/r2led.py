@@ -139,7 +139,8 @@ class R2LED(CTRModel):
     def precompute(self):
         """What no request changes (see `CTRModel.materialize`): the normalised retrieval
         table `retrieval (V, d)`; the packed SID codes `packed (V,)` (one int32 per item,
-        `sum_l code_l * prod(sizes after l)`, -1 = no SID; exact when every row has all
+        `sum_l code_l * prod(sizes after l)`, -1 = no SID; prefix `l` is shared when the
+        behaviour's code lies in the target's range `[low, low + prod(sizes after l))`; exact when every row has all
         or none of its codes and the product of the codebook sizes fits in int32, else
         left out and the `(V, L)` codes are gathered as in training); the SID-fused item
         table `fused (V, d)` and, with `attention_form="dot"`, the route attention's
@@ -172,8 +173,9 @@ class R2LED(CTRModel):
             history = ops.take(tables["packed"], history_ids, axis=0)  # (B, H): one int per behaviour
             target = ops.take(tables["packed"], target_ids, axis=0)[:, None]  # (B, 1)
             shared = None
-            for divisor in tables["prefix_divisors"]:
-                level = ops.cast((history // divisor == target // divisor) & (target >= 0), "int32")
+            for divisor in tables["prefix_divisors"]:  # prefix l shared <=> history in the target's code range
+                low = (target // divisor) * divisor  # (B, 1): divisions per target, comparisons per behaviour
+                level = ops.cast((history >= low) & (history < low + divisor) & (target >= 0), "int32")
                 shared = level if shared is None else shared + level
             return shared
         target_sids = ops.take(self.item_sids, target_ids, axis=0)[:, None, :]  # (B, 1, L)
