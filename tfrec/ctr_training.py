@@ -71,8 +71,18 @@ class CTRDataConfig:
     whose training samples add up to at most this many; their validation and test
     samples are kept, the others dropped (the item vocabulary is unchanged).
     `click_threshold`: rating >= this is a click, for a dataset without its own
-    click convention (e.g. 4.0 for `movielens-100k`); None = the dataset's."""
+    click convention; None = the dataset's (`movielens-100k`: 4.0).
 
+    Your own data (as `tfrec train`'s `data.interactions_path`; it replaces `dataset`):
+    `interactions_path` (user_id, item_id, timestamp, label or rating; TSV/CSV/...),
+    optional `items_path` (item text, genres/categories) and `users_path` (categorical
+    profile columns); `tfrec.data.lifelong.load_lifelong_files`. `user_fields`: profile
+    columns; None = the dataset's (gender, age, occupation) or every column of
+    `users_path`; [] = no profile."""
+
+    interactions_path: Optional[str] = None
+    items_path: Optional[str] = None
+    users_path: Optional[str] = None
     dataset: str = "movielens-1m-subset"
     data_root: Optional[str] = None
     valid_fraction: float = 0.1
@@ -82,7 +92,7 @@ class CTRDataConfig:
     max_train_samples: Optional[int] = None
     subsample_seed: int = 0
     click_threshold: Optional[float] = None
-    user_fields: tuple = ("gender", "age", "occupation")
+    user_fields: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -245,13 +255,20 @@ def subsample_users(data, max_train_samples: int, seed: int = 0):
 
 def load_ctr_data(data_config: CTRDataConfig):
     """The `LifelongData` a `CTRDataConfig` names."""
-    from tfrec.data.lifelong import load_lifelong_dataset
+    from tfrec.data.lifelong import load_lifelong_dataset, load_lifelong_files
 
     dc = data_config
     labels = {} if dc.click_threshold is None else {"click_threshold": float(dc.click_threshold)}
-    data = load_lifelong_dataset(dc.dataset, dc.data_root, valid_fraction=dc.valid_fraction,
-                                 test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
-                                 min_history=dc.min_history, user_fields=tuple(dc.user_fields), **labels)
+    fields = None if dc.user_fields is None else tuple(dc.user_fields)
+    split = dict(valid_fraction=dc.valid_fraction, test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
+                 min_history=dc.min_history)
+    if dc.interactions_path:
+        data = load_lifelong_files(dc.interactions_path, dc.items_path, dc.users_path, fields, **labels, **split)
+    elif dc.items_path or dc.users_path:
+        raise ValueError("config keys data.items_path / data.users_path go with data.interactions_path "
+                         f"(your own data); the bundled dataset {dc.dataset!r} brings its own side files")
+    else:
+        data = load_lifelong_dataset(dc.dataset, dc.data_root, user_fields=fields, **split, **labels)
     if dc.max_train_samples is not None:
         data = subsample_users(data, dc.max_train_samples, dc.subsample_seed)
     return data

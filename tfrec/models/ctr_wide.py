@@ -303,13 +303,13 @@ def wide_options(data, user_id=True, profile=True, genres=True, smoothing=5.0):
     if genres:
         if data.item_genres is None:
             raise ValueError("the wide part asks for item genres but the data has no item table with genres "
-                             "(set model.wide_genres: false)")
+                             "(set model.wide_genres: none)")
         options["item_genres"] = data.item_genres
         options["num_genres"] = data.genre_vocab.size
     if profile:
         if data.user_profiles is None:
             raise ValueError("the wide part asks for the user profile but the data has no user side file "
-                             "(set model.wide_profile: false or data.user_fields: [])")
+                             "(set model.wide_profile: none, or give data.users_path)")
         options["profile_sizes"] = data.profile_sizes
     if user_id:
         options["num_users"] = data.num_user_ids
