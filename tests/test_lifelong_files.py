@@ -108,3 +108,22 @@ def test_movielens_100k_loads_as_a_second_dataset():
     assert data.genre_vocab.size == 2 + 19 and (data.item_genres[2:] > 0).any(1).all()
     h = data.splits["test"].history_length
     assert np.median(h) > 50
+
+
+def test_r2led_on_own_data_encodes_its_items_file(tmp_path, capsys):
+    log = write_log(tmp_path)
+    items, _ = write_side(tmp_path)
+    config = tmp_path / "r2led.yaml"
+    config.write_text(json.dumps({
+        "name": "tiny-r2led", "output_dir": str(tmp_path / "runs"),
+        "data": {"interactions_path": str(log), "valid_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": "r2led", "embedding_dim": 8, "mlp_units": [8], "max_history": 16, "top_k": 2},
+        "sids": {"store_path": str(tmp_path / "store"), "levels": 2, "codebook_size": [2, 2], "iterations": 5},
+        "train": {"batch_size": 16, "eval_batch_size": 32, "epochs": 1}}))
+    assert cli.main(["ctr", "encode", "--config", str(config)]) == 2  # no item texts
+    assert "data.items_path" in capsys.readouterr().err
+    with_items = [f"data.items_path={items}"]
+    assert cli.main(["ctr", "encode", "--config", str(config), *with_items]) == 0
+    assert cli.main(["ctr", "train", "--config", str(config), *with_items]) == 0
+    results = json.loads((tmp_path / "runs" / "tiny-r2led" / "results.json").read_text())
+    assert results["semantics"]["codebook_sizes"] == [2, 2] and results["model"]["class"] == "R2LED"
