@@ -237,6 +237,8 @@ def _coerce(value, default, field_type, key):
         kind = float
     elif default is not None:
         kind = type(default)
+    elif "tuple" in type_name:  # Optional[tuple] defaulting to None
+        kind = tuple
     else:
         kind = int if "int" in type_name else str
     try:

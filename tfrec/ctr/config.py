@@ -21,8 +21,18 @@ class CTRDataConfig:
     whose training samples add up to at most this many; their validation and test
     samples are kept, the others dropped (the item vocabulary is unchanged).
     `click_threshold`: rating >= this is a click, for a dataset without its own
-    click convention (e.g. 4.0 for `movielens-100k`); None = the dataset's."""
+    click convention; None = the dataset's (`movielens-100k`: 4.0).
 
+    Your own data (as `tfrec train`'s `data.interactions_path`; it replaces `dataset`):
+    `interactions_path` (user_id, item_id, timestamp, label or rating; TSV/CSV/...),
+    optional `items_path` (item text, genres/categories) and `users_path` (categorical
+    profile columns); `tfrec.data.lifelong.load_lifelong_files`. `user_fields`: profile
+    columns; None = the dataset's (gender, age, occupation) or every column of
+    `users_path`; [] = no profile."""
+
+    interactions_path: Optional[str] = None
+    items_path: Optional[str] = None
+    users_path: Optional[str] = None
     dataset: str = "movielens-1m-subset"
     data_root: Optional[str] = None
     valid_fraction: float = 0.1
@@ -32,7 +42,7 @@ class CTRDataConfig:
     max_train_samples: Optional[int] = None
     subsample_seed: int = 0
     click_threshold: Optional[float] = None
-    user_fields: tuple = ("gender", "age", "occupation")
+    user_fields: Optional[tuple] = None
 
 
 @dataclasses.dataclass

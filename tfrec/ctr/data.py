@@ -33,13 +33,20 @@ def subsample_users(data, max_train_samples: int, seed: int = 0):
 
 def load_ctr_data(data_config: CTRDataConfig):
     """The `LifelongData` a `CTRDataConfig` names."""
-    from tfrec.data.lifelong import load_lifelong_dataset
+    from tfrec.data.lifelong import load_lifelong_dataset, load_lifelong_files
 
     dc = data_config
     labels = {} if dc.click_threshold is None else {"click_threshold": float(dc.click_threshold)}
-    data = load_lifelong_dataset(dc.dataset, dc.data_root, valid_fraction=dc.valid_fraction,
-                                 test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
-                                 min_history=dc.min_history, user_fields=tuple(dc.user_fields), **labels)
+    fields = None if dc.user_fields is None else tuple(dc.user_fields)
+    split = dict(valid_fraction=dc.valid_fraction, test_fraction=dc.test_fraction, vocabulary=dc.vocabulary,
+                 min_history=dc.min_history)
+    if dc.interactions_path:
+        data = load_lifelong_files(dc.interactions_path, dc.items_path, dc.users_path, fields, **labels, **split)
+    elif dc.items_path or dc.users_path:
+        raise ValueError("config keys data.items_path / data.users_path go with data.interactions_path "
+                         f"(your own data); the bundled dataset {dc.dataset!r} brings its own side files")
+    else:
+        data = load_lifelong_dataset(dc.dataset, dc.data_root, user_fields=fields, **split, **labels)
     if dc.max_train_samples is not None:
         data = subsample_users(data, dc.max_train_samples, dc.subsample_seed)
     return data

@@ -123,14 +123,17 @@ def item_semantics_of(store, view: str, sids=None, quantizer=None) -> ItemSemant
     return ItemSemantics(pooled, store.path, store.fingerprint, sids.codes, sizes, sids, quantizer)
 
 
-def encode_lifelong_store(data, out_dir, dataset: str = "movielens-1m-subset", data_root=None, **encode_kwargs):
+def encode_lifelong_store(data, out_dir, dataset: str = "movielens-1m-subset", data_root=None, items_path=None,
+                          **encode_kwargs):
     """Encode "title + genres" of exactly `data.item_vocab` into the store root `out_dir`.
 
     The vocabulary is written as a prepared-data folder holding `item_vocab.txt`
     (all `tfrec.semantics.encode.encode_items` reads from one) and encoded from the
-    dataset's item table; an identical existing version is reused."""
+    dataset's item table, or from `items_path` (your own data); an identical
+    existing version is reused."""
     from tfrec.semantics.encode import encode_items
 
+    source = {"items_path": items_path} if items_path else {"dataset": dataset, "data_root": data_root}
     with tempfile.TemporaryDirectory(prefix="tfrec-ctr-vocab-") as folder:
         data.item_vocab.save(Path(folder) / ITEM_VOCAB_FILE)
-        return encode_items(folder, out_dir=out_dir, dataset=dataset, data_root=data_root, **encode_kwargs)
+        return encode_items(folder, out_dir=out_dir, **source, **encode_kwargs)

@@ -206,15 +206,21 @@ def time_cutoffs(timestamps: np.ndarray, valid_fraction: float, test_fraction: f
     return {"valid": at(1.0 - test_fraction - valid_fraction), "test": at(1.0 - test_fraction)}
 
 
+# Item-table columns read as genres/categories, first present wins: (column, separator; None = whitespace).
+GENRE_COLUMNS = (("genres", "|"), ("categories", "|"), ("class", None))
+
+
 def item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
-    """Genre vocabulary and ``(V, G)`` genre ids from an item table."""
+    """Genre vocabulary and ``(V, G)`` genre ids from an item table (``GENRE_COLUMNS``:
+    ``genres`` or ``categories`` ``|``-separated, or ml-100k's ``class`` space-separated)."""
     if items is None:
         return None, None
     if "item_id" not in items.columns:
         raise KeyError(f"item table needs an 'item_id' column, found {list(items.columns)}")
     ids = item_vocab.lookup(items["item_id"].astype(str).to_numpy())
-    raw = items["genres"].astype(str).to_numpy() if "genres" in items.columns else np.full(len(items), "")
-    genres = [[g.strip() for g in s.split("|") if g.strip()] for s in raw]
+    column, sep = next(((c, sep) for c, sep in GENRE_COLUMNS if c in items.columns), (None, None))
+    raw = items[column].fillna("").astype(str).to_numpy() if column else np.full(len(items), "")
+    genres = [[g.strip() for g in s.split(sep) if g.strip()] for s in raw]
     counts = pd.Series([g for gs in genres for g in gs], dtype=object).value_counts().to_dict()
     genre_vocab = Vocabulary.from_counts(counts)
     width = max([len(g) for g in genres] + [1])
@@ -396,16 +402,27 @@ def attach_user_profiles(data: LifelongData, profiles: pd.DataFrame, fields=PROF
     return dataclasses.replace(data, user_profiles=out, profile_vocabs=vocabs, metadata=metadata)
 
 
-def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, user_fields=PROFILE_FIELDS,
+# Click label of bundled datasets without their own CTR convention (ours: the ML-1M one, rating >= 4).
+DEFAULT_CLICK_THRESHOLDS = {"movielens-100k": 4.0}
+
+
+def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, user_fields=None,
                           **kwargs) -> LifelongData:
     """:func:`build_lifelong_data` on a bundled dataset (interactions + item table,
     plus the user profile ``user_fields`` when the dataset has a user file).
 
     The dataset's ``click_threshold`` defines the label (``movielens-1m-subset``:
-    rating >= 4 is a click). ``kwargs`` go to :func:`build_lifelong_data`."""
+    rating >= 4 is a click; ``movielens-100k``: the same, ``DEFAULT_CLICK_THRESHOLDS``).
+    ``user_fields``: None = ``PROFILE_FIELDS`` when the dataset has a user file, else
+    none; an explicit list for a dataset without one is an error. ``kwargs`` go to
+    :func:`build_lifelong_data`."""
+    if name in DEFAULT_CLICK_THRESHOLDS and "click_threshold" not in kwargs:
+        kwargs["click_threshold"] = DEFAULT_CLICK_THRESHOLDS[name]
     if name in DATASETS and DATASETS[name].click_threshold is None and "click_threshold" not in kwargs:
         raise ValueError(f"dataset {name!r} has no click labels; pass click_threshold= "
                          f"(datasets with labels: {[n for n, s in DATASETS.items() if s.click_threshold]})")
+    if user_fields is None:
+        user_fields = PROFILE_FIELDS if name in USER_FILES else ()
     dataset = load_dataset(name, data_root)
     data = build_lifelong_data(dataset.interactions, dataset.items, source=name, **kwargs)
     if user_fields:
@@ -414,6 +431,66 @@ def load_lifelong_dataset(name: str = "movielens-1m-subset", data_root=None, use
                              f"(datasets with one: {sorted(USER_FILES)})")
         folder = Path(dataset.source_files[0]).parent
         data = attach_user_profiles(data, read_user_profiles(folder / USER_FILES[name]), user_fields)
+    return data
+
+
+def load_lifelong_files(interactions_path, items_path=None, users_path=None, user_fields=None,
+                        click_threshold: Optional[float] = None, **kwargs) -> LifelongData:
+    """:func:`build_lifelong_data` on a user's own files (``tfrec ctr`` with ``data.interactions_path``).
+
+    Args:
+        interactions_path: interaction log read by ``tfrec.data.readers.read_interactions``
+            (as ``tfrec train``: TSV/CSV/Parquet/RecBole/MovieLens ``.dat`` with a header
+            holding ``user_id``, ``item_id``, ``timestamp`` and ``label`` (0/1) or
+            ``rating``; malformed rows raise ``DataFormatError`` naming file, line and column).
+        items_path: optional item table (``read_items``: ``item_id`` plus text columns; genres
+            or categories from ``GENRE_COLUMNS``).
+        users_path: optional user side file (``read_user_profiles``: CSV/TSV with a
+            ``user_id`` header, RecBole ``.user`` or MovieLens ``users.dat``).
+        user_fields: profile columns to use; None = every column of the users file but
+            ``user_id`` and ``zip_code`` (none without a file). Fields without a users
+            file, or missing from it, are an error naming them.
+        click_threshold: rating >= this is a click, needed when the log has ``rating``
+            but no ``label``.
+        kwargs: :func:`build_lifelong_data` options (split fractions, vocabulary, ...).
+
+    Example:
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "log.csv").write_text("user_id,item_id,timestamp,label\\n"
+    ...     + "".join(f"u{u},i{(u + t) % 5},{t},{(u + t) % 2}\\n" for u in range(3) for t in range(10)))
+    >>> _ = (folder / "users.csv").write_text("user_id,country\\nu0,fr\\nu1,de\\n")
+    >>> data = load_lifelong_files(folder / "log.csv", users_path=folder / "users.csv")
+    >>> data.profile_sizes, data.metadata["user_profile"]["users_without_profile"]
+    ([4], 1)
+    """
+    from tfrec.data.readers import DataFormatError, read_interactions, read_items
+
+    interactions = read_interactions(interactions_path)
+    if "label" not in interactions.columns:
+        if "rating" not in interactions.columns:
+            raise DataFormatError(interactions_path, "needs a 'label' (0/1) or a 'rating' column for the click "
+                                                     f"label; found {list(interactions.columns)}")
+        if click_threshold is None:
+            raise DataFormatError(interactions_path, "has 'rating' but no 'label' column: set data.click_threshold "
+                                                     "(rating >= threshold is a click)")
+    elif not np.isin(interactions["label"].to_numpy(), (0.0, 1.0)).all():
+        bad = int(np.argmax(~np.isin(interactions["label"].to_numpy(), (0.0, 1.0))))
+        raise DataFormatError(interactions_path, f"column 'label' must hold 0/1, found "
+                                                 f"{interactions['label'].iloc[bad]!r} (data row {bad + 1})")
+    items = read_items(items_path) if items_path else None
+    labels = {} if click_threshold is None else {"click_threshold": float(click_threshold)}
+    data = build_lifelong_data(interactions, items, source=str(interactions_path), **labels, **kwargs)
+    if users_path:
+        profiles = read_user_profiles(users_path)
+        if user_fields is None:
+            user_fields = tuple(c for c in profiles.columns if c not in ("user_id", "zip_code"))
+        if not user_fields:
+            raise DataFormatError(users_path, "the user file has no profile column besides user_id/zip_code")
+        data = attach_user_profiles(data, profiles, user_fields)
+    elif user_fields:
+        raise ValueError(f"user profile fields {list(user_fields)} were asked for but there is no user side "
+                         "file: set data.users_path, or data.user_fields: []")
     return data
 
 

@@ -167,6 +167,25 @@ class BiLevelFusion(keras.layers.Layer):
         mask = ops.cast(mask, "bool")  # (B, R, k)
         query = ops.broadcast_to(ops.expand_dims(target, 1), ops.shape(behaviours)[:-2] + (self.dim,))
         routes = self.attention(query, behaviours, mask, training=training)  # (B, R, d)
+        return self.combine_routes(target, routes, mask)
+
+    def projection_tables(self, id_table, item_sids, context=None):
+        """What no request changes, for serving (`attention_form="dot"`): `{"fused": (V, d)
+        SID-fused item table, "query", "key_value"[, "context"]}` (the route attention's
+        projections of it, see `TargetAttention.projection_tables`)."""
+        fused = self.fuse_items(id_table, item_sids)
+        return {"fused": fused, **self.attention.projection_tables(fused, context)}
+
+    def fuse_routes_projected(self, target, query, key_value, mask):
+        """`fuse_routes` (inference) on projected rows: fused `target (B, d)`, its scaled
+        query projection `(B, heads, hd)`, `key_value (B, R, k, 2, heads, hd)`, `mask (B, R, k)`."""
+        mask = ops.cast(mask, "bool")
+        query = ops.broadcast_to(query[:, None], (ops.shape(key_value)[0], ops.shape(key_value)[1])
+                                 + tuple(query.shape[1:]))  # (B, R, heads, hd)
+        return self.combine_routes(target, self.attention.attend_projected(query, key_value, mask), mask)
+
+    def combine_routes(self, target, routes, mask):
+        """Route fusion of per-route interests `routes (B, R, d)` (`mask (B, R, k)`)."""
         route_valid = ops.any(mask, axis=-1)  # (B, R)
         if routes.shape[1] == 1:  # a single route: nothing to fuse
             interest = routes[:, 0]  # (empty route -> zeros already)

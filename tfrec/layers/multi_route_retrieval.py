@@ -123,6 +123,12 @@ class MultiRouteRetrieval(keras.layers.Layer):
             then shortlisted, and so are the best non-matches any route can
             need); beyond that, finer routes only see the coarse route's best
             matches (a coarse-to-fine cascade; ours, for serving cost).
+            Measured (CPU, batch 256, history 1,024, 3 routes, k=32): the
+            exact path is already one batched `top_k` over `(B, R, H)`
+            (8 ms); the cascade costs 9 ms at `candidates=96` and 21 ms at
+            192-320, while exactness needs `candidates` >= level-1 matches +
+            k (~140 + 32 on average with 8 codes per level on MovieLens-1M),
+            so the default stays exact (None).
 
     Call args (a dict):
         history_sids: int `(batch, seq, L)`; negative = no code.

@@ -146,6 +146,52 @@ class TargetAttention(keras.layers.Layer):
         projected = self.key_dense(keys)
         return ops.reshape(projected, tuple(ops.shape(projected)[:-1]) + (self.num_heads, self.head_dim))
 
+    def project_values(self, values):
+        """Value projections `(..., heads, head_dim)` of `values (..., dk)` (`"dot"` only)."""
+        if self.form != "dot":
+            raise ValueError("project_values is defined for form='dot' only.")
+        projected = self.value_dense(values)
+        return ops.reshape(projected, tuple(ops.shape(projected)[:-1]) + (self.num_heads, self.head_dim))
+
+    def projection_tables(self, items, context=None):
+        """What a served model computes once (`"dot"` only): `{"query", "key_value"[, "context"]}`.
+
+        `query (V, heads, hd)`: scaled query projection of every row of `items (V, dq)`;
+        `key_value (V, 2, heads, hd)`: its key and value projections (with biases);
+        `context (T, 2, heads, hd)`: key and value projections *without* biases of
+        additive behaviour embeddings `context (T, dk)` (e.g. feedback x time gap),
+        so the projection of `item + context` is `key_value[item] + context[token]`
+        (projections are linear). `attend_projected` consumes gathered rows.
+        """
+        if self.form != "dot":
+            raise ValueError("projection_tables is defined for form='dot' only.")
+        heads = (self.num_heads, self.head_dim)
+        out = {"query": self._project_query(items),
+               "key_value": ops.stack([self.project_keys(items), self.project_values(items)], axis=-3)}
+        if context is not None:
+            kv = ops.stack([ops.matmul(context, self.key_dense.kernel), ops.matmul(context, self.value_dense.kernel)],
+                           axis=-2)  # (T, 2, dk)
+            out["context"] = ops.reshape(kv, tuple(ops.shape(kv)[:-1]) + heads)
+        return out
+
+    def attend_projected(self, query, key_value, mask=None):
+        """The `"dot"` forward pass on projected inputs: `query (..., heads, hd)` (scaled, as
+        `projection_tables`), `key_value (..., n, 2, heads, hd)` -> `(..., dk)`, equal to
+        `call` on the unprojected inputs up to float rounding (inference: no dropout)."""
+        logits = ops.einsum("...hd,...nhd->...hn", query, key_value[..., 0, :, :])  # (..., heads, n)
+        return self._pool(logits, key_value[..., 1, :, :], mask, training=False)
+
+    def _pool(self, logits, values, mask, training):
+        """Masked softmax of head logits `(..., heads, n)` over values `(..., n, heads, hd)` -> `(..., dk)`."""
+        weights = masked_softmax(logits, None if mask is None else ops.expand_dims(mask, -2))
+        weights = self.weight_dropout(weights, training=training)  # (..., heads, n)
+        pooled = ops.einsum("...hn,...nhd->...hd", weights, values)  # (..., heads, hd)
+        pooled = ops.reshape(pooled, tuple(ops.shape(pooled)[:-2]) + (self.key_dim,))
+        out = self.output_dense(pooled)  # (..., dk)
+        if mask is not None:  # no valid behaviour -> zeros, not the output bias
+            out = out * ops.cast(ops.any(mask, axis=-1, keepdims=True), out.dtype)
+        return out
+
     def _project_query(self, query):
         q = self.query_dense(query)  # (..., dk)
         q = ops.reshape(q, tuple(ops.shape(q)[:-1]) + (self.num_heads, self.head_dim))
@@ -192,19 +238,8 @@ class TargetAttention(keras.layers.Layer):
                 weights = logits if mask is None else logits * ops.cast(mask, logits.dtype)
             weights = self.weight_dropout(weights, training=training)
             return ops.sum(ops.expand_dims(weights, -1) * keys, axis=-2)  # (..., dk)
-        logits = self._head_logits(query, keys)  # (..., n, heads)
-        head_mask = None if mask is None else ops.expand_dims(mask, -1)
-        weights = masked_softmax(ops.swapaxes(logits, -1, -2),
-                                 None if head_mask is None else ops.swapaxes(head_mask, -1, -2))
-        weights = self.weight_dropout(weights, training=training)  # (..., heads, n)
-        values = self.value_dense(keys)
-        values = ops.reshape(values, tuple(ops.shape(values)[:-1]) + (self.num_heads, self.head_dim))
-        pooled = ops.einsum("...hn,...nhd->...hd", weights, values)  # (..., heads, hd)
-        pooled = ops.reshape(pooled, tuple(ops.shape(pooled)[:-2]) + (self.key_dim,))
-        out = self.output_dense(pooled)  # (..., dk)
-        if mask is not None:  # no valid behaviour -> zeros, not the output bias
-            out = out * ops.cast(ops.any(mask, axis=-1, keepdims=True), out.dtype)
-        return out
+        logits = ops.swapaxes(self._head_logits(query, keys), -1, -2)  # (..., heads, n)
+        return self._pool(logits, self.project_values(keys), mask, training)
 
     def compute_output_shape(self, query_shape, keys_shape, mask_shape=None):
         return tuple(query_shape[:-1]) + (keys_shape[-1],)

@@ -84,6 +84,23 @@ def table_argument(value, name, vocab_size, dtype, ndim=2):
     return values, shape
 
 
+class ServingTables:
+    """What a trained CTR model computes once for serving (`CTRModel.materialize`): named
+    tensors (attributes and `in`/`[]` access); a plain object, so Keras does not track it."""
+
+    def __init__(self, tables):
+        self._tables = dict(tables)
+
+    def __contains__(self, key):
+        return key in self._tables
+
+    def __getitem__(self, key):
+        return self._tables[key]
+
+    def names(self):
+        return sorted(self._tables)
+
+
 def repeat_rows(features, times):
     """Every `(B, ...)` feature repeated `times` along axis 0 (row `b` -> rows `b * times ...`)."""
     return {k: ops.repeat(v, times, axis=0) for k, v in features.items()}
@@ -132,6 +149,7 @@ class CTRModel(keras.Model):
             self.wide = WidePart(**wide, name="wide")
             if self.wide.vocab_size != self.vocab_size:
                 raise ValueError(f"wide item_prior has {self.wide.vocab_size} rows for vocab_size {self.vocab_size}.")
+        self._tables = None  # ServingTables once materialised (`materialize`)
         zero = {"kernel_initializer": "zeros", "bias_initializer": "zeros"} if wide else {}
         self.logit = keras.layers.Dense(1, name="logit", **zero)
         if self.feedback:
@@ -154,21 +172,88 @@ class CTRModel(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
+    # --- serving precomputation --------------------------------------------
+    def materialize(self):
+        """Compute once what no request changes and use it in inference calls; returns `self`.
+
+        What is precomputed is model-specific (`precompute`): e.g. projected
+        item tables of the target attention, the fused item table, the
+        normalised retrieval table. Inference calls (`training=False`, `score`)
+        then gather rows instead of recomputing them; outputs equal the
+        training path's up to float rounding (`tests/test_ctr_materialize.py`
+        checks 1e-5). Training calls never use the tables, and `fit` drops
+        them (they would go stale): call `materialize()` again after training.
+        Models with nothing to precompute (DIN's MLP attention) stay as they are.
+
+        Example:
+        >>> import numpy as np
+        >>> model = TargetAttentionCTR(vocab_size=20, embedding_dim=8, selector="full")
+        >>> x = {"history_ids": np.array([[2, 3, 4, 0]]), "target_id": np.array([5])}
+        >>> before = model.predict(x, verbose=0)
+        >>> bool(np.allclose(model.materialize().predict(x, verbose=0), before, atol=1e-5))
+        True
+        >>> model.materialized
+        True
+        """
+        if not self.built:
+            raise ValueError("materialize() needs a built model: call it on a batch (or load a trained one) first.")
+        self.dematerialize()
+        tables = self.precompute()
+        self._tables = ServingTables(tables) if tables else None
+        if self.wide is not None:
+            self.wide.materialize()
+        return self
+
+    def dematerialize(self):
+        """Drop the serving tables (inference recomputes everything again)."""
+        self._tables = None
+        if self.wide is not None:
+            self.wide.dematerialize()
+        return self
+
+    @property
+    def materialized(self):
+        return self._tables is not None
+
+    def precompute(self):
+        """`{name: tensor}` of what no request changes (subclasses add theirs; base: the
+        combined feedback x time-gap embedding table, `context (FEEDBACK_VOCAB * GAP_BUCKETS, d)`)."""
+        if not self.feedback:
+            return {}
+        feedback = ops.convert_to_tensor(self.feedback_embedding.embeddings)  # (F, d)
+        gaps = ops.convert_to_tensor(self.gap_embedding.embeddings)  # (G, d)
+        combined = feedback[:, None, :] + gaps[None, :, :]  # (F, G, d); token = f * G + g
+        return {"context": ops.reshape(combined, (FEEDBACK_VOCAB * GAP_BUCKETS, self.embedding_dim))}
+
+    def serving_tables(self, training=False):
+        """The `ServingTables` an inference call uses, None in training or before `materialize`."""
+        return None if training else self._tables
+
+    def fit(self, *args, **kwargs):
+        self.dematerialize()  # training changes the weights the tables were computed from
+        return super().fit(*args, **kwargs)
+
     # --- forward ---------------------------------------------------------
     def user_interest(self, history_ids, target_ids, training=False, context=None):
         """`(target_vector (B, d), interest (B, d'))` for `history_ids (B, H)`, `target_ids (B,)`;
         `context`: optional `(B, H, d)` feedback/gap embedding of each behaviour, added to
-        the embeddings of the behaviours the model attends."""
+        the embeddings of the behaviours the model attends; when materialised and not
+        training, `(B, H)` int32 rows of the `context` table (`behaviour_context(as_tokens=True)`)."""
         raise NotImplementedError
 
-    def behaviour_context(self, features):
-        """`(B, H, d)` feedback + time-gap embedding of each behaviour, or None (`feedback=False`)."""
+    def behaviour_context(self, features, as_tokens=False):
+        """`(B, H, d)` feedback + time-gap embedding of each behaviour, or None (`feedback=False`).
+
+        `as_tokens`: the `(B, H)` int32 row of each behaviour in the combined
+        `context` table instead (`feedback token * GAP_BUCKETS + gap bucket`)."""
         if not self.feedback:
             return None
         history_ids = features["history_ids"]
         tokens = feedback_tokens(history_ids, features.get("history_labels"), features.get("history_ratings"))
         gaps = features.get("history_gaps")
         gaps = ops.zeros_like(history_ids) if gaps is None else ops.clip(ops.cast(gaps, "int32"), 0, GAP_BUCKETS - 1)
+        if as_tokens:
+            return tokens * GAP_BUCKETS + gaps
         return self.feedback_embedding(tokens) + self.gap_embedding(gaps)
 
     def _unpack(self, inputs):
@@ -194,7 +279,8 @@ class CTRModel(keras.Model):
     def _probabilities(self, features, training=False, **interest_kwargs):
         """Click probabilities `(B,)` of a feature dict (int32 `history_ids (B, H)`, `target_id (B,)`, ...)."""
         history_ids, target_ids = features["history_ids"], features["target_id"]
-        context = self.behaviour_context(features)
+        # served (materialised): context = rows of the combined context table, not embeddings
+        context = self.behaviour_context(features, as_tokens=self.serving_tables(training) is not None)
         if self.split_feedback:
             labels = features.get("history_labels")
             liked = (ops.cast(labels, "float32") > 0.5) if labels is not None else ops.zeros_like(history_ids) > 0
@@ -314,7 +400,23 @@ class TargetAttentionCTR(CTRModel):
                                                      planes.shape, "float32")
         self.attention = TargetAttention(form=attention_form, num_heads=num_heads, name="target_attention")
 
-    def select(self, history_ids, target_ids):
+    def precompute(self):
+        """Besides the context table: the target attention's projections of the item table
+        (`query`, `key_value`; `"dot"` form; TWIN's selection reads the same keys) and
+        ETA's SimHash signatures (`signs (V, bits)`). DIN (`"mlp"` form) has none."""
+        tables = super().precompute()
+        items = self.item_encoder.all_items()  # (V, d)
+        if self.attention_form != "dot":
+            return {}
+        if self.selector == "simhash":
+            tables["signs"] = ops.sign(ops.matmul(items, self.simhash_planes))
+        contexts = tables.get("context")
+        tables.update(self.attention.projection_tables(items, contexts))
+        if contexts is None:
+            tables.pop("context", None)
+        return tables
+
+    def select(self, history_ids, target_ids, tables=None):
         """`(indices, mask)` `(B, k)` of the selected behaviours (`"full"`: all, `(B, H)`)."""
         valid = history_ids > 0  # (B, H)
         if self.selector == "full":
@@ -333,10 +435,17 @@ class TargetAttentionCTR(CTRModel):
             target = ops.take(self.item_semantic, target_ids, axis=0)  # (B, ds)
             scores = ops.einsum("bhd,bd->bh", hist, target)
         elif self.selector == "simhash":
-            table = ops.stop_gradient(self.item_encoder.all_items())  # (V, d)
-            signs = ops.sign(ops.matmul(table, self.simhash_planes))  # (V, bits), +-1 (0 if on a plane)
+            if tables is not None:
+                signs = tables["signs"]
+            else:
+                table = ops.stop_gradient(self.item_encoder.all_items())  # (V, d)
+                signs = ops.sign(ops.matmul(table, self.simhash_planes))  # (V, bits), +-1 (0 if on a plane)
             scores = ops.einsum("bhm,bm->bh", ops.take(signs, history_ids, axis=0),
                                 ops.take(signs, target_ids, axis=0))  # bits agreeing - differing
+        elif tables is not None:  # TWIN served: the precomputed query and key tables
+            query = ops.take(tables["query"], target_ids, axis=0)  # (B, heads, hd)
+            keys = ops.take(tables["key_value"][:, 0], history_ids, axis=0)  # (B, H, heads, hd)
+            scores = ops.mean(ops.einsum("bhd,bnhd->bnh", query, keys), axis=-1)  # (B, H)
         else:  # "attention": TWIN's consistent target attention, keys projected per item once
             keys = self.attention.project_keys(ops.stop_gradient(self.item_encoder.all_items()))  # (V, h, hd)
             target = self.item_encoder(target_ids)
@@ -347,9 +456,17 @@ class TargetAttentionCTR(CTRModel):
     def user_interest(self, history_ids, target_ids, training=False, context=None):
         if not self.attention.built:
             self.attention.build((None, self.embedding_dim), (None, None, self.embedding_dim))
+        tables = self.serving_tables(training)
         target = self.item_encoder(target_ids)  # (B, d)
-        indices, mask = self.select(history_ids, target_ids)
+        indices, mask = self.select(history_ids, target_ids, tables)
         selected = history_ids if self.selector == "full" else ops.take_along_axis(history_ids, indices, axis=1)
+        if tables is not None:  # rows of the projected tables instead of projections per behaviour
+            key_value = ops.take(tables["key_value"], selected, axis=0)  # (B, k, 2, heads, hd)
+            if context is not None:
+                rows = context if self.selector == "full" else ops.take_along_axis(context, indices, axis=1)
+                key_value = key_value + ops.take(tables["context"], rows, axis=0)
+            query = ops.take(tables["query"], target_ids, axis=0)  # (B, heads, hd)
+            return target, self.attention.attend_projected(query, key_value, mask)
         behaviours = self.item_encoder(selected)  # (B, k, d)
         if context is not None:
             behaviours = behaviours + (context if self.selector == "full"

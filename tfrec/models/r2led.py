@@ -136,27 +136,74 @@ class R2LED(CTRModel):
         self.fusion = BiLevelFusion(sizes, gate=gate, route_fusion=route_fusion, attention_form=attention_form,
                                     num_heads=num_heads, name="fusion")
 
-    def _retrieval_table(self):
+    def precompute(self):
+        """What no request changes (see `CTRModel.materialize`): the normalised retrieval
+        table `retrieval (V, d)`; the packed SID codes `packed (V,)` (one int32 per item,
+        `sum_l code_l * prod(sizes after l)`, -1 = no SID; prefix `l` is shared when the
+        behaviour's code lies in the target's range `[low, low + prod(sizes after l))`; exact when every row has all
+        or none of its codes and the product of the codebook sizes fits in int32, else
+        left out and the `(V, L)` codes are gathered as in training); the SID-fused item
+        table `fused (V, d)` and, with `attention_form="dot"`, the route attention's
+        projections of it and of the context table (`query`, `key_value`, `context`)."""
+        tables = super().precompute()
+        tables["retrieval"] = self._retrieval_table()
+        sids = np.asarray(ops.convert_to_numpy(self.item_sids)).astype(np.int64)
+        sizes = self.sid_codebook_sizes
+        valid = sids >= 0
+        if (valid.all(1) | ~valid.any(1)).all() and int(np.prod(sizes, dtype=np.int64)) < 2 ** 31:
+            strides = [int(np.prod(sizes[level + 1:], dtype=np.int64)) for level in range(len(sizes))]
+            packed = np.where(valid.all(1), (sids * np.asarray(strides)).sum(1), -1)
+            tables["packed"] = ops.convert_to_tensor(packed.astype(np.int32))
+            tables["prefix_divisors"] = strides  # shared prefix >= l  <=>  packed // strides[l - 1] equal
+        if not self.fusion.built:
+            self.fusion.build({"target_embedding": (None, self.embedding_dim),
+                               "target_sids": (None, self.sids_shape[1])})
+        contexts = tables.pop("context", None)
+        if self.fusion.attention_form == "dot":
+            tables.update(self.fusion.projection_tables(self.item_encoder.all_items(), self.item_sids, contexts))
+        else:
+            tables["fused"] = self.fusion.fuse_items(self.item_encoder.all_items(), self.item_sids)
+            if contexts is not None:
+                tables["context"] = contexts
+        return tables
+
+    def _shared_prefix(self, history_ids, target_ids, tables=None):
+        """`(B, H)` int32 number of leading SID levels each behaviour shares with the target."""
+        if tables is not None and "packed" in tables:
+            history = ops.take(tables["packed"], history_ids, axis=0)  # (B, H): one int per behaviour
+            target = ops.take(tables["packed"], target_ids, axis=0)[:, None]  # (B, 1)
+            shared = None
+            for divisor in tables["prefix_divisors"]:  # prefix l shared <=> history in the target's code range
+                low = (target // divisor) * divisor  # (B, 1): divisions per target, comparisons per behaviour
+                level = ops.cast((history >= low) & (history < low + divisor) & (target >= 0), "int32")
+                shared = level if shared is None else shared + level
+            return shared
+        target_sids = ops.take(self.item_sids, target_ids, axis=0)[:, None, :]  # (B, 1, L)
+        return shared_prefix_length(ops.take(self.item_sids, history_ids, axis=0), target_sids)  # (B, H)
+
+    def _retrieval_table(self, tables=None):
         """`(V, d)` item vectors the collaborative view compares (no gradient; unit norm for cosine)."""
+        if tables is not None:
+            return tables["retrieval"]
         table = ops.stop_gradient(self.item_encoder.all_items())
         if self.retrieval.similarity == "cosine":
             table = l2_normalize(table)  # once per table, not once per behaviour
         return table
 
-    def behaviour_views(self, history_ids, target_ids, similarity=None):
+    def behaviour_views(self, history_ids, target_ids, similarity=None, tables=None):
         """`(similarity, shared_prefix)` `(B, H)`: each behaviour's two views of the target.
 
         The collaborative similarity (unless given; see `catalog_scoring`) and
-        the number of leading SID levels the behaviour shares with the target.
+        the number of leading SID levels the behaviour shares with the target;
+        `tables`: the `ServingTables` of a materialised model, or None.
         """
-        target_sids = ops.take(self.item_sids, target_ids, axis=0)[:, None, :]  # (B, 1, L)
-        prefix = shared_prefix_length(ops.take(self.item_sids, history_ids, axis=0), target_sids)  # (B, H)
+        prefix = self._shared_prefix(history_ids, target_ids, tables)
         if similarity is None:
-            similarity = self._similarity(history_ids, target_ids)
+            similarity = self._similarity(history_ids, target_ids, tables)
         return similarity, prefix
 
-    def _similarity(self, history_ids, target_ids):
-        table = self._retrieval_table()  # (V, d)
+    def _similarity(self, history_ids, target_ids, tables=None):
+        table = self._retrieval_table(tables)  # (V, d)
         target = ops.take(table, target_ids, axis=0)  # (B, d)
 
         def per_catalogue():  # one dense (B, d) x (d, V) product, then one float per behaviour
@@ -173,15 +220,16 @@ class R2LED(CTRModel):
             use_catalogue = self.vocab_size <= 8 * length
         return per_catalogue() if use_catalogue else per_behaviour()
 
-    def retrieve(self, history_ids, target_ids, similarity=None):
+    def retrieve(self, history_ids, target_ids, similarity=None, tables=None):
         """`(indices, mask)` `(B, R, k)`: positions of the behaviours each route keeps.
 
         `similarity`: optional float `(B, H)`, the collaborative view's scores
         when already computed (`score` computes them for all candidates at once).
+        `tables`: the `ServingTables` of a materialised model (same result).
         """
         history_ids = ops.cast(history_ids, "int32")
         target_ids = ops.cast(target_ids, "int32")
-        similarity, prefix = self.behaviour_views(history_ids, target_ids, similarity)
+        similarity, prefix = self.behaviour_views(history_ids, target_ids, similarity, tables)
         return self.retrieval({
             "history_prefix": prefix,  # (B, H)
             "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
@@ -193,7 +241,7 @@ class R2LED(CTRModel):
         # The history's item vectors are gathered once per row, not once per candidate:
         # similarities of C candidates to H behaviours are one (C, d) x (d, H) product per row.
         history_ids = features["history_ids"]
-        table = self._retrieval_table()  # (V, d)
+        table = self._retrieval_table(self.serving_tables())  # (V, d)
         similarity = ops.einsum("bhd,bcd->bch", ops.take(table, history_ids, axis=0),
                                 ops.take(table, candidate_ids, axis=0))  # (B, C, H)
         repeated = repeat_rows(features, ops.shape(candidate_ids)[1])  # (B * C, ...)
@@ -201,10 +249,13 @@ class R2LED(CTRModel):
                                    similarity=ops.reshape(similarity, (-1, ops.shape(history_ids)[1])))
 
     def user_interest(self, history_ids, target_ids, training=False, context=None, similarity=None):
-        indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity)  # (B, R, k)
+        tables = self.serving_tables(training)
+        indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity, tables=tables)  # (B, R, k)
         batch = ops.shape(history_ids)[0]
         flat = ops.reshape(indices, (batch, -1))  # (B, R * k)
         selected = ops.reshape(ops.take_along_axis(history_ids, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        if tables is not None:  # served: rows of the fused, projected tables
+            return self._served_interest(tables, selected, flat, indices, mask, target_ids, context)
         extra = None
         if context is not None:  # feedback + gap embedding of each retrieved behaviour
             extra = ops.take_along_axis(context, flat[..., None], axis=1)  # (B, R * k, d)
@@ -223,6 +274,24 @@ class R2LED(CTRModel):
         if extra is not None:
             behaviours = behaviours + extra
         fused = self.fusion.fuse_routes(target, behaviours, mask, training=training)
+        return fused["target"], fused["interest"]
+
+    def _served_interest(self, tables, selected, flat, indices, mask, target_ids, context):
+        target = ops.take(tables["fused"], target_ids, axis=0)  # (B, d)
+        rows = None
+        if context is not None:  # (B, H) rows of the context table -> those of the retrieved behaviours
+            rows = ops.reshape(ops.take_along_axis(context, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        if "key_value" not in tables:  # "mlp" route attention: fused rows + context, attended as in training
+            behaviours = ops.take(tables["fused"], selected, axis=0)  # (B, R, k, d)
+            if rows is not None:
+                behaviours = behaviours + ops.take(tables["context"], rows, axis=0)
+            fused = self.fusion.fuse_routes(target, behaviours, mask)
+            return fused["target"], fused["interest"]
+        key_value = ops.take(tables["key_value"], selected, axis=0)  # (B, R, k, 2, heads, hd)
+        if rows is not None:
+            key_value = key_value + ops.take(tables["context"], rows, axis=0)
+        query = ops.take(tables["query"], target_ids, axis=0)  # (B, heads, hd)
+        fused = self.fusion.fuse_routes_projected(target, query, key_value, mask)
         return fused["target"], fused["interest"]
 
     def get_config(self):

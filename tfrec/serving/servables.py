@@ -312,6 +312,8 @@ class CTRServable(tf.Module):
         ):
             raise ValueError(f"max_history must be a positive int or None, got {max_history!r}")
         self.max_history = None if max_history is None else int(max_history)
+        if getattr(model, "built", False) and hasattr(model, "materialize"):
+            model.materialize()  # what no request changes is computed once and traced as constants
         self.item_lookup = ItemLookup(item_vocab, vocab_file)
         self.user_lookup = UserLookup(users, user_profiles)
 
