@@ -161,6 +161,7 @@ class DMESRConfig:
     Used when `model.item_encoder=dmesr`."""
 
     store_path: Optional[str] = None
+    encoder: str = "fast"
     views: tuple = ()
     token_view: str = "title"
     generated_view: str = "generated"
@@ -184,10 +185,10 @@ class DMESRConfig:
     head_layers: int = 0
     fuse: bool = True
     fuse_token_view_pooled: bool = False
-    fusion_heads: int = 2
+    fusion_heads: Optional[int] = None
     fusion_key_dim: Optional[int] = None
     fusion_dropout: float = 0.0
-    combine: str = "gate"
+    combine: str = "add"
     dropout: float = 0.1
     semantic_init: bool = True
     semantic_init_view: str = ""
