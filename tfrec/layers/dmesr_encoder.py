@@ -73,6 +73,11 @@ ATTRIBUTE_VIEW = "attributes"
 ID_INIT_STD = 0.02  # the ID table's TruncatedNormal(0.02) initialiser (as IdItemEncoder)
 _FEATURES = ("coarse", "coarse_mask", "tokens", "token_mask", "attributes", "groups", "id_init")
 _ROW_FEATURES = ("coarse", "coarse_mask", "tokens", "token_mask", "token_mean", "attributes")
+# Fitted offline reductions kept with the encoder: name -> dtype. view_mean (C, D), view_components
+# (C, D, d): PCA of each coarse view; token_mean (D_tok,), token_components (D_tok, e): PCA of the token
+# clusters; attribute_ids (n,): the raw attribute ids in the order of the compact ids 1..n.
+REDUCTIONS = {"view_mean": "float32", "view_components": "float32", "token_mean": "float32",
+              "token_components": "float32", "attribute_ids": "int32"}
 
 
 def _rms_normalize_np(x, mask, epsilon=1e-6):
@@ -140,7 +145,8 @@ class DMESRItemEncoder(keras.layers.Layer):
     """
 
     def __init__(self, vocab_size, embedding_dim, config=None, features=None, view_names=(), shapes=None,
-                 embeddings_initializer=None, embeddings_regularizer=None, **kwargs):
+                 embeddings_initializer=None, embeddings_regularizer=None, reductions=None, reduction_shapes=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.config = cfg = _as_config(config)
         if cfg.encoder not in ENCODERS:
@@ -185,6 +191,17 @@ class DMESRItemEncoder(keras.layers.Layer):
             tables["groups"] = content_groups(tables.get("coarse"), mask, tables.get("attributes"))
         self.fast = cfg.encoder == "fast"
         self._initial_tables = self._row_features(tables)
+        # The offline reductions fitted at build time (PCA of the views and tokens, the attribute id
+        # map), kept as frozen weights so new items can be reduced the same way after loading
+        # (`tfrec.semantics.dmesr.reduce_new_items`).
+        reductions = {k: np.asarray(v) for k, v in dict(reductions or {}).items() if v is not None}
+        unknown = sorted(set(reductions) - set(REDUCTIONS))
+        if unknown:
+            raise ValueError(f"unknown DMESR reduction(s) {unknown}; known: {list(REDUCTIONS)}")
+        if reduction_shapes is None:
+            reduction_shapes = {k: list(v.shape) for k, v in reductions.items()}
+        self.reduction_shapes = {k: [int(x) for x in v] for k, v in reduction_shapes.items()}
+        self._initial_reductions = {f"reduction_{k}": v.astype(REDUCTIONS[k]) for k, v in reductions.items()}
 
         # Which coarse views the fuser reads: not the token view's own pooled vector (redundant with its tokens).
         fused = [i for i, n in enumerate(self.view_names) if cfg.fuse_token_view_pooled or not self.has_tokens
@@ -322,7 +339,7 @@ class DMESRItemEncoder(keras.layers.Layer):
             self._residual_adapter = residual
             self._fused_coarse = [i for i in self.fused_view_indices if i < C]
             self.fused_coarse_table = None
-            if self.fast and self._fused_coarse != list(range(C)):
+            if self.fast and self._fused_coarse and self._fused_coarse != list(range(C)):
                 # the catalogue pass reads only the fused coarse views: their own frozen copy, no per-step slice
                 self.fused_coarse_table = frozen("fused_coarse", (V, len(self._fused_coarse), d))
         if self.has_tokens:
@@ -336,6 +353,8 @@ class DMESRItemEncoder(keras.layers.Layer):
             self.attribute_embedding.build((None,))
         if self.total_views:
             self.group_table = frozen("groups", (V, self.total_views), "int32")
+        self.reductions = {k: frozen(f"reduction_{k}", tuple(shape), REDUCTIONS[k])
+                           for k, shape in self.reduction_shapes.items()}
         views_shape = (None, self.total_views, dim)
         if self.aligner is not None:
             self.aligner.build(views_shape)
@@ -354,20 +373,20 @@ class DMESRItemEncoder(keras.layers.Layer):
             self.gate.build((None, 2 * dim))
         if self.concat_projection is not None:
             self.concat_projection.build((None, self.id_dim + dim))
-        self._initial_tables = {}
+        self._initial_tables, self._initial_reductions = {}, {}
         self.built = True
 
     def _array_initializer(self, name):
         """Initializer giving the feature array passed to the constructor (zeros if none, e.g. before
         loading saved weights). Values enter at variable creation, so a build traced inside `fit`
         keeps them."""
-        values = self._initial_tables.get(name)
+        values = self._initial_tables.get(name, self._initial_reductions.get(name))
         if name == "fused_coarse" and "coarse" in self._initial_tables:
             values = self._initial_tables["coarse"][:, self._fused_coarse]
         if values is None:
             return "zeros"
         values = np.array(values, copy=True)
-        if name != "id_init":
+        if name != "id_init" and not name.startswith("reduction_"):
             values[:NUM_RESERVED] = 0  # padding and OOV carry no semantics
 
         def initializer(shape, dtype=None):
@@ -619,6 +638,61 @@ class DMESRItemEncoder(keras.layers.Layer):
                   for start in range(0, self.vocab_size, batch_size)]
         return np.concatenate(chunks, axis=0).astype("float32")
 
+    def encode_features(self, features):
+        """Item vectors `(n, dim)` of items given by their frozen feature rows, e.g. new items
+        added without retraining: the ID part is zero (no trained ID row), the semantic part the
+        one these rows get in the table (`materialize()` minus the ID part, for `combine="add"`).
+
+        Args:
+            features: dict of numpy arrays with `n` rows, in the layer's reduced spaces (as the
+                builder gives them; `tfrec.semantics.dmesr.reduce_new_items` reduces raw store
+                rows): `"coarse"` `(n, C, d)` and optional `"coarse_mask"` when the encoder has
+                coarse views, `"tokens"` `(n, K, e)` and optional `"token_mask"` when it has
+                tokens, `"attributes"` `(n, A)` compact attribute ids (0 = none) when it has
+                attributes.
+
+        Returns:
+            float32 numpy `(n, dim)`.
+
+        Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> features = {"coarse": rng.normal(size=(10, 1, 8)), "attributes": rng.integers(0, 4, (10, 2))}
+        >>> enc = DMESRItemEncoder(10, 8, features=features, view_names=("generated",))
+        >>> enc.encode_features({"coarse": rng.normal(size=(3, 1, 8)), "attributes": np.array([[1, 2], [0, 0], [3, 0]])}).shape
+        (3, 8)
+        """
+        if not self.built:
+            self.build()
+        features = {k: v for k, v in dict(features).items() if v is not None}
+        allowed = {"coarse", "coarse_mask", "tokens", "token_mask", "attributes"}
+        unknown = sorted(set(features) - allowed)
+        if unknown:
+            raise ValueError(f"encode_features: unknown feature(s) {unknown}; known: {sorted(allowed)}")
+        needed = (["coarse"] if self.num_coarse else []) + (["tokens"] if self.has_tokens else []) + (
+            ["attributes"] if self.has_attributes else [])
+        missing = [k for k in needed if k not in features]
+        extra = [k for k in ("coarse", "tokens", "attributes") if k in features and k not in needed]
+        if missing or extra:
+            raise ValueError(f"encode_features needs exactly the features {needed} of this encoder; "
+                             f"missing {missing}, not used by it {extra}.")
+        n = len(np.asarray(features[needed[0]])) if needed else 0
+        tables = self._check_features(features, n)
+        for name in ("coarse", "tokens", "attributes"):
+            if name in tables and list(tables[name].shape[1:]) != self.shapes[name]:
+                raise ValueError(f"encode_features: {name!r} rows must have shape {self.shapes[name]} (the "
+                                 f"encoder's reduced space), got {list(tables[name].shape[1:])}.")
+        if "attributes" in tables and tables["attributes"].max(initial=0) > self.shapes["num_attributes"]:
+            raise ValueError(f"encode_features: attribute ids must be compact ids in [0, "
+                             f"{self.shapes['num_attributes']}], got {tables['attributes'].max()}.")
+        rows = {k: ops.convert_to_tensor(v) for k, v in self._row_features(tables).items()}
+        for name in ("coarse_mask", "token_mask"):
+            if name in rows:
+                rows[name] = ops.cast(rows[name], "bool")
+        semantic = self._semantic_of(rows)
+        id_part = ops.zeros((n, self.id_dim))
+        return ops.convert_to_numpy(self._combine(id_part, semantic)).astype("float32")
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.embedding_dim,)
 
@@ -630,6 +704,7 @@ class DMESRItemEncoder(keras.layers.Layer):
             "config": json_ready(dataclasses.asdict(self.config)),
             "view_names": list(self.view_names),
             "shapes": self.shapes,
+            "reduction_shapes": self.reduction_shapes,
             "embeddings_initializer": keras.initializers.serialize(self._id_initializer),
             "embeddings_regularizer": keras.regularizers.serialize(self.id_encoder.embeddings_regularizer),
         })
