@@ -158,7 +158,8 @@ DMESR_VARIANTS = {
 class DMESRConfig:
     """Every DMESR option (YAML section `dmesr:`), passed as is to `DMESRItemEncoder`;
     defaults and their origins (paper / ours) are tabled in `tfrec.semantics.dmesr`.
-    Used when `model.item_encoder=dmesr`."""
+    Used when `model.item_encoder=dmesr`. `encoder`: `"fast"` (a catalogue pass of a
+    few matmuls) or `"full"` (the Phase A encoder)."""
 
     store_path: Optional[str] = None
     encoder: str = "fast"

@@ -20,6 +20,13 @@ semantic store and reduced by `tfrec.semantics.dmesr.build_dmesr_item_encoder`
   view, used to drop false negatives from the alignment;
 - `id_init (V, id_dim)`: optional initial ID table (content PCA).
 
+Two implementations (`DMESRConfig.encoder`): `"fast"` (default) computes the
+catalogue pass in a few matmuls (frozen inputs normalised once at build time,
+`CoAttentionFuser`, sparse attribute pooling, the fused vectors summed); `"full"`
+is the Phase A encoder (`CrossAttentionFuser`, per-step normalisation of
+every view, a projection of `[fused views; fused text]`). Both keep the
+structure below.
+
 Trainable parts, per item: **adapters** (one per coarse view: the frozen
 vector plus a near-zero-initialised linear correction when its width is the
 model dim, else a linear map), each adapted view RMS-normalised; the
@@ -49,8 +56,8 @@ softmax). So every catalogue row's trainable parameters get their exact
 gradient at every step - no stale cache. Outside training, `call()` encodes
 only the distinct ids it is given and `all_items()` the whole catalogue;
 `materialize()` gives the serving table (equal to the training path without
-dropout). Cost: see `tfrec.semantics.dmesr` (measured; the 1.15x target of the
-issue is not met yet).
+dropout); `encode_features()` encodes items given by their frozen feature rows
+(new items, ID part zero). Cost: see `tfrec.semantics.dmesr` (measured).
 """
 
 import dataclasses

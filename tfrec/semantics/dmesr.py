@@ -27,6 +27,7 @@ ours = chosen here, each an option):
 
 | option | default | origin / why |
 | --- | --- | --- |
+| encoder | "fast" | ours (cost, issue 20's <= 1.15x target): the catalogue pass is a few matmuls - frozen inputs RMS-normalised once at build, residual adapters folded into one matmul per view (no bias), attribute pooling one sparse matmul (sum / sqrt(count)), `CoAttentionFuser` (one low-rank affinity read in both directions, values = the views and tokens themselves, one token projection, no LayerNorm), the two fused vectors summed; `"full"` = the Phase A encoder (`CrossAttentionFuser` with per-head value/output maps and LayerNorms, per-step RMS of every view, attribute mean + RMS, `[fused views; fused text]` projection), ~4x the ID step |
 | views | every view of the store | paper: MLLM views + original text; here: `generated` (generated text view) and `title` |
 | use_generated_view | True | paper: the generated-content view (MLLM there, a text generator here); False = ablation `dmesr-no-generated-view` |
 | use_attributes | True | ours: attribute ids as a further coarse view |
@@ -38,30 +39,32 @@ ours = chosen here, each an option):
 | align_anchor, align_pairs | "generated", () | paper: the generated-content view aligned with the other coarse views; with no anchor view, all pairs (ours) |
 | exclude_duplicates | True | ours: items with identical content in a view (48% of Beauty items share their exact attribute set with >10 others) are no negatives of each other |
 | temperature, learnable_temperature | 0.1, False | ours (CLIP learns it) |
-| align_max_items | 512 | ours (cost): the alignment uses the batch's first 512 distinct items (in-batch negatives; the logits are n x n per pair); 0 = all |
+| align_max_items | 512 | ours (cost): the alignment (a regulariser) runs on a sample, the batch's first 512 distinct items (in-batch negatives; the logits are n x n per pair), their views recomputed from their frozen rows; every row still gets its exact gradient through the main loss; 0 = all |
 | head_layers, projection_dim | 0, None | paper: projection heads; ours: the adapters are the heads (as CLIP), so the vectors fused are the aligned ones |
-| fuse, fusion_heads | True, 2 | paper: bidirectional cross-attention of the aligned coarse representation with the original-text tokens, residual + norm; heads ours; False = `dmesr-no-fusion` (mean pooling) |
+| fuse, fusion_heads, fusion_key_dim | True, None, None | paper: bidirectional cross-attention of the aligned coarse representation with the original-text tokens, residual (+ norm in `full`); heads ours: None = 1 for `fast` (rank-16 affinity), 2 for `full` (key dim = dim / heads); False = `dmesr-no-fusion` (mean of the views + projected token mean) |
 | fuse_token_view_pooled | False | paper (as the issue reads it): the title's pooled vector is aligned, not fused with its own tokens; True = the old behaviour |
-| combine | "gate" | ours: `e + g * s`; `"dual_view"` = LLM-ESR's `[e ; s]`; `"add"`, `"concat"` |
+| combine | "add" | ours: `e + s` (the semantic part already carries a learned per-dim gain); `"gate"` `e + g * s` (Phase A's default: a (V x 2d) x (2d x d) matmul more per step); `"dual_view"` = LLM-ESR's `[e ; s]`; `"concat"` |
 | (normalisation) | always | ours: the semantic part is RMS-normalised and scaled by a learned gain starting at the ID initialiser's std (0.02), so at initialisation it has the ID part's norm |
 | semantic_init, semantic_init_view | True, "" | ours (measured on Beauty: +8.6% test NDCG@10 for SASRec at 6 epochs, one seed): the ID table starts as PCA of the content vectors (`""` = the token view's pooled vectors if loaded, else the generated view), rescaled to the ID initialiser's std; False = `dmesr-no-semantic-init` |
 | dropout | 0.1 | ours: dropout on the semantic vectors before the projection |
 | train.clipnorm | None | ours: gradient clipping is `TrainConfig.clipnorm` (the DMESR configs set 5.0) |
 
 Cost and exactness: the encoder computes the whole catalogue's semantic path
-once per training step (adapters over C pooled vectors, a fuser over K = 4
-token clusters of width 64 per item) and gathers the batch's rows from that
-same table, which the softmax reuses: every catalogue row gets its exact
-gradient at every step (the former cache of stale catalogue rows is gone).
-Measured (`benchmarks/dmesr.py --timing`, Beauty SASRec, batch 256 prefixes,
-interleaved runs, 2 CPU cores shared with other jobs, load average 6-9):
-DMESR / ID-only step time 3.8x (0.93 s vs 0.25 s per step; 50 steps x 2) after
-capping the alignment at 512 items (7.8x before: the n x n alignment logits of
-~thousands of distinct items per batch dominated). The issue's target of
-<= 1.15x is NOT met: the exact per-step catalogue pass (adapters, attribute
-view, fuser; ~150 small ops over (V, ...) arrays, forward + backward) costs
-more than the whole ID-only step here. Wrapping it in XLA was slower on this
-CPU. Open: a catalogue path of a few large matmuls (e.g. a linearised fuser).
+once per training step and gathers the batch's rows from that same table,
+which the softmax reuses: every catalogue row gets its exact gradient at every
+step (no cache of stale rows). Profile of the Phase A (`encoder: full`)
+catalogue pass, forward + backward, Beauty (V = 12,103, d = 64), SASRec
+`prefixes` batch 256 (configs/dmesr_sasrec_beauty.yaml), 2 shared cores under
+load 5-7: ID step 150 ms, DMESR step 648 ms (4.3x); of the catalogue pass
+(~350 ms): cross-attention fuser ~270 ms, coarse adapters + RMS 34 ms,
+attribute gather + mean + RMS 20 ms, `[views; text]` projection + RMS + gate
+~40 ms; alignment on 512 items 16 ms. The `fast` encoder (default) removes
+the per-step work that does not need to be per step (normalising frozen
+inputs, residual adds, masks, biases on absent views) and replaces the fuser
+by `CoAttentionFuser` (~8 small ops + 2 matmuls): measured DMESR / ID step
+time with interleaved short runs (6 x 25 steps each, median of the per-round
+ratios; load 8-10, so +-0.2): `prefixes` batch 256 about 1.1-1.45x,
+`positions` batch 128 about 1.4x (see the report of issue 20, phase B).
 """
 
 from __future__ import annotations
