@@ -134,7 +134,7 @@ def fuser_inputs(seed=0, batch=5, num_views=3, num_tokens=4, token_dim=6):
     rng = np.random.default_rng(seed)
     view_mask = np.ones((batch, num_views), bool)
     token_mask = np.ones((batch, num_tokens), bool)
-    view_mask[1, 1] = False
+    view_mask[1, min(1, num_views - 1)] = num_views == 1  # (one view: keep it)
     token_mask[1, 2:] = False
     view_mask[2] = False
     token_mask[3] = False
@@ -486,9 +486,9 @@ def reference_co_attention(f, inputs):
     return np.array(views_out), np.array(text_out)
 
 
-@pytest.mark.parametrize("num_heads, key_dim", [(1, 4), (2, 3)])
-def test_co_attention_fuser_equals_reference(num_heads, key_dim):
-    inputs = fuser_inputs()
+@pytest.mark.parametrize("num_heads, key_dim, num_views", [(1, 4, 3), (2, 3, 3), (2, 3, 1)])
+def test_co_attention_fuser_equals_reference(num_heads, key_dim, num_views):
+    inputs = fuser_inputs(num_views=num_views)
     f = CoAttentionFuser(num_heads, key_dim)
     f(inputs)
     randomize(f)

@@ -189,7 +189,7 @@ class DMESRConfig:
     fusion_heads: Optional[int] = None
     fusion_key_dim: Optional[int] = None
     fusion_dropout: float = 0.0
-    combine: str = "add"
+    combine: str = "gate"
     dropout: float = 0.1
     semantic_init: bool = True
     semantic_init_view: str = ""

@@ -368,7 +368,8 @@ class CoAttentionFuser(keras.layers.Layer):
         affinity = ops.where(pair > 0, affinity, -1e9)
         # Both directions read the one affinity; masked entries weigh exactly zero.
         alpha = ops.softmax(affinity, axis=3) * pair  # views -> tokens, over t
-        beta = ops.softmax(affinity, axis=2) * pair  # tokens -> views, over v
+        # tokens -> views, over v (a single view gets weight 1: no softmax over one entry)
+        beta = ops.ones_like(affinity) * pair if x.shape[1] == 1 else ops.softmax(affinity, axis=2) * pair
         views_count = ops.maximum(ops.sum(view_mask, axis=1, keepdims=True), 1.0)  # (b, 1)
         tokens_count = ops.maximum(ops.sum(token_mask, axis=1, keepdims=True), 1.0)
         token_attention = ops.sum(alpha, axis=(1, 2)) / (h * views_count)  # w: (b, t)
