@@ -436,7 +436,7 @@ def test_new_items_reduced_with_the_saved_reductions_get_their_table_rows(tmp_pa
     `encode_features`, give an existing item exactly its materialised semantic part."""
     keras.utils.set_random_seed(0)
     tables = random_tables()
-    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL, view_pca_dim=8), tables, VOCAB, DIM)  # PCA 12 -> 8
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL, view_pca_dim=8, combine="add"), tables, VOCAB, DIM)
     assert sorted(encoder.reductions) == ["attribute_ids", "token_components", "token_mean", "view_components",
                                           "view_mean"]
     path = tmp_path / "enc.keras"

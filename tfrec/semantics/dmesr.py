@@ -61,10 +61,15 @@ attribute gather + mean + RMS 20 ms, `[views; text]` projection + RMS + gate
 ~40 ms; alignment on 512 items 16 ms. The `fast` encoder (default) removes
 the per-step work that does not need to be per step (normalising frozen
 inputs, residual adds, masks, biases on absent views) and replaces the fuser
-by `CoAttentionFuser` (~8 small ops + 2 matmuls): measured DMESR / ID step
-time with interleaved short runs (6 x 25 steps each, median of the per-round
-ratios; load 8-10, so +-0.2): `prefixes` batch 256 about 1.1-1.45x,
-`positions` batch 128 about 1.4x (see the report of issue 20, phase B).
+by `CoAttentionFuser` (~8 small ops + 2 matmuls). Measured with `combine:
+gate`, interleaved short runs (6 x 30 steps each, medians; load 5-8 on 2
+shared cores, so +-0.3): DMESR / ID per step, CPU time 1.63x (`prefixes`
+batch 256) and 1.42x (`positions` batch 128), wall time 1.39x and 1.61x; a
+3-epoch Beauty training epoch took 112-131 s with `combine: add` against
+353-415 s for the Phase A encoder. The issue's <= 1.15x is NOT met yet; the
+rest is the fuser (~25-40 ms forward + backward), the gate's (V x 2d) x
+(2d x d) matmul, the alignment on 512 items (~12 ms) and the semantic dropout
+and RMS over (V, d).
 """
 
 from __future__ import annotations
