@@ -215,7 +215,8 @@ def step_timing(model_name, store_path, overrides, steps=200, repeats=3, warmup=
     steps of ID, then of DMESR, alternately `repeats` times, and reports the
     per-step median of each model, their ratio (the epoch-time ratio: an
     epoch is the same number of steps for both) and `os.getloadavg()` before
-    and after, since the machine may be shared.
+    and after, since the machine may be shared; plus `catalogue_ms`, the forward + backward cost of
+    the parts of the DMESR encoder's catalogue pass (`catalogue_profile`).
     """
     from tfrec.data.pipelines import training_dataset
     from tfrec.training import build_item_encoder, build_model, build_optimizer
@@ -252,10 +253,55 @@ def step_timing(model_name, store_path, overrides, steps=200, repeats=3, warmup=
         "step_seconds": {v: [round(t, 5) for t in r["seconds"]] for v, r in runs.items()},
         "median_step_seconds": {v: float(np.median(r["seconds"])) for v, r in runs.items()},
         "active_parts": runs["dmesr"]["active_parts"],
+        "pairwise_ratios": sorted(round(d / i, 3) for d, i in zip(runs["dmesr"]["seconds"], runs["id"]["seconds"])),
+        "catalogue_ms": catalogue_profile(runs["dmesr"]["model"].item_encoder),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
         "cpus": os.cpu_count(), "note": "short interleaved timing on a shared machine, not full trainings",
     }
     out["epoch_time_ratio"] = out["median_step_seconds"]["dmesr"] / out["median_step_seconds"]["id"]
+    return out
+
+
+def catalogue_profile(encoder, repeats=10, align_items=512):
+    """Forward + backward milliseconds of the parts of a `DMESRItemEncoder`'s per-step catalogue pass
+    (median of `repeats` traced calls; the loss is the sum of squares of the part's output, the
+    gradient taken for every trainable weight): the ID table, the adapted views that are fused, the
+    attribute view, the semantic part (views + fuser + normalisation), the whole table, and the
+    alignment on `align_items` items."""
+    from keras import ops
+
+    if not encoder.built:
+        encoder.build()
+    rows = lambda: encoder._table_rows(None)  # noqa: E731
+    coarse = [i for i in encoder.fused_view_indices if i < encoder.num_coarse]
+    parts = {
+        "id_table": lambda: encoder.id_encoder.all_items(),
+        "semantic_part": lambda: encoder._semantic(None, training=True),
+        "table": lambda: encoder._encode(None, training=True),
+    }
+    if coarse:
+        parts["coarse_views"] = lambda: encoder._views(rows(), coarse)[0]
+    if encoder.has_attributes:
+        parts["attribute_view"] = lambda: encoder._attribute_view(ops.convert_to_tensor(encoder.attribute_table))[0]
+    if encoder.aligner is not None:
+        parts["alignment"] = lambda: encoder.alignment_loss(tf.range(2, min(2 + align_items, encoder.vocab_size)))
+    variables = [v.value for v in encoder.trainable_variables]
+    out = {}
+    for name, part in parts.items():
+        @tf.function
+        def step(part=part):
+            with tf.GradientTape() as tape:
+                y = part()
+                loss = tf.reduce_sum(tf.square(y))
+            return tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        step()  # trace
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+        out[name] = round(1000 * float(np.median(seconds)), 2)
     return out
 
 

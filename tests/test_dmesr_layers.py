@@ -18,7 +18,8 @@ import pytest
 import tensorflow as tf
 
 from tfrec.layers.contrastive import ContrastiveAligner, info_nce
-from tfrec.layers.cross_attention_fusion import CrossAttentionFuser
+from tfrec.layers.cross_attention_fusion import CoAttentionFuser, CrossAttentionFuser
+from layer_testing import assert_keras_file_round_trip, run_layer_test
 from tfrec.config import DMESRConfig
 from tfrec.layers.dmesr_encoder import DMESRItemEncoder, content_groups
 
@@ -133,7 +134,7 @@ def fuser_inputs(seed=0, batch=5, num_views=3, num_tokens=4, token_dim=6):
     rng = np.random.default_rng(seed)
     view_mask = np.ones((batch, num_views), bool)
     token_mask = np.ones((batch, num_tokens), bool)
-    view_mask[1, 1] = False
+    view_mask[1, min(1, num_views - 1)] = num_views == 1  # (one view: keep it)
     token_mask[1, 2:] = False
     view_mask[2] = False
     token_mask[3] = False
@@ -305,10 +306,11 @@ def test_item_without_semantics_gets_its_id_embedding(combine):
         np.testing.assert_allclose(item[len(id_vector):], 0.0, atol=1e-7)
 
 
-def test_training_path_computes_the_catalogue_once_and_equals_materialize():
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_training_path_computes_the_catalogue_once_and_equals_materialize(mode):
     """The batch's rows and all_items() of a training step are one table; without dropout it equals
     `materialize()` and the inference path."""
-    encoder = make_encoder()
+    encoder = make_encoder(encoder=mode)
     ids = np.array([[2, 3, 4, 0], [9, 9, 11, 5]])
     out = np_(encoder(ids, training=True))
     table = encoder.all_items()
@@ -319,10 +321,13 @@ def test_training_path_computes_the_catalogue_once_and_equals_materialize():
     assert encoder._step_table is None  # consumed by that all_items() call
 
 
-def test_every_catalogue_row_gets_gradient_in_one_training_step():
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_every_catalogue_row_gets_gradient_in_one_training_step(mode):
     """No stale rows: after one traced training step (batch input + full softmax), the loss has a
     gradient with respect to every catalogue row's semantic input, not only the batch's."""
-    encoder = make_encoder(dropout=0.1)
+    encoder = make_encoder(dropout=0.1, encoder=mode)
+    # the frozen rows the catalogue pass reads (the fast encoder keeps the fused coarse views apart)
+    coarse = encoder.fused_coarse_table if encoder.fused_coarse_table is not None else encoder.coarse_table
     batch = np.array([[2, 3, 4]])
     targets = tf.constant([6, 7])
     user = tf.constant(np.random.default_rng(0).normal(size=(2, DIM)).astype("float32"))
@@ -330,25 +335,26 @@ def test_every_catalogue_row_gets_gradient_in_one_training_step():
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            tape.watch([encoder.coarse_table.value, encoder.token_table.value])
+            tape.watch([coarse.value, encoder.token_table.value])
             inputs = encoder(batch, training=True)  # (1, 3, dim)
             logits = tf.matmul(user + tf.reduce_mean(inputs[0], 0), encoder.all_items(), transpose_b=True)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits))
-        return tape.gradient(loss, [encoder.coarse_table.value, encoder.token_table.value] + encoder.trainable_weights)
+        return tape.gradient(loss, [coarse.value, encoder.token_table.value] + encoder.trainable_weights)
 
     grads = step()
     coarse_grad = np.abs(np_(grads[0])).sum(axis=(1, 2))
     token_grad = np.abs(np_(grads[1])).sum(axis=(1, 2))
-    mask = np_(encoder.coarse_mask_table).any(axis=1)
+    mask = np_(encoder.coarse_mask_table)[:, encoder._fused_coarse].any(axis=1)
     assert np.all(coarse_grad[mask] > 0), coarse_grad  # every item with a view, in the batch or not
     has_tokens = np_(encoder.token_mask_table).any(axis=1)
     assert np.all(token_grad[has_tokens] > 0)
     assert all(g is not None for g in grads[2:])
 
 
-def test_semantic_part_norm_matches_the_id_part_at_initialisation():
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_semantic_part_norm_matches_the_id_part_at_initialisation(mode):
     for features in (make_features(), make_features(seed=3, coarse_dim=11)):
-        encoder = make_encoder(features=features)
+        encoder = make_encoder(features=features, encoder=mode)
         id_part, semantic = encoder.parts()
         ids = np.arange(2, V)
         ids = ids[np.linalg.norm(np_(semantic)[ids], axis=1) > 0]
@@ -365,18 +371,20 @@ def test_residual_adapters_start_at_the_frozen_vector():
     assert np.corrcoef(np_(views)[:, :2].ravel(), want.ravel())[0, 1] > 0.99
 
 
-def test_encoder_masked_entries_do_not_matter():
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_encoder_masked_entries_do_not_matter(mode):
     features = make_features()
     changed = {k: v.copy() for k, v in features.items()}
     changed["coarse"][3, 0] = 100.0  # masked view
     changed["tokens"][~features["token_mask"]] = -50.0  # padded tokens
-    a, b = make_encoder(features=features), make_encoder(features=changed)
+    a, b = make_encoder(features=features, encoder=mode), make_encoder(features=changed, encoder=mode)
     ids = np.arange(V)
     np.testing.assert_allclose(np_(a(ids)), np_(b(ids)), atol=1e-5)
 
 
-def test_encoder_config_round_trip():
-    encoder = make_encoder(combine="dual_view", align_pairs=("title:attributes",))
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_encoder_config_round_trip(mode):
+    encoder = make_encoder(combine="dual_view", align_pairs=("title:attributes",), encoder=mode)
     config = json.loads(json.dumps(encoder.get_config()))
     clone = DMESRItemEncoder.from_config(config)
     clone.build()
@@ -448,3 +456,106 @@ def test_alignment_uses_at_most_align_max_items_distinct_items():
     ids = np.array([[6, 2, 6, 7, 8, 9, 3]])
     encoder(ids, training=True)
     assert float(encoder.losses[0]) == pytest.approx(0.1 * float(encoder.alignment_loss(np.array([6, 2, 7]))), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- fast encoder (CoAttentionFuser)
+def reference_co_attention(f, inputs):
+    """numpy reference of `CoAttentionFuser`, per item, straight from its docstring's formulas."""
+    x, s = inputs["views"].astype(np.float64), inputs["tokens"].astype(np.float64)
+    vm, tm = inputs["view_mask"], inputs["token_mask"]
+    wq, wk = np_(f.query_kernel), np_(f.key_kernel)
+    R, b = np_(f.token_projection_kernel), np_(f.token_projection_bias)
+    h, r = f.num_heads, f.key_dim
+    views_out, text_out = [], []
+    for i in range(len(x)):
+        V_, T_ = np.flatnonzero(vm[i]), np.flatnonzero(tm[i])
+        w, c = np.zeros(s.shape[1]), np.zeros(x.shape[1])
+        for head in range(h):
+            q = x[i, V_] @ wq[:, head * r:(head + 1) * r]
+            k = s[i, T_] @ wk[:, head * r:(head + 1) * r]
+            a = q @ k.T / np.sqrt(r)  # (views, tokens)
+            if len(V_) and len(T_):
+                alpha = np.exp(a - a.max(1, keepdims=True)); alpha /= alpha.sum(1, keepdims=True)
+                beta = np.exp(a - a.max(0, keepdims=True)); beta /= beta.sum(0, keepdims=True)
+                w[T_] += alpha.mean(0) / h
+                c[V_] += beta.mean(1) / h
+        view_mean = x[i, V_].mean(0) if len(V_) else np.zeros(x.shape[2])
+        token_mean = s[i, T_].mean(0) if len(T_) else np.zeros(s.shape[2])
+        views_out.append(view_mean + (w @ s[i]) @ R)
+        text_out.append(token_mean @ R + (b if len(T_) else 0.0) + c @ x[i])
+    return np.array(views_out), np.array(text_out)
+
+
+@pytest.mark.parametrize("num_heads, key_dim, num_views", [(1, 4, 3), (2, 3, 3), (2, 3, 1)])
+def test_co_attention_fuser_equals_reference(num_heads, key_dim, num_views):
+    inputs = fuser_inputs(num_views=num_views)
+    f = CoAttentionFuser(num_heads, key_dim)
+    f(inputs)
+    randomize(f)
+    views, text = reference_co_attention(f, inputs)
+    parts = f(inputs, return_parts=True)
+    np.testing.assert_allclose(np_(parts["views"]), views, atol=1e-4)
+    np.testing.assert_allclose(np_(parts["text"]), text, atol=1e-4)
+    np.testing.assert_allclose(np_(f(inputs)), views + text, atol=1e-4)  # the folded sum
+
+
+def test_co_attention_fuser_masks_and_layer_contract(tmp_path):
+    inputs = fuser_inputs()
+    f = CoAttentionFuser(2, 4)
+    f(inputs)
+    randomize(f)
+    changed = {k: v.copy() for k, v in inputs.items()}
+    changed["views"][~inputs["view_mask"]] = 77.0
+    changed["tokens"][~inputs["token_mask"]] = -9.0
+    np.testing.assert_allclose(np_(f(changed)), np_(f(inputs)), atol=1e-5)
+    empty = {k: v.copy() for k, v in inputs.items()}
+    empty["view_mask"][:] = False
+    empty["token_mask"][:] = False
+    np.testing.assert_allclose(np_(f(empty)), 0.0, atol=1e-7)  # neither views nor tokens: zero
+    run_layer_test(CoAttentionFuser, {"num_heads": 2, "key_dim": 4}, inputs, (5, 8), 4, tmp_path)
+    with pytest.raises(ValueError, match="key_dim must be positive"):
+        CoAttentionFuser(1, 0)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+@pytest.mark.parametrize("combine", ["add", "gate"])
+def test_encode_features_equals_the_materialized_semantic_part(mode, combine):
+    """New items without retraining: an existing item's rows through `encode_features` give its
+    table row with a zero ID part."""
+    features = make_features()
+    encoder = make_encoder(encoder=mode, combine=combine)
+    ids = np.array([2, 3, 4, 5, 9])
+    rows = {k: v[ids] for k, v in features.items()}
+    got = encoder.encode_features(rows)
+    id_part, semantic = encoder.parts(ids)
+    want = np_(encoder._combine(keras.ops.zeros_like(id_part), semantic))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    if combine == "add":
+        np.testing.assert_allclose(got, encoder.materialize()[ids] - np_(id_part), atol=1e-5)
+    assert np.allclose(got[3], 0.0)  # item 5 has no semantics
+    with pytest.raises(ValueError, match="needs exactly the features"):
+        encoder.encode_features({"coarse": rows["coarse"]})
+    with pytest.raises(ValueError, match="reduced space"):
+        encoder.encode_features({**rows, "tokens": np.zeros((5, 4, 9))})
+    with pytest.raises(ValueError, match="compact ids"):
+        encoder.encode_features({**rows, "attributes": np.full((5, 3), 99)})
+
+
+def test_fast_encoder_keras_file_round_trip(tmp_path):
+    encoder = make_encoder()
+    ids = np.array([[2, 3, 4], [5, 11, 0]])
+    loaded = assert_keras_file_round_trip(encoder, ids, np_(encoder(ids)), tmp_path / "enc.keras", atol=1e-5)
+    restored = next(layer for layer in loaded.layers if isinstance(layer, DMESRItemEncoder))
+    np.testing.assert_allclose(restored.materialize(), encoder.materialize(), atol=1e-5)
+
+
+def test_fast_encoder_options():
+    encoder = make_encoder()
+    assert isinstance(encoder.fuser, CoAttentionFuser) and encoder.config.encoder == "fast"
+    assert encoder.fuser.num_heads == 1 and encoder.adapter_bias is None
+    full = make_encoder(encoder="full")
+    assert isinstance(full.fuser, CrossAttentionFuser) and full.fuser.num_heads == 2
+    with pytest.raises(ValueError, match="dmesr.encoder must be one of"):
+        make_encoder(encoder="turbo")
+    with pytest.raises(ValueError, match="fusion_dropout applies to encoder='full'"):
+        make_encoder(fusion_dropout=0.1)

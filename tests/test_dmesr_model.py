@@ -29,6 +29,7 @@ from tfrec.semantics.dmesr import (
     build_dmesr_item_encoder,
     fit_pca,
     load_dmesr_tables,
+    reduce_new_items,
     reduce_rows,
     token_clusters,
 )
@@ -180,7 +181,8 @@ def test_tables_survive_a_lazy_build_inside_fit():
     mask = tables.view_mask.T.copy()
     mask[:NUM_RESERVED] = False
     np.testing.assert_array_equal(np_(encoder.coarse_mask_table) > 0, mask)
-    np.testing.assert_allclose(np_(encoder.coarse_table)[NUM_RESERVED:], coarse[NUM_RESERVED:])
+    stored = encoder._row_features({"coarse": coarse, "coarse_mask": tables.view_mask.T})["coarse"]  # normalised once
+    np.testing.assert_allclose(np_(encoder.coarse_table)[NUM_RESERVED:], stored[NUM_RESERVED:], rtol=1e-6)
     assert np_(encoder.attribute_table).max() == 900
 
 
@@ -198,9 +200,10 @@ def test_ablation_switches_change_only_what_they_name():
     named = {
         "dmesr-no-align": ("aligner",),
         "dmesr-no-fusion": ("fuser", "token_projection", "semantic_projection"),
-        "dmesr-no-text-tokens": ("fuser", "tokens", "token_mask", "semantic_projection", "groups", "aligner"),
+        "dmesr-no-text-tokens": ("fuser", "tokens", "token_mask", "token_mean", "reduction_token",
+                                 "semantic_projection", "groups", "aligner", "fused_coarse"),
         "dmesr-no-generated-view": ("coarse", "coarse_mask", "adapter", "groups", "aligner", "fuser",
-                                    "semantic_projection"),
+                                    "semantic_projection", "fused_coarse"),
         "dmesr-no-semantic-init": ("id_encoder",),
     }
     expected_parts = {
@@ -425,3 +428,36 @@ def test_item_table_copy_and_export_serve_the_model_scores(trained, name, tmp_pa
     # The semantic tables (token states) stay out of the SavedModel: only the (vocab, dim) table.
     shapes = [tuple(shape) for _, shape in tf.train.list_variables(str(path / "variables" / "variables"))]
     assert (VOCAB, DIM) in shapes and tuple(model.item_encoder.coarse_table.shape) not in shapes
+
+
+def test_new_items_reduced_with_the_saved_reductions_get_their_table_rows(tmp_path):
+    """Issue 22's new items without retraining: raw store rows, reduced with the PCA, token
+    clusters and attribute map fitted at build time (kept in the saved encoder), then
+    `encode_features`, give an existing item exactly its materialised semantic part."""
+    keras.utils.set_random_seed(0)
+    tables = random_tables()
+    encoder = build_dmesr_item_encoder(DMESRConfig(**SMALL, view_pca_dim=8, combine="add"), tables, VOCAB, DIM)
+    assert sorted(encoder.reductions) == ["attribute_ids", "token_components", "token_mean", "view_components",
+                                          "view_mean"]
+    path = tmp_path / "enc.keras"
+    ids = np.array([[2, 3, 4]])
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), encoder])
+    model.save(path)
+    loaded = next(layer for layer in keras.saving.load_model(path).layers if isinstance(layer, DMESRItemEncoder))
+    np.testing.assert_allclose(np_(loaded(ids)), np_(encoder(ids)), atol=1e-5)
+    rows = np.arange(NUM_RESERVED, VOCAB)
+    raw = DMESRTables(view_embeddings=tables.view_embeddings[::-1, rows], view_mask=tables.view_mask[::-1, rows],
+                      view_names=tables.view_names[::-1],  # another order: matched by name
+                      token_states=tables.token_states[rows], token_mask=tables.token_mask[rows],
+                      attribute_ids=tables.attribute_ids[rows])
+    for enc in (encoder, loaded):
+        got = enc.encode_features(reduce_new_items(enc, raw))
+        np.testing.assert_allclose(got, enc.materialize()[rows] - np_(enc.id_encoder(rows)), atol=1e-5)
+    # An attribute id unseen at build time is dropped (no trained embedding); other views required.
+    unseen = dataclasses.replace(raw, attribute_ids=np.where(raw.attribute_ids == 40, 12345, raw.attribute_ids))
+    mapped = reduce_new_items(loaded, unseen)["attributes"]
+    assert np.all(mapped[raw.attribute_ids == 40] == 0) and np.all(mapped[raw.attribute_ids == 7] > 0)
+    with pytest.raises(ValueError, match="lack the view"):
+        reduce_new_items(loaded, dataclasses.replace(raw, view_names=("title", "mllm")))
+    with pytest.raises(ValueError, match="width"):
+        reduce_new_items(loaded, dataclasses.replace(raw, view_embeddings=raw.view_embeddings[..., :5]))

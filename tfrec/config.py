@@ -163,9 +163,11 @@ DMESR_VARIANTS = {
 class DMESRConfig:
     """Every DMESR option (YAML section `dmesr:`), passed as is to `DMESRItemEncoder`;
     defaults and their origins (paper / ours) are tabled in `tfrec.semantics.dmesr`.
-    Used when `model.item_encoder=dmesr`."""
+    Used when `model.item_encoder=dmesr`. `encoder`: `"fast"` (a catalogue pass of a
+    few matmuls) or `"full"` (the Phase A encoder)."""
 
     store_path: Optional[str] = None
+    encoder: str = "fast"
     views: tuple = ()
     token_view: str = "title"
     generated_view: str = "generated"
@@ -189,7 +191,7 @@ class DMESRConfig:
     head_layers: int = 0
     fuse: bool = True
     fuse_token_view_pooled: bool = False
-    fusion_heads: int = 2
+    fusion_heads: Optional[int] = None
     fusion_key_dim: Optional[int] = None
     fusion_dropout: float = 0.0
     combine: str = "gate"

@@ -259,3 +259,141 @@ class CrossAttentionFuser(keras.layers.Layer):
             }
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="tfrec")
+class CoAttentionFuser(keras.layers.Layer):
+    """Cheap bidirectional cross-attention between a few views and a few tokens per item.
+
+    The catalogue-scale fuser of `DMESRItemEncoder` (`dmesr.encoder="fast"`),
+    run over every item at every training step. One low-rank affinity per head
+    between every view and every token of an item is read in both directions
+    (co-attention: Lu et al. 2016 share one affinity between the two
+    directions), the values are the views and the tokens themselves, and one
+    projection `R` maps token space to model space, so the fuser costs two
+    small affinity matmuls, one batched `(views x tokens)` matmul and one
+    `(batch, e) x (e, model_dim)` matmul:
+
+    - affinity `a[h, v, t] = <x_v Wq_h, s_t Wk_h> / sqrt(key_dim)`;
+    - **views -> tokens**: `alpha = softmax_t a`; the attended token
+      `s_att = sum_t w_t s_t` with `w_t` = `alpha` averaged over heads and
+      present views; fused *view* vector `mean_v x_v + s_att R`
+      (residual on the views);
+    - **tokens -> views**: `beta = softmax_v a`; the attended view
+      `x_att = sum_v c_v x_v` with `c_v` = `beta` averaged over heads and real
+      tokens; fused *text* vector `mean_t(s_t) R + x_att + b` (residual on the
+      tokens).
+
+    The output is the sum of the two fused vectors,
+    `sum_v (1/n_v + c_v) x_v + (sum_t (1/n_t + w_t) s_t) R + b` (both halves
+    with `return_parts=True`). Masked views and padded tokens get exactly zero
+    weight; an item without tokens gets `mean_v x_v`, an item without views
+    `mean_t(s_t) R + b`, an item with neither zero.
+
+    Against `CrossAttentionFuser` (the full encoder's; ours, for cost): the
+    heads share the value/output maps, the values are the views and the tokens
+    themselves (one token projection `R` for the residual and the attended
+    token), no LayerNorm (the encoder normalises the semantic part once).
+
+    Args:
+        num_heads: int. Affinity heads. Defaults to 1.
+        key_dim: int. Rank of each head's affinity. Defaults to 16.
+
+    Call args:
+        inputs: dict with `"views"` `(batch, num_views, model_dim)`,
+            `"view_mask"` bool `(batch, num_views)`, `"tokens"`
+            `(batch, num_tokens, token_dim)`, `"token_mask"` bool
+            `(batch, num_tokens)`.
+        return_parts: bool. Return `{"views", "text"}` (the two fused vectors)
+            instead of their sum.
+
+    Returns:
+        `(batch, model_dim)`, or the dict of both parts.
+
+    Example:
+    >>> import numpy as np
+    >>> fuser = CoAttentionFuser(num_heads=2, key_dim=4)
+    >>> inputs = {"views": np.ones((3, 2, 8), "float32"), "view_mask": np.ones((3, 2), bool),
+    ...           "tokens": np.ones((3, 5, 6), "float32"), "token_mask": np.ones((3, 5), bool)}
+    >>> fuser(inputs).shape
+    TensorShape([3, 8])
+    >>> sorted(fuser(inputs, return_parts=True))
+    ['text', 'views']
+    """
+
+    def __init__(self, num_heads=1, key_dim=16, **kwargs):
+        super().__init__(**kwargs)
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be positive, got {num_heads}.")
+        if key_dim < 1:
+            raise ValueError(f"key_dim must be positive, got {key_dim}.")
+        self.num_heads, self.key_dim = int(num_heads), int(key_dim)
+
+    def build(self, input_shape):
+        if not isinstance(input_shape, dict) or not {"views", "tokens"} <= set(input_shape):
+            raise ValueError("CoAttentionFuser expects a dict with 'views', 'view_mask', 'tokens', 'token_mask'; "
+                             f"got {input_shape}.")
+        views, tokens = input_shape["views"], input_shape["tokens"]
+        if len(views) != 3 or len(tokens) != 3 or views[-1] is None or tokens[-1] is None:
+            raise ValueError("CoAttentionFuser: views must be (batch, num_views, model_dim) and tokens "
+                             f"(batch, num_tokens, token_dim) with known last dims, got {views} and {tokens}.")
+        dm, e, h, r = int(views[-1]), int(tokens[-1]), self.num_heads, self.key_dim
+        self.model_dim, self.token_dim = dm, e
+
+        def kernel(name, shape, fan_in):
+            return self.add_weight(shape=shape, name=name,
+                                   initializer=keras.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in)))
+
+        self.query_kernel = kernel("query_kernel", (dm, h * r), dm)  # views -> affinity space
+        self.key_kernel = kernel("key_kernel", (e, h * r), e)  # tokens -> affinity space
+        self.token_projection_kernel = kernel("token_projection_kernel", (e, dm), e)  # R
+        self.token_projection_bias = self.add_weight(shape=(dm,), initializer="zeros", name="token_projection_bias")
+        self.built = True
+
+    def call(self, inputs, return_parts=False):
+        x = inputs["views"]  # (b, v, dm)
+        s = ops.cast(inputs["tokens"], x.dtype)  # (b, t, e)
+        view_mask = ops.cast(inputs["view_mask"], x.dtype)  # (b, v)
+        token_mask = ops.cast(inputs["token_mask"], x.dtype)  # (b, t)
+        num_views, num_tokens = ops.shape(x)[1], ops.shape(s)[1]
+        h, r, dm, e = self.num_heads, self.key_dim, self.model_dim, self.token_dim
+        queries = ops.reshape(ops.matmul(ops.reshape(x, (-1, dm)), self.query_kernel), (-1, num_views, h, r))
+        keys = ops.reshape(ops.matmul(ops.reshape(s, (-1, e)), self.key_kernel), (-1, num_tokens, h, r))
+        if h > 1:  # (b, h, ., r): heads as a batch axis
+            queries, keys = ops.transpose(queries, (0, 2, 1, 3)), ops.transpose(keys, (0, 2, 1, 3))
+        else:
+            queries, keys = queries[:, None, :, 0], keys[:, None, :, 0]
+        affinity = tf.matmul(queries, keys, transpose_b=True) * (1.0 / math.sqrt(r))  # (b, h, v, t)
+        pair = view_mask[:, None, :, None] * token_mask[:, None, None, :]  # (b, 1, v, t)
+        affinity = ops.where(pair > 0, affinity, -1e9)
+        # Both directions read the one affinity; masked entries weigh exactly zero.
+        alpha = ops.softmax(affinity, axis=3) * pair  # views -> tokens, over t
+        # tokens -> views, over v (a single view gets weight 1: no softmax over one entry)
+        beta = ops.ones_like(affinity) * pair if x.shape[1] == 1 else ops.softmax(affinity, axis=2) * pair
+        views_count = ops.maximum(ops.sum(view_mask, axis=1, keepdims=True), 1.0)  # (b, 1)
+        tokens_count = ops.maximum(ops.sum(token_mask, axis=1, keepdims=True), 1.0)
+        token_attention = ops.sum(alpha, axis=(1, 2)) / (h * views_count)  # w: (b, t)
+        view_attention = ops.sum(beta, axis=(1, 3)) / (h * tokens_count)  # c: (b, v)
+        has_tokens = ops.cast(ops.sum(token_mask, axis=1, keepdims=True) > 0, x.dtype)  # (b, 1)
+        if return_parts:
+            attended = ops.sum(token_attention[..., None] * s, axis=1)  # (b, e)
+            token_mean = ops.sum((token_mask / tokens_count)[..., None] * s, axis=1)
+            views = ops.sum((view_mask / views_count)[..., None] * x, axis=1) + ops.matmul(
+                attended, self.token_projection_kernel)
+            text = (ops.matmul(token_mean, self.token_projection_kernel) + self.token_projection_bias * has_tokens
+                    + ops.sum(view_attention[..., None] * x, axis=1))
+            return {"views": views, "text": text}
+        # The sum of both, one pass over the views and one over the tokens (then one projection).
+        view_weight = view_mask / views_count + view_attention  # (b, v)
+        token_weight = token_mask / tokens_count + token_attention  # (b, t)
+        tokens = tf.matmul(token_weight[:, None, :], s)[:, 0]  # (b, e)
+        views = tf.matmul(view_weight[:, None, :], x)[:, 0]  # (b, dm)
+        return views + ops.matmul(tokens, self.token_projection_kernel) + self.token_projection_bias * has_tokens
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape["views"][0], input_shape["views"][-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_heads": self.num_heads, "key_dim": self.key_dim})
+        return config
