@@ -56,9 +56,12 @@ def _cmd_export(args):
 
 def _cmd_encode(args):
     config = load_ctr_config(args.config, args.overrides)
+    if config.data.interactions_path and not config.data.items_path:
+        raise ValueError("tfrec ctr encode needs the item texts: set data.items_path (your own data)")
     data = load_ctr_data(config.data)
     store = encode_lifelong_store(data, args.out or config.sids.store_path, dataset=config.data.dataset,
-                                  data_root=config.data.data_root, force=args.force)
+                                  data_root=config.data.data_root, items_path=config.data.items_path,
+                                  force=args.force)
     print(f"semantic store {store.path}: {store.item_vocab.size} rows (the lifelong item vocabulary)")
 
 
