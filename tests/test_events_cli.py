@@ -107,7 +107,7 @@ def test_events_ask_posts_a_prepared_user_then_answers_by_user_id(tmp_path, caps
 
     from export.saved_model import export_sequential
     from export.server import ModelServer, ServerOptions
-    from export.server.config import ModelConfig as ServedModel
+    from export.server.config import ServedModelConfig as ServedModel
     from test_demo import prepared_dir as make_prepared
     from tfrec.config import ModelConfig
     from tfrec.data.preprocess import load_prepared
