@@ -327,3 +327,68 @@ def test_describe_keys_lists_every_key():
     for key in ("train.max_train_seconds", "train.distribution", "train.resume", "train.tensorboard_dir",
                 "model.backbone", "data.interactions_path", "eval.protocols"):
         assert f"  {key} = " in text, key
+
+
+# ------------------------------------------------------------------ weight averaging
+class RawLog(keras.callbacks.Callback):
+    """Every batch's raw weights (before the engine's validation swaps anything in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([np.array(w) for w in self.model.get_weights()])
+
+
+def test_weight_average_is_validated_kept_and_training_continues_from_raw_weights():
+    x, y = data(256)
+    val = data(64, 1)
+    model = small_model(7)
+    raw = RawLog()
+    config = EngineConfig(epochs=3, patience=5, monitor="neg_mse", ema_momentum=0.9)
+    result = fit(model, epoch_data(x, y, 7, batch_size=64), NegMSE(*val), config, verbose=0, callbacks=[raw])
+    # The averages by hand from the raw weights after every batch (first batch copies).
+    average = [w.copy() for w in raw.weights[0]]
+    per_epoch = []  # the average at the end of each epoch (4 batches of 64)
+    for step, weights in enumerate(raw.weights[1:], start=2):
+        average = [0.9 * a + 0.1 * w for a, w in zip(average, weights)]
+        if step % 4 == 0:
+            per_epoch.append([a.copy() for a in average])
+    assert len(per_epoch) == 3 and result.epochs == 3
+    best = per_epoch[result.best_epoch - 1]
+    for got, want in zip(model.get_weights(), best):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    pred = model(val[0], training=False).numpy()
+    assert -float(np.mean((pred - val[1]) ** 2)) == pytest.approx(result.best, rel=1e-5)
+    # Training itself is untouched: the raw trajectory equals a run without averaging.
+    plain = RawLog()
+    fit(small_model(7), epoch_data(x, y, 7, batch_size=64), NegMSE(*val),
+        EngineConfig(epochs=3, patience=5, monitor="neg_mse"), verbose=0, callbacks=[plain])
+    for a, b in zip(raw.weights[-1], plain.weights[-1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weight_average_resumes_to_the_uninterrupted_result(tmp_path):
+    import dataclasses
+
+    x, y = data(512)
+    val = data(64, 1)
+    config = EngineConfig(epochs=4, patience=4, monitor="neg_mse", ema_momentum=0.95)
+    full_model = small_model(5)
+    full = fit(full_model, epoch_data(x, y, 5), NegMSE(*val), config, verbose=0)
+    backup = tmp_path / "backup"
+    fit(small_model(5), epoch_data(x, y, 5), NegMSE(*val), dataclasses.replace(config, epochs=2),
+        backup_dir=backup, verbose=0)
+    resumed_model = small_model(5)
+    resumed = fit(resumed_model, epoch_data(x, y, 5), NegMSE(*val), dataclasses.replace(config, resume=True),
+                  backup_dir=backup, verbose=0)
+    assert resumed.resumed_from == 2
+    assert [h["neg_mse"] for h in resumed.validation_curve] == [h["neg_mse"] for h in full.validation_curve]
+    for a, b in zip(resumed_model.get_weights(), full_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weight_average_momentum_is_checked():
+    with pytest.raises(ValueError, match="train.ema_momentum must be in"):
+        EngineConfig(ema_momentum=1.5).check()

@@ -88,6 +88,8 @@ class EngineConfig:
       one is written after every epoch (weights, optimiser, early-stopping state).
     - `tensorboard_dir`: TensorBoard logs (null = `<run_dir>/logs`, "" = none).
     - `steps_per_execution`, `jit_compile`: passed to `model.compile` (speed).
+    - `ema_momentum` (ours; null = off): validate, keep and return an exponential
+      moving average of the weights (`tfrec.training.engine.WeightAverage`), e.g. 0.998.
     """
 
     batch_size: int = 32
@@ -106,6 +108,7 @@ class EngineConfig:
     tensorboard_dir: Optional[str] = None
     steps_per_execution: int = 1
     jit_compile: bool = False
+    ema_momentum: Optional[float] = None
 
     def check(self, where="train."):
         """Value checks naming the offending key."""
@@ -119,6 +122,8 @@ class EngineConfig:
             raise ValueError(f"config key {where}max_train_seconds must be > 0, got {self.max_train_seconds!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"config key {where}learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
+            raise ValueError(f"config key {where}ema_momentum must be in (0, 1) or null, got {self.ema_momentum!r}")
         return self
 
 

@@ -22,6 +22,10 @@ can be a fresh, seeded pipeline: `train_data` may be `epoch -> tf.data.Dataset`)
   curve). With `resume=True` a run continues after the last finished epoch, so a
   run killed mid-epoch loses at most that epoch. When `train_data` is a function of
   the epoch, the resumed run sees the same batches as an uninterrupted one.
+- **Weight averaging** (`ema_momentum`, ours, off by default): an exponential
+  moving average of the trainable weights, updated after every batch
+  (`WeightAverage`); validation, the best weights and the returned model use the
+  average, training continues from the raw weights. Checkpointed with the rest.
 - **TensorBoard** logs (`tensorboard_dir`), the Keras progress bar (`verbose`),
   **seeds** (`keras.utils.set_random_seed`, optional op determinism).
 - **Distribution**: `make_strategy(config.distribution)`; build and compile the
@@ -155,11 +159,14 @@ class BestEpochTracker(keras.callbacks.Callback):
         protocol: the key of `evaluate()`'s result holding the metrics, or None.
         strategy: the distribution strategy (multi-worker: the budget decision is
             agreed by all workers).
+        averager: optional `WeightAverage`; validation and the kept weights then use
+            the averaged weights.
     """
 
     def __init__(self, evaluator, monitor="ndcg@10", patience=10, max_seconds=None, protocol="full",
-                 strategy=None, persistent=False):
+                 strategy=None, persistent=False, averager=None):
         super().__init__()
+        self.averager = averager
         self.evaluator = evaluator
         self.protocol = protocol
         self.monitor = monitor
@@ -209,7 +216,12 @@ class BestEpochTracker(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         eval_start = time.perf_counter()
+        if self.averager is not None:
+            raw = self.averager.swap_in()
         result = self.evaluator.evaluate(self.model)
+        weights = self.model.get_weights()
+        if self.averager is not None:
+            self.averager.swap_out(raw)
         if self.protocol is not None:
             result = result[self.protocol]
         result = {k: float(v) for k, v in result.items()}
@@ -224,7 +236,7 @@ class BestEpochTracker(keras.callbacks.Callback):
         if result[self.monitor] > self.best:
             self.best, self.best_epoch = result[self.monitor], epoch + 1
             self.best_seconds = elapsed
-            self.best_weights = self.model.get_weights()
+            self.best_weights = weights
         elif epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training = True
             self.stop_reason = self.stop_reason or "patience"
@@ -241,21 +253,97 @@ class BestEpochTracker(keras.callbacks.Callback):
             self.restore_best()
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Exponential moving average of a model's trainable weights (ours; `train.ema_momentum`).
+
+    After every training batch: `average = momentum * average + (1 - momentum) * weight`
+    (the first batch copies the weights). `swap_in()` puts the averages into the
+    model and returns the raw values for `swap_out(raw)`. Unlike Keras' optimizer
+    `use_ema`, the model keeps training from its raw weights across the engine's
+    one-epoch `fit` calls. Works in plain `model.fit` too (average, then `swap_in()`).
+
+    >>> import numpy as np
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile("sgd", "mse")
+    >>> ema = WeightAverage(0.9)
+    >>> _ = model.fit(np.ones((8, 2)), np.zeros((8, 1)), batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    >>> raw = ema.swap_in()  # the model now holds the averages
+    >>> ema.swap_out(raw)  # and back
+    >>> bool(np.allclose(model.get_weights()[0], raw[0]))
+    True
+    """
+
+    def __init__(self, momentum=0.999):
+        super().__init__()
+        if not 0.0 < float(momentum) < 1.0:
+            raise ValueError(f"config key train.ema_momentum must be in (0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.averages = None
+        self.count = None
+
+    def _ensure(self):
+        if self.averages is None:
+            trainable = self.model.trainable_variables
+            with tf.init_scope():
+                self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="average")
+                                 for v in trainable]
+                self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="average_count")
+            momentum = self.momentum
+
+            @tf.function
+            def update(values):
+                m = tf.where(self.count > 0, momentum, 0.0)
+                for average, value in zip(self.averages, values):
+                    average.assign(m * average + (1.0 - m) * tf.cast(value, average.dtype))
+                self.count.assign_add(1)
+
+            self._update = update
+
+    @property
+    def variables(self):
+        """The averages and the update count (for checkpoints); builds them if needed."""
+        self._ensure()
+        return [*self.averages, self.count]
+
+    def on_train_begin(self, logs=None):
+        self._ensure()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._update([v.value for v in self.model.trainable_variables])
+
+    def swap_in(self):
+        """Put the averages into the model; returns the raw values (for `swap_out`)."""
+        self._ensure()
+        trainable = self.model.trainable_variables
+        raw = [keras.ops.convert_to_numpy(v) for v in trainable]
+        if int(self.count.numpy()) > 0:
+            for var, average in zip(trainable, self.averages):
+                var.assign(average)
+        return raw
+
+    def swap_out(self, raw):
+        """Put the raw values `swap_in` returned back into the model."""
+        for var, value in zip(self.model.trainable_variables, raw):
+            var.assign(value)
+
+
 # ------------------------------------------------------------------ checkpoints
-def _variables(model):
+def _variables(model, averager=None):
     variables = list(model.variables)
     if model.optimizer is not None:
         variables += list(model.optimizer.variables)
+    if averager is not None:
+        variables += averager.variables
     return variables
 
 
-def save_checkpoint(directory, model, tracker, epochs_done, losses, run_key=None):
+def save_checkpoint(directory, model, tracker, epochs_done, losses, run_key=None, averager=None):
     """Write the run's state to `directory` atomically (a new folder replaces the old)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.savez(tmp / "variables.npz", *[keras.ops.convert_to_numpy(v) for v in _variables(model)])
+    np.savez(tmp / "variables.npz", *[keras.ops.convert_to_numpy(v) for v in _variables(model, averager)])
     if tracker.best_weights is not None:
         np.savez(tmp / "best.npz", *tracker.best_weights)
     state = {"version": STATE_VERSION, "run_key": run_key, "epochs_done": epochs_done, "losses": losses,
@@ -274,7 +362,7 @@ def _load_arrays(path):
         return [npz[f"arr_{i}"] for i in range(len(npz.files))]
 
 
-def load_checkpoint(directory, model, first_batch, run_key=None):
+def load_checkpoint(directory, model, first_batch, run_key=None, averager=None):
     """The state dict of `directory`'s checkpoint, its variables loaded into `model` (or None).
 
     `first_batch` (a training batch) builds the model and optimiser first.
@@ -295,7 +383,9 @@ def load_checkpoint(directory, model, first_batch, run_key=None):
         raise ValueError(f"resume checkpoint {directory} was written by a run with another configuration; "
                          "resume with the same config, or delete the folder / change train.backup_dir")
     build_for_training(model, first_batch)
-    variables, values = _variables(model), _load_arrays(directory / "variables.npz")
+    if averager is not None:
+        averager.set_model(model)
+    variables, values = _variables(model, averager), _load_arrays(directory / "variables.npz")
     if len(variables) != len(values) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
         raise ValueError(f"resume checkpoint {directory} does not fit this model (another config?); "
                          "delete it or change train.backup_dir")
@@ -402,16 +492,20 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     data_fn = train_data if callable(train_data) else (lambda epoch: train_data)
     if config.resume and backup_dir is None:
         raise ValueError("train.resume needs a checkpoint folder (train.backup_dir or a saved run)")
+    ema = getattr(config, "ema_momentum", None)
+    averager = WeightAverage(ema) if ema else None
+    if averager is not None and strategy.num_replicas_in_sync > 1:
+        raise ValueError("train.ema_momentum is not supported with train.distribution over several replicas")
     tracker = BestEpochTracker(evaluator, monitor=config.monitor, patience=config.patience,
                                max_seconds=config.max_train_seconds, protocol=protocol, strategy=strategy,
-                               persistent=True)
+                               persistent=True, averager=averager)
     tracker.set_model(model)
     losses, first_epoch = [], 0
     state = None
     if config.resume:
         first = next(iter(data_fn(0).take(1)))
         with strategy.scope():
-            state = load_checkpoint(backup_dir, model, first, run_key=_jsonable(run_key))
+            state = load_checkpoint(backup_dir, model, first, run_key=_jsonable(run_key), averager=averager)
     tracker.begin(state["tracker"] if state else None)
     if state:
         tracker.best_weights = state["best_weights"]
@@ -420,7 +514,7 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
             print(f"resuming after epoch {first_epoch} from {backup_dir}")
     if not chief and backup_dir is not None:  # workers other than the chief write to a scratch copy
         backup_dir = Path(backup_dir).with_name(Path(backup_dir).name + f".worker{strategy.cluster_resolver.task_id}")
-    all_callbacks = [tracker, *callbacks]
+    all_callbacks = [tracker, *callbacks] if averager is None else [averager, tracker, *callbacks]
     if tensorboard_dir and chief:
         all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
     all_callbacks.append(_OneEpoch())  # last: each fit call runs one epoch (the bar still says "Epoch e/N")
@@ -442,7 +536,7 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
         losses += [float(v) for v in history.history.get("loss", [])]
         finished = tracker.stop_reason is not None
         if backup_dir is not None:
-            save_checkpoint(backup_dir, model, tracker, epoch, losses, run_key=_jsonable(run_key))
+            save_checkpoint(backup_dir, model, tracker, epoch, losses, run_key=_jsonable(run_key), averager=averager)
     tracker.restore_best()
     return FitResult(
         losses=losses, validation_curve=tracker.history, best_epoch=tracker.best_epoch,
