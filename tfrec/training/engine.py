@@ -282,8 +282,11 @@ class WeightAverage(keras.callbacks.Callback):
         self.count = None
 
     def _ensure(self):
-        if self.averages is None:
+        # A subclassed model has no variables before its first step: build lazily.
+        if self.averages is None or len(self.averages) != len(self.model.trainable_variables):
             trainable = self.model.trainable_variables
+            if not trainable:
+                raise ValueError("WeightAverage: the model has no trainable variables yet (build it first)")
             with tf.init_scope():
                 self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="average")
                                  for v in trainable]
@@ -305,10 +308,8 @@ class WeightAverage(keras.callbacks.Callback):
         self._ensure()
         return [*self.averages, self.count]
 
-    def on_train_begin(self, logs=None):
-        self._ensure()
-
     def on_train_batch_end(self, batch, logs=None):
+        self._ensure()
         self._update([v.value for v in self.model.trainable_variables])
 
     def swap_in(self):
