@@ -181,8 +181,8 @@ def test_ctr_dag_wires_semantics_into_the_trainer_only_when_the_model_reads_them
     r2led = components()
     assert r2led["Trainer"].inputs["semantic_ids"].producer_component_id == "SemanticIds"
     assert r2led["Trainer"].inputs["semantic_store"].producer_component_id == "ItemSemantics"
-    assert r2led["SemanticIds"].exec_properties["codebook_sizes"] == "16,16,16"
-    assert r2led["SemanticIds"].exec_properties["deduplicate"] is False
+    sids = json.loads(r2led["SemanticIds"].exec_properties["config"])
+    assert sids["codebook_size"] == [16, 16, 16] and sids["deduplicate"] is False and sids["num_levels"] == 3
     din = components("model.name=din", "pipeline.item_semantics=false", "pipeline.semantic_ids=false")
     assert not {"ItemSemantics", "SemanticIds"} & set(din)
     assert "semantic_store" not in din["Trainer"].inputs and "semantic_ids" not in din["Trainer"].inputs
