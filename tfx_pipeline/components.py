@@ -186,12 +186,15 @@ class SemanticTrainer(base_component.BaseComponent):
     store's URI at `fn_args.custom_config[SEMANTIC_STORE_KEY]`. Its node id is
     `Trainer` unless set with `with_id`.
 
-    Example (not run as a doctest: it needs the upstream TFX components' channels;
-    `tfx_pipeline.pipeline.create_pipeline` wires it, `tests/test_tfx_pipeline.py` runs it):
-    >>> trainer = SemanticTrainer(  # doctest: +SKIP
-    ...     examples=transform.outputs["transformed_examples"], transform_graph=transform.outputs["transform_graph"],
-    ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={...},
-    ...     semantic_store=item_semantics.outputs["semantic_store"])
+    Example (the upstream outputs as bare channels; `tfx_pipeline.pipeline.create_pipeline`
+    wires the real ones and `tests/test_tfx_pipeline.py` runs it):
+    >>> trainer = SemanticTrainer(
+    ...     examples=Channel(type=standard_artifacts.Examples),
+    ...     transform_graph=Channel(type=standard_artifacts.TransformGraph),
+    ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={"task": "sequential"},
+    ...     semantic_store=Channel(type=SemanticStoreArtifact))
+    >>> trainer.id, sorted(trainer.inputs), sorted(trainer.outputs)
+    ('Trainer', ['examples', 'semantic_store', 'transform_graph'], ['model', 'model_run'])
     """
 
     SPEC_CLASS = SemanticTrainerSpec
