@@ -112,6 +112,10 @@ def test_sids_section_is_the_shared_sids_config_and_reads_the_older_key_names(tm
     with pytest.raises(ValueError, match=r"sids\.levels and sids\.num_levels name the same setting"):
         load_ctr_config(old, ["sids.num_levels=2"])
     assert "sids" in config.to_dict() and "mode" in config.to_dict()["sids"]  # saved under the current names
+    from tfrec.config import describe_keys
+
+    keys = describe_keys(CTRConfig)  # `tfrec ctr train --help`: the CTR defaults and the older names
+    assert "sids.codebook_size = [32, 32, 32]" in keys and "sids.quantizer = sids.mode" in keys
     assert load_ctr_config(None, [f"{k}={v}" for k, v in (("sids.mode", "rqvae"), ("sids.seed", 2))]
                            ).sids == dataclasses.replace(ctr_sids_defaults(), mode="rqvae", seed=2)
 
