@@ -33,7 +33,6 @@ setup(
         "protobuf==4.25.9",
         "PyYAML==6.0.4",
         "scikit-learn==1.5.1",
-        "tqdm==4.70.1",
         "safetensors==0.4.5",
     ],
     extras_require={"dev": ["pytest==8.3.4", "pytest-timeout==2.3.1", "matplotlib==3.9.2"]},

@@ -8,9 +8,14 @@
   prebuilt `PredictRequest`s through a `PredictionServiceStub`, the next one
   when the previous answer arrived; latency percentiles and QPS.
 
-Example::
+Example (the server part needs exported servables and starts a live `tfrec serve`,
+so it is skipped; `benchmarks/serving.py` runs it)::
 
-    >>> write_models_config("/tmp/m.config", [("recommender", "/servables/rec", "tensorflow")])  # doctest: +SKIP
+    >>> import tempfile
+    >>> config = write_models_config(tempfile.mkdtemp() + "/m.config",
+    ...                              [("recommender", "/servables/rec", "tensorflow")])
+    >>> print(open(config).read().strip().splitlines()[0])
+    model_config_list {
     >>> with ServeProcess("/tmp/m.config", "/tmp/server.log", ["--enable_batching"]) as server:  # doctest: +SKIP
     ...     server.wait_available(["recommender"])
     ...     with PredictClient(server.address) as client:
@@ -55,7 +60,7 @@ class ServeProcess:
     The address comes from the server's `tfrec serve: gRPC on HOST:PORT` line (as
     `scripts/main.sh` reads it); `start` then waits until every model is AVAILABLE.
 
-    Example::
+    Example (skipped: it starts a live server on exported servables)::
 
         >>> with ServeProcess("models.config", "server.log", ["--enable_batching"]) as server:  # doctest: +SKIP
         ...     server.wait_available(["recommender"]); server.address

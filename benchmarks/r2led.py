@@ -101,7 +101,7 @@ def run_spec(run):
     if run in R2LED_RUNS:
         name, variant = R2LED_RUNS[run]
         quantizer = "rqvae" if variant == "rqvae" else "rqkmeans"
-        return [f"model.name={name}", f"sids.quantizer={quantizer}"], "r2led", variant
+        return [f"model.name={name}", f"sids.mode={quantizer}"], "r2led", variant
     if run in CTR_BASELINES:
         return [f"model.name={run}"], run, "baseline"
     if run == "logreg":
@@ -243,7 +243,7 @@ def run_one(dataset, run, seed, args, data, semantics_cache):
     semantics = None
     need = needs_semantics(config.model.name)
     if need:
-        key = config.sids.quantizer if need == "sids" else "pooled"
+        key = config.sids.mode if need == "sids" else "pooled"
         if key not in semantics_cache:
             start = time.time()
             semantics_cache[key] = prepare_item_semantics(data, config.sids.store_path, config.sids,

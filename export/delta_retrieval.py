@@ -10,7 +10,8 @@ restart, zero failed requests). Configuration::
 
 served with ``--allowed_python_modules export.delta_retrieval``.
 
-Example (inside a server; ``context`` is the serving core):
+Example (not run as a doctest: ``context`` is a live serving core holding an exported
+retrieval model; ``tests/test_items_add.py`` builds one):
 >>> servable = factory("retrieval_live", context, retrieval="retrieval_scann", delta="items.npz")  # doctest: +SKIP
 """
 

@@ -12,7 +12,8 @@ The map comes from the SavedModel itself: its ``export_metadata.json`` (kind
 the reserved ids). Nothing else is trusted: a SavedModel that is not an R2LED
 ranker is refused with the reason.
 
-Example (needs an exported R2LED):
+Example (not run as a doctest: it needs an exported, trained R2LED ranker;
+``tests/test_user_history_routes.py`` exports one):
 >>> routes = savedmodel_routes("servables/r2led/1", model="r2led")  # doctest: +SKIP
 >>> routes.levels                                                   # doctest: +SKIP
 [1, 2, 3]

@@ -9,13 +9,24 @@ every op type of the SavedModel's graphs, including the function library
 `tensorflow_text`, which would register their ops — then, by default, loads
 the SavedModel in that process as a server without plug-ins would.
 
-Example (not run as a doctest: each call spawns a fresh Python process that imports
-TensorFlow, and needs exported SavedModels; `tests/test_export.py` and
-`tests/test_retrieval_servable.py` run it):
->>> assert_stock_ops("/tmp/servables/recommender/1")  # doctest: +SKIP
-{'/tmp/servables/recommender/1': ['AddV2', 'All', 'Assert', ...]}
->>> non_stock_ops("/tmp/servables/retrieval_scann/1")  # doctest: +SKIP
-['Scann>ScannSearchBatched', 'Scann>ScannToTensors', ...]
+Example: a SavedModel of core ops passes; one calling back into Python does not.
+Each call spawns a fresh Python process that imports TensorFlow (a few seconds;
+`tests/test_export.py` and `tests/test_retrieval_servable.py` check real servables).
+>>> import tempfile
+>>> import tensorflow as tf
+>>> spec = tf.TensorSpec([None], tf.float32)
+>>> plus = tf.Module()
+>>> plus.f = tf.function(lambda x: {"y": x + 1.0}, input_signature=[spec])
+>>> python = tf.Module()
+>>> python.f = tf.function(lambda x: {"y": tf.py_function(lambda v: v + 1.0, [x], tf.float32)},
+...                        input_signature=[spec])
+>>> root = tempfile.mkdtemp()
+>>> tf.saved_model.save(plus, f"{root}/plus/1", signatures=plus.f)
+>>> tf.saved_model.save(python, f"{root}/python/1", signatures=python.f)
+>>> "AddV2" in assert_stock_ops(f"{root}/plus/1")[f"{root}/plus/1"]
+True
+>>> non_stock_ops(f"{root}/python/1")
+['EagerPyFunc']
 """
 
 import json

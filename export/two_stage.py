@@ -73,7 +73,8 @@ Configuration (TF Serving model config file; options as a URL query of
 served with `tfrec serve --model_config_file ... --allowed_python_modules export.two_stage`
 (python servables come only from modules the command line allows).
 
-Example (inside a server; `context` is the serving core):
+Example (not run as a doctest: `context` is a live serving core holding the exported
+`recommender`, `retrieval_bruteforce` and `ranker` models; `tests/test_two_stage.py` builds one):
 >>> servable = factory("two_stage", context, ranker="ranker", k="5")  # doctest: +SKIP
 >>> servable.run("recommend", {"history": np.array([[b"i1", b"i7", b""]], dtype=object),
 ...     "history_ratings": np.array([[5.0, 0.0, 0.0]], np.float32),

@@ -9,6 +9,7 @@ saved model and results round-trip; config errors name the key; a store built fo
 another vocabulary is rejected with the command that builds the right one.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 import tfrec_cli as cli
 from tfrec.ctr import (
-    CTRConfig, load_ctr_config, load_ctr_model, load_store_for, prepare_item_semantics, subsample_users, train_ctr,
+    CTRConfig, ctr_sids_defaults, load_ctr_config, load_ctr_model, load_store_for, prepare_item_semantics, subsample_users, train_ctr,
     evaluate_saved_ctr)
 from tfrec.data.lifelong import build_lifelong_data
 from tfrec.data.vocab import Vocabulary
@@ -64,7 +65,7 @@ def make_store(root, item_vocab, cluster, seed=0):
 def tiny_config(tmp_path, store, name="r2led", **overrides):
     values = [f"name={name}", f"output_dir={tmp_path / 'runs'}", f"model.name={name}", "model.embedding_dim=16",
               "model.mlp_units=[16]", "model.max_history=32", "model.top_k=4", f"sids.store_path={store}",
-              "sids.levels=2", "sids.codebook_size=[6,4]", "train.batch_size=64", "train.eval_batch_size=256",
+              "sids.num_levels=2", "sids.codebook_size=[6,4]", "train.batch_size=64", "train.eval_batch_size=256",
               "train.learning_rate=0.01", "train.epochs=4", "train.patience=4", "train.seed=0"]
     return load_ctr_config(None, values + [f"{k}={v}" for k, v in overrides.items()])
 
@@ -81,7 +82,11 @@ def store_root(tmp_path_factory, log):
 @pytest.mark.parametrize("override, key", [
     ("model.nme=r2led", "model.nme"),
     ("model.name=sim-superb", "model.name"),
-    ("sids.quantizer=pq", "sids.quantizer"),
+    ("sids.mode=pq", "sids.mode"),
+    ("sids.quantizer=pq", "sids.mode"),  # the older key name reads as sids.mode
+    ("sids.levels=0", "sids.num_levels"),
+    ("sids.codebook_size=[8,1,8]", "sids.codebook_size"),
+    ("sids.codebook=[8,8,8]", "older names: quantizer = mode, levels = num_levels"),
     ("train.epochs=many", "train.epochs"),
     ("train.monitor=logloss", "train.monitor"),
     ("model.top_k=0", "model.top_k"),
@@ -90,6 +95,29 @@ def store_root(tmp_path_factory, log):
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_ctr_config(None, [override])
+
+
+def test_sids_section_is_the_shared_sids_config_and_reads_the_older_key_names(tmp_path):
+    from tfrec.semantics.sids import SidsConfig
+
+    defaults = load_ctr_config(None).sids
+    assert type(defaults) is SidsConfig and defaults == ctr_sids_defaults()
+    assert defaults.codebook_size == (32, 32, 32) and defaults.deduplicate is False  # CTR defaults, not the class's
+    old = tmp_path / "old.yaml"
+    old.write_text("sids:\n  quantizer: rqvae\n  levels: 2\n  codebook_size: [8, 4]\n  seed: 3\n")
+    config = load_ctr_config(old)
+    assert (config.sids.mode, config.sids.num_levels, config.sids.level_sizes()) == ("rqvae", 2, [8, 4])
+    assert config.sids.deduplicate is False and config.sids.seed == 3  # keys not given keep the CTR defaults
+    assert load_ctr_config(None, ["sids.levels=2", "sids.codebook_size=8"]).sids.level_sizes() == [8, 8]
+    with pytest.raises(ValueError, match=r"sids\.levels and sids\.num_levels name the same setting"):
+        load_ctr_config(old, ["sids.num_levels=2"])
+    assert "sids" in config.to_dict() and "mode" in config.to_dict()["sids"]  # saved under the current names
+    from tfrec.config import describe_keys
+
+    keys = describe_keys(CTRConfig)  # `tfrec ctr train --help`: the CTR defaults and the older names
+    assert "sids.codebook_size = [32, 32, 32]" in keys and "sids.quantizer = sids.mode" in keys
+    assert load_ctr_config(None, [f"{k}={v}" for k, v in (("sids.mode", "rqvae"), ("sids.seed", 2))]
+                           ).sids == dataclasses.replace(ctr_sids_defaults(), mode="rqvae", seed=2)
 
 
 def test_repository_config_loads_and_cli_reports_bad_input(tmp_path, capsys):
@@ -121,7 +149,7 @@ def test_store_must_follow_the_lifelong_vocabulary(tmp_path, log, store_root):
 
 def test_semantic_ids_follow_the_store_clusters(log, store_root):
     data, cluster = log
-    config = load_ctr_config(None, ["sids.levels=2", "sids.codebook_size=[6,4]"])
+    config = load_ctr_config(None, ["sids.num_levels=2", "sids.codebook_size=[6,4]"])
     semantics = prepare_item_semantics(data, store_root, config.sids)
     assert semantics.item_sids.shape == (data.item_vocab.size, 2) and semantics.codebook_sizes == [6, 4]
     assert (semantics.item_sids[:2] == -1).all() and (semantics.item_sids[2:] >= 0).all()

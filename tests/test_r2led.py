@@ -7,12 +7,11 @@ round-trip through their configs and `keras.saving`; a tiny `fit` on synthetic
 data with planted structure beats the item-popularity baseline.
 """
 
-import json
-
 import keras
 import numpy as np
 import pytest
 
+from layer_testing import assert_serialization_round_trips, run_layer_test
 from tfrec.layers.bilevel_fusion import BiLevelFusion
 from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, recency_top_k
 from tfrec.metrics import auc
@@ -148,15 +147,14 @@ def test_retrieval_levels_beyond_the_sids():
         MultiRouteRetrieval(route_levels=[4])(HAND)
 
 
-def test_retrieval_config_round_trip():
+def test_retrieval_config_round_trip(tmp_path):
     layer = MultiRouteRetrieval(route_levels=[1, 3], top_k=[2, 5], mix="sum", alpha=0.3, similarity="dot",
                                 candidates=16)
+    indices, mask = layer(HAND)
+    assert_serialization_round_trips(layer, HAND, {"0": numpy(indices), "1": numpy(mask)}, tmp_path)
     config = layer.get_config()
-    json.dumps(config)
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(clone) is MultiRouteRetrieval and clone.get_config() == config
     assert retrieve(HAND, **{k: config[k] for k in ("route_levels", "top_k", "mix", "alpha", "similarity")}) == \
-        [[int(i) for i, m in zip(ri, rm) if m] for ri, rm in zip(*(numpy(a)[0] for a in clone(HAND)))]
+        [[int(i) for i, m in zip(ri, rm) if m] for ri, rm in zip(numpy(indices)[0], numpy(mask)[0])]
 
 
 # --------------------------------------------------------------------- BiLevelFusion
@@ -197,7 +195,7 @@ def test_sid_level_gate_forms():
 
 
 @pytest.mark.parametrize("route_fusion", ["attention", "mean", "concat"])
-def test_route_level_masks_and_fusion(route_fusion):
+def test_route_level_masks_and_fusion(route_fusion, tmp_path):
     keras.utils.set_random_seed(0)
     inputs = fusion_inputs()
     layer = BiLevelFusion([4, 4], route_fusion=route_fusion)
@@ -213,13 +211,17 @@ def test_route_level_masks_and_fusion(route_fusion):
     changed["behaviour_embeddings"] = np.where(masked[..., None], 50.0, inputs["behaviour_embeddings"])
     changed["behaviour_sids"] = np.where(masked[..., None], 3, inputs["behaviour_sids"])
     np.testing.assert_allclose(numpy(layer(changed)["interest"]), out["interest"], atol=1e-5)
-    config = layer.get_config()
-    json.dumps(config)
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(clone) is BiLevelFusion and clone.get_config() == config
-    clone(inputs)
-    clone.set_weights(layer.get_weights())
-    np.testing.assert_allclose(numpy(clone(inputs)["interest"]), out["interest"], atol=1e-6)
+
+
+# weights: behaviour attention (q/k/v/output kernels and biases) 8, one SID table per
+# level 2, the gate's kernel and bias 2, the route-attention query 1.
+@pytest.mark.parametrize("gate, route_fusion, num_weights",
+                         [("vector", "attention", 13), ("scalar", "concat", 12), ("none", "mean", 10)])
+def test_bilevel_fusion_layer_basics(gate, route_fusion, num_weights, tmp_path):
+    interest = 3 * D if route_fusion == "concat" else D
+    run_layer_test(BiLevelFusion, dict(sid_codebook_sizes=[4, 4], gate=gate, route_fusion=route_fusion),
+                   fusion_inputs(), {"interest": (2, interest), "routes": (2, 3, D), "target": (2, D)},
+                   num_weights, tmp_path, fixed_dims=True)  # the route count and SID length are static
 
 
 def test_fusion_bad_arguments():

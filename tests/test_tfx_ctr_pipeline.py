@@ -7,6 +7,7 @@ AUC/LogLoss with thresholds, Pusher. The pushed SavedModel answers raw tokens.
 """
 
 import contextlib
+import dataclasses
 import glob
 import io
 import json
@@ -18,9 +19,11 @@ import pytest
 import tensorflow as tf
 
 from tfrec_cli import main
+from tfrec.config import build_config
 from tfrec.data.lifelong import build_lifelong_data
 from tfrec.data.readers import DEFAULT_DATA_ROOT
 from tfrec.metrics import auc
+from tfrec.semantics.sids import SidsConfig
 from tfx_pipeline.config import load_pipeline_config
 from tfx_pipeline.data import (
     EXAMPLES_FILE, HISTORY, HISTORY_BUCKET, HISTORY_LABELS, HISTORY_LENGTH, HISTORY_RATINGS, HISTORY_TIMESTAMPS, LABEL,
@@ -181,8 +184,11 @@ def test_ctr_dag_wires_semantics_into_the_trainer_only_when_the_model_reads_them
     r2led = components()
     assert r2led["Trainer"].inputs["semantic_ids"].producer_component_id == "SemanticIds"
     assert r2led["Trainer"].inputs["semantic_store"].producer_component_id == "ItemSemantics"
-    assert r2led["SemanticIds"].exec_properties["codebook_sizes"] == "16,16,16"
-    assert r2led["SemanticIds"].exec_properties["deduplicate"] is False
+    sids = json.loads(r2led["SemanticIds"].exec_properties["config"])
+    assert sids["codebook_size"] == [16, 16, 16] and sids["deduplicate"] is False and sids["num_levels"] == 3
+    # The component reads back exactly the config's sids: section (the store is its input, not a path).
+    section = load_pipeline_config(CONFIG, ["pipeline.root=/tmp/unused"]).experiment.sids
+    assert build_config(SidsConfig, sids, "sids.") == dataclasses.replace(section, store_path=None)
     din = components("model.name=din", "pipeline.item_semantics=false", "pipeline.semantic_ids=false")
     assert not {"ItemSemantics", "SemanticIds"} & set(din)
     assert "semantic_store" not in din["Trainer"].inputs and "semantic_ids" not in din["Trainer"].inputs

@@ -272,24 +272,42 @@ def _coerce(value, default, field_type, key):
     return value
 
 
-def _build(cls, values, where):
+def _resolve_aliases(cls, values, where):
+    """`values` with a dataclass's older key names (`cls.KEY_ALIASES`: old -> new) renamed."""
+    aliases = getattr(cls, "KEY_ALIASES", {})
+    if not any(old in values for old in aliases):
+        return values
+    values = dict(values)
+    for old, new in aliases.items():
+        if old in values:
+            if new in values:
+                raise ValueError(f"config keys {where}{old} and {where}{new} name the same setting "
+                                 f"({old} is the older name of {new}); keep only {where}{new}")
+            values[new] = values.pop(old)
+    return values
+
+
+def _build(cls, values, where, defaults=None):
     if not isinstance(values, dict):
         raise ValueError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = _resolve_aliases(cls, values, where)
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        aliases = getattr(cls, "KEY_ALIASES", {})
+        also = f" (older names: {', '.join(f'{old} = {new}' for old, new in aliases.items())})" if aliases else ""
         raise ValueError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; valid: {', '.join(sorted(fields))}"
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; valid: {', '.join(sorted(fields))}{also}"
         )
     kwargs = {}
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults  # a section's defaults are those of its parent's field
     for key, value in values.items():
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+            kwargs[key] = _build(type(default), value, f"{where}{key}.", default)
         else:
             kwargs[key] = _coerce(value, default, fields[key].type, where + key)
-    return cls(**kwargs)
+    return dataclasses.replace(defaults, **kwargs)
 
 
 def _apply_override(values, override):
@@ -346,21 +364,27 @@ def load_config(path=None, overrides=()):
     return build_config(ExperimentConfig, load_config_values(path, overrides))
 
 
-def describe_keys(cls, where=""):
+def describe_keys(cls, where="", defaults=None):
     """Every config key of dataclass `cls` with its default, one per line (for `--help`).
 
-    Generated from the dataclasses, so it lists exactly what `build_config` accepts.
+    Generated from the dataclasses, so it lists exactly what `build_config` accepts
+    (older key names a section still reads are listed after it).
 
     >>> print(describe_keys(EvalConfig).splitlines()[0])
       ks = [5, 10, 20]
     """
     lines = []
+    defaults = cls() if defaults is None else defaults
     for field in dataclasses.fields(cls):
-        default = getattr(cls(), field.name)
+        default = getattr(defaults, field.name)
         if dataclasses.is_dataclass(default):
             lines.append(f"{where}{field.name}:  ({type(default).__name__})")
-            lines.append(describe_keys(type(default), where + field.name + "."))
+            lines.append(describe_keys(type(default), where + field.name + ".", default))
         else:
             value = list(default) if isinstance(default, tuple) else default
             lines.append(f"  {where}{field.name} = {json.dumps(value)}")
+    aliases = getattr(cls, "KEY_ALIASES", {})
+    if aliases:
+        names = ", ".join(f"{where}{old} = {where}{new}" for old, new in aliases.items())
+        lines.append(f"  older key names read: {names}")
     return "\n".join(lines)

@@ -25,6 +25,8 @@ this module imports without them; the pipeline adds them only when
 `pipeline.item_semantics` / `pipeline.semantic_ids` are set.
 """
 
+import dataclasses
+import json
 import os
 import tempfile
 
@@ -126,29 +128,32 @@ def ItemSemanticsGen(
 def SemanticIds(
     semantic_store: InputArtifact[SemanticStoreArtifact],
     semantic_ids: OutputArtifact[SemanticIdsArtifact],
-    view: Parameter[str] = "title",
-    mode: Parameter[str] = "rqkmeans",
-    num_levels: Parameter[int] = 3,
-    codebook_size: Parameter[int] = 256,
-    seed: Parameter[int] = 0,
-    codebook_sizes: Parameter[str] = "",
-    deduplicate: Parameter[bool] = True,
-    iterations: Parameter[int] = 20,
-    epochs: Parameter[int] = 50,
-    latent_dim: Parameter[int] = 32,
+    config: Parameter[str] = "{}",
 ) -> None:
-    """Fit semantic IDs on the pooled `view` of the semantic store.
+    """Fit semantic IDs on a pooled view of the semantic store.
 
-    `codebook_sizes`: one size per level, comma-separated (e.g. `"32,32,32"`);
-    empty = `codebook_size` at every level. Other arguments as
-    `tfrec.semantics.sids.SidsConfig` (`iterations` for rqkmeans, `epochs` and
-    `latent_dim` for rqvae)."""
+    `config`: a `tfrec.semantics.sids.SidsConfig` as a JSON mapping (keys as the
+    `sids:` config section, checked the same way; `{}` = the defaults; its
+    `store_path` is not used: the store is the `semantic_store` input); build it
+    with `sids_config_parameter`.
+    """
+    from tfrec.config import build_config
     from tfrec.semantics.sids import SidsConfig, sids_from_store
 
-    sizes = [int(v) for v in codebook_sizes.split(",")] if codebook_sizes else codebook_size
-    config = SidsConfig(mode=mode, num_levels=num_levels, codebook_size=sizes, seed=seed, deduplicate=deduplicate,
-                        iterations=iterations, epochs=epochs, latent_dim=latent_dim)
-    sids_from_store(semantic_store.uri, semantic_ids.uri, view=view, config=config)
+    sids = build_config(SidsConfig, json.loads(config), "sids.").check("sids.")
+    sids_from_store(semantic_store.uri, semantic_ids.uri, view=sids.view, config=sids)
+
+
+def sids_config_parameter(config) -> str:
+    """The `SemanticIds` component's `config` parameter for a `SidsConfig` (JSON, without `store_path`).
+
+    >>> from tfrec.semantics.sids import SidsConfig
+    >>> json.loads(sids_config_parameter(SidsConfig(num_levels=2, codebook_size=8)))["codebook_size"]
+    [8]
+    """
+    values = dataclasses.asdict(config)
+    values.pop("store_path")
+    return json.dumps(values, sort_keys=True)
 
 
 class SemanticTrainerSpec(standard_component_specs.TrainerSpec):
@@ -181,12 +186,15 @@ class SemanticTrainer(base_component.BaseComponent):
     store's URI at `fn_args.custom_config[SEMANTIC_STORE_KEY]`. Its node id is
     `Trainer` unless set with `with_id`.
 
-    Example (not run as a doctest: it needs the upstream TFX components' channels;
-    `tfx_pipeline.pipeline.create_pipeline` wires it, `tests/test_tfx_pipeline.py` runs it):
-    >>> trainer = SemanticTrainer(  # doctest: +SKIP
-    ...     examples=transform.outputs["transformed_examples"], transform_graph=transform.outputs["transform_graph"],
-    ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={...},
-    ...     semantic_store=item_semantics.outputs["semantic_store"])
+    Example (the upstream outputs as bare channels; `tfx_pipeline.pipeline.create_pipeline`
+    wires the real ones and `tests/test_tfx_pipeline.py` runs it):
+    >>> trainer = SemanticTrainer(
+    ...     examples=Channel(type=standard_artifacts.Examples),
+    ...     transform_graph=Channel(type=standard_artifacts.TransformGraph),
+    ...     run_fn="tfx_pipeline.trainer.run_fn", custom_config={"task": "sequential"},
+    ...     semantic_store=Channel(type=SemanticStoreArtifact))
+    >>> trainer.id, sorted(trainer.inputs), sorted(trainer.outputs)
+    ('Trainer', ['examples', 'semantic_store', 'transform_graph'], ['model', 'model_run'])
     """
 
     SPEC_CLASS = SemanticTrainerSpec

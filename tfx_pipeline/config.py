@@ -206,7 +206,7 @@ def _check_ctr(config):
     if config.uses_semantic_ids and not opts.semantic_ids:
         raise ValueError(
             f"model.name: {name} needs pipeline.semantic_ids: true: R2LED routes over the semantic IDs the "
-            f"SemanticIds component fits (sids.levels, sids.codebook_size)"
+            f"SemanticIds component fits (sids.num_levels, sids.codebook_size)"
         )
 
 

@@ -39,6 +39,7 @@ from tfx_pipeline.components import (
     ItemSemanticsGen,
     SemanticIds,
     SemanticTrainer,
+    sids_config_parameter,
 )
 from tfx_pipeline.config import CTR
 from tfx_pipeline.data import EVAL, HISTORY_BUCKET, LABEL, SPLITS, TEST, TRAIN
@@ -145,14 +146,7 @@ def _semantic_ids_args(config):
     """SemanticIds parameters: the CTR `sids:` section (as `tfrec ctr train` fits them), else the defaults."""
     if not config.is_ctr:
         return {}
-    from tfrec.ctr import sids_config
-
-    section = config.experiment.sids
-    fitted = sids_config(section)
-    return {"view": section.view, "mode": fitted.mode, "num_levels": fitted.num_levels,
-            "codebook_sizes": ",".join(str(int(k)) for k in fitted.codebook_size), "deduplicate": fitted.deduplicate,
-            "seed": fitted.seed, "iterations": fitted.iterations, "epochs": fitted.epochs,
-            "latent_dim": fitted.latent_dim}
+    return {"config": sids_config_parameter(config.experiment.sids)}
 
 
 def create_pipeline(config, local=True):

@@ -50,15 +50,14 @@ the most recent `model.max_history` items).
 
 from tfrec.ctr.config import (
     MONITORS,
-    QUANTIZERS,
     REFERENCES,
     WIDE_SIDE,
     CTRConfig,
     CTRDataConfig,
     CTRModelConfig,
-    CTRSidsConfig,
     CTRTrainConfig,
     check_ctr_config,
+    ctr_sids_defaults,
     load_ctr_config,
     model_names,
 )
@@ -79,6 +78,5 @@ from tfrec.ctr.semantics import (
     item_semantics_of,
     load_store_for,
     prepare_item_semantics,
-    sids_config,
 )
 from tfrec.ctr.training import fit_reference, load_trained_ctr, train_ctr

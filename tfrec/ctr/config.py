@@ -1,4 +1,7 @@
-"""CTR configuration: one dataclass per config section (`data`, `model`, `sids`, `train`), loaded from YAML."""
+"""CTR configuration: one dataclass per config section (`data`, `model`, `sids`, `train`), loaded from YAML.
+
+The `sids:` section is `tfrec.semantics.sids.SidsConfig`, the same class `tfrec sids`
+and the TFX SemanticIds component use (with CTR defaults, `ctr_sids_defaults`)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ import dataclasses
 from typing import Optional
 
 from tfrec.config import EngineConfig, RunConfig, build_config, load_config_values
+from tfrec.semantics.sids import SidsConfig
 
-QUANTIZERS = ("rqkmeans", "rqvae")
 MONITORS = ("auc", "gauc")
 REFERENCES = ("popularity", "logreg")
 WIDE_SIDE = ("auto", "required", "none")
@@ -93,21 +96,11 @@ class CTRModelConfig:
     logreg_c: float = 1.0
 
 
-@dataclasses.dataclass
-class CTRSidsConfig:
-    """Item semantics: the store (`tfrec ctr encode`) and the SIDs fitted on its `view`.
-    `codebook_size`: one size per level, or one for all. Other keys as `SidsConfig`."""
-
-    store_path: str = "artifacts/semantics/movielens-1m-subset"
-    view: str = "title"
-    quantizer: str = "rqkmeans"
-    levels: int = 3
-    codebook_size: tuple = (32, 32, 32)
-    deduplicate: bool = False
-    seed: int = 0
-    iterations: int = 20
-    epochs: int = 50
-    latent_dim: int = 32
+def ctr_sids_defaults() -> SidsConfig:
+    """The `sids:` section's CTR defaults: the ML-1M subset's store, 32 codewords
+    per level, no de-duplication level (R2LED routes on the L quantizer levels)."""
+    return SidsConfig(store_path="artifacts/semantics/movielens-1m-subset", codebook_size=(32, 32, 32),
+                      deduplicate=False)
 
 
 @dataclasses.dataclass
@@ -131,7 +124,7 @@ class CTRConfig(RunConfig):
     output_dir: str = "runs"
     data: CTRDataConfig = dataclasses.field(default_factory=CTRDataConfig)
     model: CTRModelConfig = dataclasses.field(default_factory=CTRModelConfig)
-    sids: CTRSidsConfig = dataclasses.field(default_factory=CTRSidsConfig)
+    sids: SidsConfig = dataclasses.field(default_factory=ctr_sids_defaults)
     train: CTRTrainConfig = dataclasses.field(default_factory=CTRTrainConfig)
 
 
@@ -147,7 +140,6 @@ def check_ctr_config(config: CTRConfig) -> CTRConfig:
     from tfrec.data.lifelong import VOCABULARIES
 
     choices = {"model.name": (config.model.name, model_names()),
-               "sids.quantizer": (config.sids.quantizer, QUANTIZERS),
                "train.monitor": (config.train.monitor, MONITORS),
                "data.vocabulary": (config.data.vocabulary, VOCABULARIES),
                "model.wide_profile": (config.model.wide_profile, WIDE_SIDE),
@@ -156,7 +148,7 @@ def check_ctr_config(config: CTRConfig) -> CTRConfig:
         if value not in allowed:
             raise ValueError(f"config key {key} must be one of {', '.join(allowed)}; got {value!r}")
     positive = {"model.max_history": config.model.max_history, "model.top_k": config.model.top_k,
-                "model.embedding_dim": config.model.embedding_dim, "sids.levels": config.sids.levels,
+                "model.embedding_dim": config.model.embedding_dim,
                 "train.batch_size": config.train.batch_size, "train.eval_batch_size": config.train.eval_batch_size,
                 "train.epochs": config.train.epochs, "train.patience": config.train.patience,
                 "model.baseline_top_k": config.model.baseline_top_k,
@@ -165,9 +157,7 @@ def check_ctr_config(config: CTRConfig) -> CTRConfig:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"config key {key} must be >= 1, got {value!r}")
-    if len(config.sids.codebook_size) not in (1, config.sids.levels):
-        raise ValueError(f"config key sids.codebook_size must have 1 or sids.levels={config.sids.levels} entries, "
-                         f"got {list(config.sids.codebook_size)}")
+    config.sids.check("sids.")
     return config
 
 

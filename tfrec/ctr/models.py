@@ -36,7 +36,7 @@ def build_ctr_model(config: CTRConfig, data, semantics: Optional[ItemSemantics],
                      **common, **options, name=mc.name.replace("-", "_"))
     if mc.name not in CTR_BASELINES:
         raise ValueError(f"config key model.name must be one of {', '.join(model_names())}; got {mc.name!r}")
-    routes = len(mc.route_levels) or config.sids.levels + int(config.sids.deduplicate)  # R2LED's route count
+    routes = len(mc.route_levels) or config.sids.num_levels + int(config.sids.deduplicate)  # R2LED's route count
     extra = {}
     if mc.name == "sim-hard":
         if data.item_genres is None:

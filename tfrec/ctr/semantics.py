@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from tfrec.ctr.config import CTRSidsConfig
+from tfrec.ctr.config import ctr_sids_defaults
 from tfrec.data.preprocess import ITEM_VOCAB_FILE
 
 STORE_COMMAND = "tfrec ctr encode --config CONFIG"
@@ -76,34 +76,25 @@ def load_store_for(store_path, item_vocab):
                                       f"(size {item_vocab.size}); build one with `{STORE_COMMAND}`") from None
 
 
-def sids_config(section: CTRSidsConfig):
-    """The `tfrec.semantics.sids.SidsConfig` of a `sids:` config section."""
-    from tfrec.semantics.sids import SidsConfig
-
-    sizes = list(section.codebook_size) * (section.levels if len(section.codebook_size) == 1 else 1)
-    return SidsConfig(mode=section.quantizer, num_levels=section.levels, codebook_size=[int(s) for s in sizes],
-                      deduplicate=section.deduplicate, seed=section.seed, iterations=section.iterations,
-                      epochs=section.epochs, latent_dim=section.latent_dim)
-
-
-def prepare_item_semantics(data, store_path, section: Optional[CTRSidsConfig] = None,
+def prepare_item_semantics(data, store_path, section=None,
                            fit: bool = True) -> ItemSemantics:
     """SIDs and pooled vectors for the item vocabulary of lifelong `data`.
 
     Args:
         data: `LifelongData`; its `item_vocab` must be the store's vocabulary.
         store_path: semantic store folder or versions root (see `load_store_for`).
-        section: a `CTRSidsConfig` (view, quantizer, levels, codebook sizes, seed).
+        section: the `sids:` section, a `tfrec.semantics.sids.SidsConfig` (view,
+            mode, levels, codebook sizes, seed); None = `ctr_sids_defaults()`.
         fit: fit the SIDs (False: pooled vectors only, e.g. for SIM-soft).
     """
     from tfrec.semantics.sids import fit_sids
 
-    section = section or CTRSidsConfig()
+    section = section or ctr_sids_defaults()
     store = load_store_for(store_path, data.item_vocab)
     if not fit:
         return item_semantics_of(store, section.view)
     view = store.view(section.view)
-    sids, quantizer = fit_sids(np.asarray(view.pooled, np.float32), store.fingerprint, sids_config(section),
+    sids, quantizer = fit_sids(np.asarray(view.pooled, np.float32), store.fingerprint, section,
                                mask=np.asarray(view.mask, bool), item_vocab=data.item_vocab,
                                source={"store": str(store.path), "view": section.view})
     return item_semantics_of(store, section.view, sids, quantizer)

@@ -25,7 +25,8 @@ server's: run ``redis-server`` with ``--appendonly yes --appendfsync always``
 power loss, not on a killed process). Connection failures and timeouts
 (``socket_timeout_seconds``) raise :class:`StoreUnavailable`.
 
-Example (needs a running server):
+Example (not run as a doctest: it needs a live ``redis-server``;
+``tests/test_history_store.py`` starts one):
 >>> store = RedisHistoryStore("redis://127.0.0.1:6379/0")  # doctest: +SKIP
 >>> store.append([Event("u", "a", 1, 1.0, "e1")])           # doctest: +SKIP
 1

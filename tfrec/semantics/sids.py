@@ -38,8 +38,9 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -55,17 +56,45 @@ class SidsFingerprintError(ValueError):
     """The SIDs were fitted on another semantic store than the one expected."""
 
 
+SIDS_MODES = ("rqkmeans", "rqvae")
+
+
 @dataclass
 class SidsConfig:
-    """How to fit SIDs. Quantizer arguments as in `ResidualQuantizer`.
+    """How to fit SIDs: the one config of semantic IDs for every task.
 
-    `iterations` is for rqkmeans (k-means iterations per level); `epochs`,
-    `batch_size`, `learning_rate` for rqvae.
+    It is `tfrec sids`'s options, the `sids:` section of a CTR config
+    (`tfrec.ctr.CTRConfig`, `tfrec ctr train`) and the TFX `SemanticIds`
+    component's parameters. Quantizer arguments as in `ResidualQuantizer`.
+
+    - `store_path`, `view`: the semantic store and its pooled view to quantise
+      (`tfrec sids --store/--view`; CTR: `tfrec ctr encode` writes the store).
+    - `mode`: `rqkmeans` or `rqvae`; `num_levels`: code length L.
+    - `codebook_size`: codewords per level, one size for every level or one per
+      level (an int is read as one size for all).
+    - `iterations` is for rqkmeans (k-means iterations per level); `epochs`,
+      `batch_size`, `learning_rate`, `latent_dim`, `hidden_dims`,
+      `commitment_weight`, `dead_code_threshold` for rqvae.
+
+    YAML key aliases (the older CTR names, still read): `quantizer` = `mode`,
+    `levels` = `num_levels`; giving both names of one key is an error.
+
+    >>> config = SidsConfig(num_levels=2, codebook_size=8)
+    >>> config.codebook_size, config.level_sizes()
+    ((8,), [8, 8])
+    >>> SidsConfig(mode="pq").check("sids.")
+    Traceback (most recent call last):
+    ...
+    ValueError: config key sids.mode must be one of rqkmeans, rqvae; got 'pq'
     """
 
+    KEY_ALIASES: ClassVar[dict] = {"quantizer": "mode", "levels": "num_levels"}
+
+    store_path: Optional[str] = None
+    view: str = "title"
     mode: str = "rqkmeans"
     num_levels: int = 3
-    codebook_size: int | list = 256
+    codebook_size: tuple = (256,)
     deduplicate: bool = True
     seed: int = 0
     iterations: int = 20
@@ -73,14 +102,47 @@ class SidsConfig:
     batch_size: int = 256
     learning_rate: float = 1e-3
     latent_dim: int = 32
-    hidden_dims: list = field(default_factory=lambda: [256, 128])
+    hidden_dims: tuple = (256, 128)
     commitment_weight: float = 0.25
     dead_code_threshold: int = 1
 
+    def __post_init__(self):
+        sizes = self.codebook_size
+        self.codebook_size = (sizes,) if np.isscalar(sizes) else tuple(sizes)
+        self.hidden_dims = tuple(self.hidden_dims)
+
+    def check(self, where: str = "") -> "SidsConfig":
+        """Value checks naming the offending key (`where` prefixes it, e.g. `"sids."`)."""
+        if self.mode not in SIDS_MODES:
+            raise ValueError(f"config key {where}mode must be one of {', '.join(SIDS_MODES)}; got {self.mode!r}")
+        for key in ("num_levels", "iterations", "epochs", "batch_size", "latent_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {where}{key} must be >= 1, got {getattr(self, key)!r}")
+        if len(self.codebook_size) not in (1, self.num_levels):
+            raise ValueError(f"config key {where}codebook_size must have 1 or {where}num_levels={self.num_levels} "
+                             f"entries, got {list(self.codebook_size)}")
+        if any(int(k) != k or k < 2 for k in self.codebook_size):
+            raise ValueError(f"config key {where}codebook_size: every size must be an integer >= 2, "
+                             f"got {list(self.codebook_size)}")
+        return self
+
+    def level_sizes(self) -> list:
+        """Codewords per level, one int for each of the `num_levels` levels."""
+        sizes = list(self.codebook_size)
+        return [int(k) for k in (sizes * self.num_levels if len(sizes) == 1 else sizes)]
+
+    def fit_options(self) -> dict:
+        """What the fit depends on (not where the store is): recorded in, and hashed into, the metadata."""
+        options = dataclasses.asdict(self)
+        for key in ("store_path", "view"):
+            options.pop(key)
+        options.update(codebook_size=self.level_sizes(), hidden_dims=list(self.hidden_dims))
+        return options
+
     def quantizer_kwargs(self) -> dict:
         return dict(
-            num_levels=self.num_levels, codebook_size=self.codebook_size, mode=self.mode,
-            latent_dim=self.latent_dim, hidden_dims=self.hidden_dims,
+            num_levels=self.num_levels, codebook_size=self.level_sizes(), mode=self.mode,
+            latent_dim=self.latent_dim, hidden_dims=list(self.hidden_dims),
             commitment_weight=self.commitment_weight, dead_code_threshold=self.dead_code_threshold,
             seed=self.seed,
         )
@@ -257,7 +319,7 @@ def fit_sids(embeddings, source_fingerprint: str, config: SidsConfig | None = No
     """
     from tfrec.layers.residual_quantizer import ResidualQuantizer
 
-    config = config or SidsConfig()
+    config = (config or SidsConfig()).check()
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or embeddings.shape[0] < 3:
         raise ValueError(
@@ -299,7 +361,7 @@ def fit_sids(embeddings, source_fingerprint: str, config: SidsConfig | None = No
     codebooks = [keras.ops.convert_to_numpy(cb).astype(np.float32) for cb in quantizer.codebooks]
 
     digest = hashlib.sha256(source_fingerprint.encode())
-    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(json.dumps(config.fit_options(), sort_keys=True).encode())
     digest.update(codes.tobytes())
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -314,7 +376,7 @@ def fit_sids(embeddings, source_fingerprint: str, config: SidsConfig | None = No
         "num_rows": num_rows,
         "embedding_dim": int(embeddings.shape[1]),
         "seed": config.seed,
-        "config": dataclasses.asdict(config),
+        "config": config.fit_options(),
         "source": {"fingerprint": source_fingerprint, **(source or {})},
         "diagnostics": diagnostics,
         "fingerprint": digest.hexdigest(),
@@ -409,12 +471,13 @@ def _codebook_size(text):
 
 def _cmd_sids(args):
     config = SidsConfig(
+        store_path=args.store, view=args.view,
         mode=args.mode, num_levels=args.levels, codebook_size=_codebook_size(args.codebook_size),
         deduplicate=not args.no_dedup, seed=args.seed, iterations=args.iterations, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, latent_dim=args.latent_dim,
-    )
-    if args.store:
-        sids = sids_from_store(args.store, args.out, view=args.view, config=config)
+    ).check()
+    if config.store_path:
+        sids = sids_from_store(config.store_path, args.out, view=config.view, config=config)
     else:
         if not Path(args.embeddings).is_file():
             raise FileNotFoundError(f"embeddings file not found: {args.embeddings}")
@@ -435,7 +498,7 @@ def add_commands(subparsers):
     source.add_argument("--embeddings", help="a (V, d) .npy table aligned with the item vocabulary instead")
     cmd.add_argument("--view", default="title", help="store view to quantize (default: title)")
     cmd.add_argument("--out", required=True, help="output artifact directory")
-    cmd.add_argument("--mode", choices=["rqkmeans", "rqvae"], default="rqkmeans")
+    cmd.add_argument("--mode", choices=SIDS_MODES, default="rqkmeans")
     cmd.add_argument("--levels", type=int, default=3)
     cmd.add_argument("--codebook-size", default="256", help="int, or one int per level: 256,256,256")
     cmd.add_argument("--seed", type=int, default=0)
