@@ -8,6 +8,8 @@ plus whatever `extra(protocol)` adds. Field names are a contract other tools rea
 
 import json
 
+import numpy as np
+
 REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")
 
 
@@ -46,3 +48,32 @@ def sequential_records(results, dataset, model, variant, extra=lambda protocol: 
         }
         for protocol, metrics in results["splits"]["test"].items()
     ]
+
+
+def paired_rows(groups, ours, metric):
+    """Run `ours` minus every other run of `groups` (`{run: [records with "seed" and
+    "metrics"]}`), paired by seed: mean difference and a 95% interval
+    (`dmesr.paired_bootstrap` over the paired seeds, relative -> absolute by the other
+    run's mean; with a few seeds the interval is coarse). Rows for a Markdown table;
+    keys starting with `_` carry the numbers."""
+    from dmesr import paired_bootstrap
+
+    mine_by_seed = {r["seed"]: r["metrics"][metric] for r in groups.get(ours, [])}
+    rows = []
+    for run, rs in groups.items():
+        if run == ours:
+            continue
+        pairs = [(mine_by_seed[r["seed"]], r["metrics"][metric]) for r in rs if r["seed"] in mine_by_seed]
+        if not pairs:
+            continue
+        mine, theirs = np.array(pairs).T
+        base = float(theirs.mean())
+        if len(pairs) > 1:
+            boot = paired_bootstrap(mine, theirs)
+            lo, hi = (c * base for c in boot["ci95"])
+        else:
+            lo = hi = float(mine[0] - theirs[0])
+        rows.append({"vs": run, "paired_seeds": len(pairs), f"{metric}_diff": f"{float((mine - theirs).mean()):+.4f}",
+                     "ci95": f"[{lo:+.4f}, {hi:+.4f}]", "above_zero": "yes" if lo > 0 else "no",
+                     "_diff": float((mine - theirs).mean()), "_ci95": [lo, hi]})
+    return rows

@@ -19,12 +19,21 @@ parallel: the figures are wall times on this machine), with the configs in
 
 Usage:
     .venv/bin/python benchmarks/backbones.py [--datasets amazon-beauty ...] [--models sasrec ...]
-        [--max-train-seconds 900] [--merge] [--out reports] [config overrides ...]
+        [--seeds 1 2 3] [--variant id] [--max-train-seconds 900] [--merge] [--out reports]
+        [config overrides ...]
 
-`--merge` keeps the records of `<out>/backbones.json` for the (dataset, model) pairs
-not re-run now, so the grid can be filled over several invocations; every record
-carries its own budget, overrides and load average (the machine's other work shows
-in `train_seconds` and, under a wall-time budget, in the epochs reached).
+`--seeds` runs every pair once per seed (`train.seed`; default: the config's seed) and
+`--variant NAME` labels the runs of this invocation (default `id`, the configs as they
+are; e.g. `--variant ema train.ema_momentum=0.998`). Records carry `seed` and
+`variant`; with several variants the Markdown adds, per (dataset, model), each
+variant's mean over seeds and its paired difference (by seed) to `id` in test
+NDCG@10 (full ranking) with a 95% bootstrap interval (`_records.paired_rows`).
+
+`--merge` keeps the records of `<out>/backbones.json` for the (dataset, model,
+variant, seed) runs not re-run now, so the grid can be filled over several
+invocations; every record carries its own budget, overrides and load average (the
+machine's other work shows in `train_seconds` and, under a wall-time budget, in the
+epochs reached).
 """
 
 import argparse
@@ -34,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +53,7 @@ from tfrec.config import load_config  # noqa: E402
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from tfrec.training import train_sequential  # noqa: E402
 from _plots import save_plot  # noqa: E402
-from _records import kept_records, sequential_records  # noqa: E402
+from _records import paired_rows, sequential_records  # noqa: E402
 
 DATASETS = ("amazon-beauty", "amazon-sports", "amazon-toys")
 MODELS = ("sasrec", "bert4rec", "gru4rec")
@@ -56,13 +67,14 @@ def first_time_reaching(curve, threshold):
     return None
 
 
-def run_one(dataset, model, max_seconds, overrides):
+def run_one(dataset, model, max_seconds, overrides, variant="id", seed=None):
     config = load_config(
         ROOT / "configs" / f"{model}_beauty.yaml",
-        [f"data.dataset={dataset}", f"name={model}-{dataset}", "output_dir=runs/benchmarks", *overrides]
-        + ([f"train.max_train_seconds={max_seconds}"] if max_seconds else []),
+        [f"data.dataset={dataset}", f"name={model}-{dataset}-{variant}", "output_dir=runs/benchmarks", *overrides]
+        + ([f"train.max_train_seconds={max_seconds}"] if max_seconds else [])
+        + ([f"train.seed={seed}"] if seed is not None else []),
     )
-    print(f"== {dataset} / {model}", flush=True)
+    print(f"== {dataset} / {model} / {variant} / seed {config.train.seed}", flush=True)
     load_at_start = list(os.getloadavg())
     results, _, _ = train_sequential(config, verbose=0, save=False)
     run_info = {"max_train_seconds": config.train.max_train_seconds, "overrides": list(overrides),
@@ -74,13 +86,45 @@ def run_one(dataset, model, max_seconds, overrides):
         "gflops_per_second": results["epoch_flops"] * results["epochs"] / max(results["train_seconds"], 1e-9) / 1e9,
         "to_val0.05_s": reached,
     }
-    records = sequential_records(results, dataset, model, "id", extra=lambda protocol: {**throughput, **run_info})
+    run_info["seed"] = config.train.seed
+    records = sequential_records(results, dataset, model, variant, extra=lambda protocol: {**throughput, **run_info})
     print(
         f"   test full ndcg@10 {results['splits']['test']['full']['ndcg@10']:.4f}, "
         f"{results['epochs']} epochs, {results['train_seconds']:.0f}s",
         flush=True,
     )
     return records
+
+
+def variant_lines(records, metric="ndcg@10"):
+    """Markdown: per (dataset, model) with several variants, each variant's mean over seeds
+    and its seed-paired difference to `id` (test, full ranking)."""
+    full = [r for r in records if r["protocol"] == "full"]
+    lines = []
+    for dataset, model in sorted({(r["dataset"], r["model"]) for r in full}):
+        groups = {}
+        for r in full:
+            if (r["dataset"], r["model"]) == (dataset, model) and r.get("seed") is not None:
+                groups.setdefault(r.get("variant", "id"), []).append(r)
+        if len(groups) < 2 or "id" not in groups:
+            continue
+        means = [{"variant": v, "seeds": len(rs),
+                  f"test {metric}": f'{np.mean([r["metrics"][metric] for r in rs]):.4f}',
+                  "std": f'{np.std([r["metrics"][metric] for r in rs]):.4f}',
+                  f"valid {metric}": f'{np.mean([r["valid_metrics"][metric] for r in rs]):.4f}',
+                  "epochs": f'{np.mean([r["epochs"] for r in rs]):.1f}',
+                  "to_val0.05_s": ", ".join("-" if r["to_val0.05_s"] is None else f'{r["to_val0.05_s"]:.0f}'
+                                            for r in rs)}
+                 for v, rs in groups.items()]
+        lines += ["", f"## {dataset} / {model}: variants over seeds (test, full ranking)", "",
+                  format_metrics_table(means)]
+        paired = [{"variant": variant, **{k: v for k, v in row.items() if not k.startswith("_")}}
+                  for variant in groups if variant != "id"
+                  for row in paired_rows({variant: groups[variant], "id": groups["id"]}, variant, metric)]
+        if paired:
+            lines += ["", f"Paired by seed, variant minus `id` ({metric}, 95% bootstrap interval over seeds):", "",
+                      format_metrics_table(paired)]
+    return lines
 
 
 def write_reports(records, out):
@@ -93,6 +137,8 @@ def write_reports(records, out):
             {
                 "dataset": r["dataset"],
                 "model": r["model"],
+                "variant": r.get("variant", "id"),
+                "seed": r.get("seed", ""),
                 **r["metrics"],
                 "epochs": r["epochs"],
                 "train_s": round(r["train_seconds"]),
@@ -108,6 +154,7 @@ def write_reports(records, out):
             if r["protocol"] == protocol
         ]
         lines += ["", f"## protocol: {protocol}", "", format_metrics_table(rows)]
+    lines += variant_lines(records)
     (out / "backbones.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -122,7 +169,9 @@ def write_reports(records, out):
         for r in curves:
             if r["dataset"] == dataset:
                 c = r["validation_curve"]
-                ax.plot([p["epoch"] for p in c], [p["ndcg@10"] for p in c], marker=".", label=r["model"])
+                label = r["model"] if r.get("variant", "id") == "id" else f'{r["model"]} {r["variant"]}'
+                label += f' s{r["seed"]}' if r.get("seed") is not None else ""
+                ax.plot([p["epoch"] for p in c], [p["ndcg@10"] for p in c], marker=".", label=label)
         ax.set_title(f"{dataset}: validation NDCG@10 (full)")
         ax.set_xlabel("epoch")
         ax.legend()
@@ -134,19 +183,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="train.seed of each run (default: the config's)")
+    parser.add_argument("--variant", default="id", help="label of this invocation's runs (with its overrides)")
     parser.add_argument("--max-train-seconds", type=float, default=None)
     parser.add_argument("--merge", action="store_true",
-                        help="keep the existing records of the (dataset, model) pairs not run now")
+                        help="keep the existing records of the (dataset, model, variant, seed) runs not run now")
     parser.add_argument("--out", default=str(ROOT / "reports"))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
-    records = kept_records(Path(args.out) / "backbones.json", lambda r: (r["dataset"], r["model"]),
-                           [(d, m) for d in args.datasets for m in args.models]) if args.merge else []
+    seeds = args.seeds or [None]
+    previous = Path(args.out) / "backbones.json"
+    # --merge: every old record stays unless a run of this invocation has its
+    # (dataset, model, variant, seed); each finished run replaces its old record.
+    records = json.loads(previous.read_text()) if args.merge and previous.is_file() else []
     start = time.time()
     for dataset in args.datasets:
         for model in args.models:
-            records += run_one(dataset, model, args.max_train_seconds, args.overrides)
-            write_reports(records, Path(args.out))  # partial results survive an interruption
+            for seed in seeds:
+                new = run_one(dataset, model, args.max_train_seconds, args.overrides, args.variant, seed)
+                records = [r for r in records if (r["dataset"], r["model"], r.get("variant", "id"), r.get("seed"))
+                           != (dataset, model, args.variant, new[0]["seed"])] + new
+                write_reports(records, Path(args.out))  # partial results survive an interruption
     print(f"done in {time.time() - start:.0f}s -> {args.out}/backbones.{{json,md,png}}")
 
 

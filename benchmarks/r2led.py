@@ -81,6 +81,7 @@ from tfrec.ctr import (  # noqa: E402
     needs_semantics, popularity_metrics, prepare_item_semantics, train_ctr)
 from tfrec.metrics import format_metrics_table  # noqa: E402
 from _plots import save_plot  # noqa: E402
+from _records import paired_rows  # noqa: E402
 from tfrec.models.ctr_baselines import CTR_BASELINES  # noqa: E402
 from tfrec.models.r2led import R2LED_VARIANTS, route_diagnostics  # noqa: E402
 
@@ -316,33 +317,6 @@ def group_runs(records, dataset):
     return groups
 
 
-def paired_rows(groups, metric="auc"):
-    """R2LED minus every other run, paired by seed: mean difference and a 95% interval
-    (`dmesr.paired_bootstrap` over the paired seeds, relative -> absolute by the other
-    run's mean; with 5 seeds the interval is coarse)."""
-    from dmesr import paired_bootstrap
-
-    ours = {r["seed"]: r["metrics"][metric] for r in groups.get("r2led", [])}
-    rows = []
-    for run, rs in groups.items():
-        if run == "r2led":
-            continue
-        pairs = [(ours[r["seed"]], r["metrics"][metric]) for r in rs if r["seed"] in ours]
-        if not pairs:
-            continue
-        mine, theirs = np.array(pairs).T
-        base = float(theirs.mean())
-        if len(pairs) > 1:
-            boot = paired_bootstrap(mine, theirs)
-            lo, hi = (c * base for c in boot["ci95"])
-        else:
-            lo = hi = float(mine[0] - theirs[0])
-        rows.append({"vs": run, "paired_seeds": len(pairs), f"{metric}_diff": f"{float((mine - theirs).mean()):+.4f}",
-                     "ci95": f"[{lo:+.4f}, {hi:+.4f}]", "above_zero": "yes" if lo > 0 else "no",
-                     "_diff": float((mine - theirs).mean()), "_ci95": [lo, hi]})
-    return rows
-
-
 def cost_table(groups):
     costs = {run: rs[0]["ms_per_1k_requests_by_history_len"] for run, rs in groups.items()
              if rs[0].get("ms_per_1k_requests_by_history_len")}
@@ -390,7 +364,8 @@ def write_reports(payload, out):
                  for r in records if r["dataset"] == dataset and r["model"] == "popularity"]
         lines += [format_metrics_table(rows), ""]
         if "r2led" in groups:
-            margins = [{k: v for k, v in row.items() if not k.startswith("_")} for row in paired_rows(groups)]
+            margins = [{k: v for k, v in row.items() if not k.startswith("_")}
+                       for row in paired_rows(groups, "r2led", "auc")]
             lines += ["### R2LED − other run, test AUC, paired by seed (95% bootstrap interval over seeds)", "",
                       format_metrics_table(margins) if margins else "(no other run yet)", ""]
             diag = [r["route_diagnostics"] for r in groups["r2led"] if r.get("route_diagnostics")]
