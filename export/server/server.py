@@ -83,7 +83,17 @@ class ModelServer:
             except ValueError:
                 self.history_store.close()
                 raise
-        self.core = ServingCore(self.registry, self.metrics, histories)
+        items = None
+        if self.options.items_delta:
+            from export.server.items import ItemsEndpoint
+
+            try:
+                items = ItemsEndpoint.from_options(self.options.items_delta, self.options.items_model,
+                                                   self.options.items_store, self.options.items_encoder)
+            except ValueError:
+                self._close_history_store()
+                raise
+        self.core = ServingCore(self.registry, self.metrics, histories, items)
         self.registry.context = self.core
         self.metrics.set_version_states(self.registry.version_states)
         self._grpc: Optional[grpc.Server] = None
