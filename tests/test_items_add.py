@@ -32,9 +32,9 @@ def like_encoder(rows):
     return vectors, None
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("live")
+def export_models(root):
+    """A tiny SASRec recommender and its brute-force retrieval export under `root` (TABLE filled); returns
+    `configs(delta, reload_seconds)`: the served models, with `live` = the retrieval merged with `delta`."""
     vocab = Vocabulary(TOKENS)
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(embedding_dim=8, max_length=6, num_layers=1, num_heads=1, dropout=0.0),
@@ -44,16 +44,32 @@ def served(tmp_path_factory):
     table, tokens = catalog_table(model, vocab)
     TABLE.update({t.decode() if isinstance(t, bytes) else str(t): np.asarray(v) for t, v in zip(tokens, table)})
     export_index(build_indexes(table, tokens, k=K, kinds=("bruteforce",))["bruteforce"], root / "retrieval", 1)
+
+    def configs(delta, reload_seconds="0.1"):
+        return [ServedModel("recommender", str(root / "recommender")),
+                ServedModel("retrieval", str(root / "retrieval")),
+                ServedModel("live", f"export.delta_retrieval:factory?retrieval=retrieval&delta={delta}"
+                                    f"&reload_seconds={reload_seconds}", platform="python")]
+
+    return configs
+
+
+def user_query(client):
+    """The query vector of the user who saw i1, i2, i3 (the recommender's `user_embedding`)."""
+    query = client.predict("recommender", {"history": [["i1", "i2", "i3"]]}, signature="user_embedding")
+    return np.asarray(query["embedding"], np.float32)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    configs = export_models(root)
     delta = root / "delta" / "items.npz"
     delta.parent.mkdir()
-    configs = [ServedModel("recommender", str(root / "recommender")), ServedModel("retrieval", str(root / "retrieval")),
-               ServedModel("live", f"export.delta_retrieval:factory?retrieval=retrieval&delta={delta}"
-                                   "&reload_seconds=0.1", platform="python")]
-    server = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1,
-                                                allowed_python_modules=("export.delta_retrieval",))).start()
+    server = ModelServer(configs(delta), ServerOptions(port=0, rest_api_port=-1,
+                                                       allowed_python_modules=("export.delta_retrieval",))).start()
     client = PredictClient(server.grpc_address)
-    query = client.predict("recommender", {"history": [["i1", "i2", "i3"]]}, signature="user_embedding")["embedding"]
-    yield {"client": client, "delta": str(delta), "query": np.asarray(query, np.float32), "root": root}
+    yield {"client": client, "delta": str(delta), "query": user_query(client), "root": root}
     client.close()
     server.stop()
 
