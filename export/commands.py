@@ -4,6 +4,8 @@
     tfrec serve --model_name recommender --model_base_path /models/recommender \\
                 [--enable_batching --max_batch_size 32 --batch_timeout_micros 2000]
                 [--enable_per_model_batching_parameters]
+    tfrec serve ... --items_delta /srv/delta/items.npz --items_model runs/dmesr-sasrec-beauty
+                [--items_store DIR] | --items_encoder module:function      # POST /v1/items
     tfrec query --address 127.0.0.1:8500 --model recommender --signature recommend \\
                 --input history=i1,i7,i9 --input k=10 [--format table]
     tfrec query --model recommender --status | --metadata

@@ -5,7 +5,9 @@
 and appends them to a **delta file**; a served ``export.delta_retrieval.DeltaRetrievalServable``
 merges the delta with the retrieval servable (ScaNN or brute force) at query
 time, so the items are recommendable within ``reload_seconds`` of the ``add``,
-with no retraining, no restart and no failed request.
+with no retraining, no restart and no failed request. The model server does the same
+on ``POST /v1/items`` (``tfrec serve --items_delta PATH --items_model RUN | --items_encoder
+module:function``; see **Endpoint** below and ``export.server.items``).
 
 - **Delta file** (``.npz``): ``tokens`` (n,), ``vectors`` float32 (n, d) in the
   retrieval index's space (a query's score of an item = dot product, as the
@@ -39,14 +41,37 @@ with no retraining, no restart and no failed request.
   DMESR item vectors, same space as the exported retrieval table) and ``sids``
   int ``(n, L)`` or None. ``--encoder`` names it as ``module:function`` (a
   command-line choice of the operator, never a request's); see
-  :func:`load_encoder`.
+  :func:`load_encoder`. A ``ValueError`` from the encoder means "these rows cannot be
+  encoded" (e.g. a column the model reads is missing); anything else is the encoder's failure.
+- **Rows** (one validator for the file and the endpoint, :func:`check_item_row` /
+  :func:`check_item_rows`): each row a mapping of string values with a non-empty
+  ``item_id`` (1..256 UTF-8 bytes, no tabs or newlines; no ``item_id`` twice in one add),
+  every value at most ``MAX_FIELD_BYTES`` (8 KiB). All rows are checked before anything is
+  encoded; errors name the row (``new.tsv line 3``, ``items[2]``) and the field.
+- **One add** (:func:`add_rows`, the code path of both ``tfrec items add`` and the endpoint):
+  encode, check the encoder's output, then :func:`add_items`, which takes an exclusive
+  ``flock`` on ``<delta>.lock`` around its read-modify-write of the file (concurrent adds,
+  from threads or from the CLI beside a server, take turns and lose nothing). A failed add
+  writes nothing.
+- **Endpoint** (``export.server.items``): ``tfrec serve --items_delta /srv/delta/items.npz``
+  with exactly one of ``--items_model RUN`` (``--items_store DIR`` optional) and
+  ``--items_encoder module:function`` loads the encoder once at start-up (a bad combination
+  or an encoder that cannot be loaded fails start-up naming the flag) and serves
+  ``POST /v1/items`` ``{"items": [{"item_id": "B0NEW1", "title": "..."}, ...]}`` -> ``{"added",
+  "replaced", "items", "generation", "seconds"}`` (as ``tfrec items add`` prints). At most
+  ``MAX_REQUEST_ITEMS`` (1,024) items a request; a bad row is 400 naming its index and field;
+  the encoder refusing the rows (``ValueError``) is 400, any other encoder failure 500; without
+  ``--items_delta`` the endpoint answers 501 (UNIMPLEMENTED). Adds run one at a time (a lock:
+  the encoder need not be thread-safe). Nothing in a request chooses the encoder or a file.
 
 Configuration::
 
     config { name: 'retrieval_live' model_platform: 'python'
              base_path: 'export.delta_retrieval:factory?retrieval=retrieval_scann&delta=/srv/delta/items.npz' }
 
-served with ``--allowed_python_modules export.delta_retrieval``.
+served with ``--allowed_python_modules export.delta_retrieval``; add
+``--items_delta /srv/delta/items.npz --items_model runs/dmesr-sasrec-beauty`` to the same
+``tfrec serve`` for ``POST /v1/items``.
 
 Example:
 >>> import os, tempfile
@@ -56,6 +81,10 @@ Example:
 {'added': 2, 'replaced': 0, 'items': 2, 'generation': 1}
 >>> load_delta(path).tokens.tolist()
 ['new-1', 'new-2']
+>>> rows = check_item_rows([{"item_id": "new-3", "title": "Rose lip balm"}], lambda i: f"items[{i}]")
+>>> result = add_rows(rows, path, lambda rows: (np.ones((len(rows), 4), "float32"), None))
+>>> result["added"], result["items"], result["generation"]
+(1, 3, 2)
 >>> merge_top_k(np.array([[b"a", b"b"]], dtype=object), np.array([[3.0, 1.0]], "float32"),
 ...             np.array(["c"]), np.array([[2.0]], "float32"), 2)[0].tolist()
 [[b'a', b'c']]
