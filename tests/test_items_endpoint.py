@@ -237,3 +237,16 @@ def test_tfrec_serve_with_items_flags(tmp_path):
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(60) == 0
+
+
+def test_a_delta_no_served_model_follows_is_warned_about(tmp_path, caplog, live):
+    options = dict(port=0, rest_api_port=0, items_delta=str(tmp_path / "d.npz"), items_encoder=ENCODER)
+    with caplog.at_level("WARNING", logger="export.server.server"):
+        ModelServer([ServedModel("none", str(tmp_path / "none"))], ServerOptions(**options))
+    assert "no served model follows this file" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="export.server.server"):
+        ModelServer([ServedModel("live", f"export.delta_retrieval:factory?retrieval=retrieval&delta={live['delta']}",
+                                 platform="python")], ServerOptions(**{**options, "items_delta": live["delta"],
+                                                      "allowed_python_modules": ("export.delta_retrieval",)}))
+    assert "no served model follows" not in caplog.text

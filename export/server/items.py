@@ -15,7 +15,9 @@ embeds the items with that encoder and adds them to the delta file exactly as ``
 
 - **who chooses what**: the encoder and the delta file are the operator's, fixed at start-up (the
   encoder is loaded then: a bad flag combination or an encoder that cannot be loaded fails start-up
-  naming the flag). Nothing in a request names an encoder, a file or a path.
+  naming the flag). Nothing in a request names an encoder, a file or a path. When no configured
+  python model follows the file (``delta=`` of an ``export.delta_retrieval`` model), start-up logs a
+  warning: posted items would be stored but recommended by nothing.
 - **rows**: the rules of ``tfrec items add --items`` (one validator, ``export.items_add.check_item_row``):
   each row an object of string values with a non-empty ``item_id`` (1..256 bytes, no tabs or
   newlines), no ``item_id`` twice in a request, every value at most ``MAX_FIELD_BYTES`` (8 KiB);
