@@ -245,10 +245,16 @@ def _write_merged(path: str, tokens: list, vectors: np.ndarray, sids: np.ndarray
         all_vectors, all_sids = vectors, sids
     generation = old.generation + 1
     tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}.npz"
-    np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids, generation=np.int64(generation))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids,
+                 generation=np.int64(generation))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # e.g. disk full: leave the old file and no half-written temporary
+            os.remove(tmp)
+        raise
     return {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens), "generation": generation}
 
 

@@ -123,6 +123,8 @@ LONG = "x" * (MAX_FIELD_BYTES + 1)
     ([{"item_id": "a", "vector": "1", "title": None}], "items[0] field 'title': must be a string, got NoneType"),
     # a row the encoder would crash on comes first: the bad row is found before anything is encoded
     ([{"item_id": "a", "vector": "1", "fail": "crash"}, {"item_id": 7}], "items[1] field 'item_id'"),
+    ([{"item_id": "\ud800", "vector": "1"}], "items[0] field 'item_id': not valid UTF-8"),  # JSON allows it
+    ([{"item_id": "a", "vector": "1", "title": "x\udfff"}], "items[0] field 'title': not valid UTF-8"),
     ([], "non-empty"),
 ])
 def test_bad_rows_are_400_naming_the_row_and_nothing_is_written(live, items, needle):
