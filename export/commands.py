@@ -4,6 +4,8 @@
     tfrec serve --model_name recommender --model_base_path /models/recommender \\
                 [--enable_batching --max_batch_size 32 --batch_timeout_micros 2000]
                 [--enable_per_model_batching_parameters]
+    tfrec serve ... --items_delta /srv/delta/items.npz --items_model runs/dmesr-sasrec-beauty
+                [--items_store DIR] | --items_encoder module:function      # POST /v1/items
     tfrec query --address 127.0.0.1:8500 --model recommender --signature recommend \\
                 --input history=i1,i7,i9 --input k=10 [--format table]
     tfrec query --model recommender --status | --metadata
@@ -66,6 +68,16 @@ def add_commands(subparsers) -> None:
                               "sqlite:///path/events.db or redis://127.0.0.1:6379/0")
     history.add_argument("--history_length", type=int, default=256,
                          help="most recent events read per user for a request by user_id (default 256)")
+    items = serve.add_argument_group("new items while serving: POST /v1/items (off by default)")
+    items.add_argument("--items_delta", metavar="PATH",
+                       help="the delta file (.npz) POST /v1/items adds new items to (the one a served "
+                            "export.delta_retrieval model follows); needs --items_model or --items_encoder")
+    items.add_argument("--items_model", metavar="RUN",
+                       help="the built-in encoder: a trained DMESR run folder (or its model.keras)")
+    items.add_argument("--items_store", metavar="DIR",
+                       help="with --items_model: the semantic store (default: the model's dmesr.store_path)")
+    items.add_argument("--items_encoder", metavar="MODULE:FUNCTION",
+                       help="instead of --items_model: a function returning (vectors, sids) for the rows")
     serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                        help="threads one op may use (0 = TensorFlow's default; 1 suits small models under "
                             "concurrent load, see export/TF_SERVING.md)")
@@ -175,6 +187,8 @@ def server_options(args):
         rest_max_connections=args.rest_max_connections, rest_idle_timeout_seconds=args.rest_idle_timeout_seconds,
         rest_allowed_hosts=tuple(args.rest_allowed_hosts), grpc_use_tensor_content=args.grpc_use_tensor_content,
         history_store=args.history_store, history_length=args.history_length,
+        items_delta=args.items_delta, items_model=args.items_model, items_store=args.items_store,
+        items_encoder=args.items_encoder,
     )
 
 

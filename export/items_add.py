@@ -5,7 +5,9 @@
 and appends them to a **delta file**; a served ``export.delta_retrieval.DeltaRetrievalServable``
 merges the delta with the retrieval servable (ScaNN or brute force) at query
 time, so the items are recommendable within ``reload_seconds`` of the ``add``,
-with no retraining, no restart and no failed request.
+with no retraining, no restart and no failed request. The model server does the same
+on ``POST /v1/items`` (``tfrec serve --items_delta PATH --items_model RUN | --items_encoder
+module:function``; see **Endpoint** below and ``export.server.items``).
 
 - **Delta file** (``.npz``): ``tokens`` (n,), ``vectors`` float32 (n, d) in the
   retrieval index's space (a query's score of an item = dot product, as the
@@ -39,14 +41,37 @@ with no retraining, no restart and no failed request.
   DMESR item vectors, same space as the exported retrieval table) and ``sids``
   int ``(n, L)`` or None. ``--encoder`` names it as ``module:function`` (a
   command-line choice of the operator, never a request's); see
-  :func:`load_encoder`.
+  :func:`load_encoder`. A ``ValueError`` from the encoder means "these rows cannot be
+  encoded" (e.g. a column the model reads is missing); anything else is the encoder's failure.
+- **Rows** (one validator for the file and the endpoint, :func:`check_item_row` /
+  :func:`check_item_rows`): each row a mapping of string values with a non-empty
+  ``item_id`` (1..256 UTF-8 bytes, no tabs or newlines; no ``item_id`` twice in one add),
+  every value at most ``MAX_FIELD_BYTES`` (8 KiB). All rows are checked before anything is
+  encoded; errors name the row (``new.tsv line 3``, ``items[2]``) and the field.
+- **One add** (:func:`add_rows`, the code path of both ``tfrec items add`` and the endpoint):
+  encode, check the encoder's output, then :func:`add_items`, which takes an exclusive
+  ``flock`` on ``<delta>.lock`` around its read-modify-write of the file (concurrent adds,
+  from threads or from the CLI beside a server, take turns and lose nothing). A failed add
+  writes nothing.
+- **Endpoint** (``export.server.items``): ``tfrec serve --items_delta /srv/delta/items.npz``
+  with exactly one of ``--items_model RUN`` (``--items_store DIR`` optional) and
+  ``--items_encoder module:function`` loads the encoder once at start-up (a bad combination
+  or an encoder that cannot be loaded fails start-up naming the flag) and serves
+  ``POST /v1/items`` ``{"items": [{"item_id": "B0NEW1", "title": "..."}, ...]}`` -> ``{"added",
+  "replaced", "items", "generation", "seconds"}`` (as ``tfrec items add`` prints). At most
+  ``MAX_REQUEST_ITEMS`` (1,024) items a request; a bad row is 400 naming its index and field;
+  the encoder refusing the rows (``ValueError``) is 400, any other encoder failure 500; without
+  ``--items_delta`` the endpoint answers 501 (UNIMPLEMENTED). Adds run one at a time (a lock:
+  the encoder need not be thread-safe). Nothing in a request chooses the encoder or a file.
 
 Configuration::
 
     config { name: 'retrieval_live' model_platform: 'python'
              base_path: 'export.delta_retrieval:factory?retrieval=retrieval_scann&delta=/srv/delta/items.npz' }
 
-served with ``--allowed_python_modules export.delta_retrieval``.
+served with ``--allowed_python_modules export.delta_retrieval``; add
+``--items_delta /srv/delta/items.npz --items_model runs/dmesr-sasrec-beauty`` to the same
+``tfrec serve`` for ``POST /v1/items``.
 
 Example:
 >>> import os, tempfile
@@ -56,6 +81,10 @@ Example:
 {'added': 2, 'replaced': 0, 'items': 2, 'generation': 1}
 >>> load_delta(path).tokens.tolist()
 ['new-1', 'new-2']
+>>> rows = check_item_rows([{"item_id": "new-3", "title": "Rose lip balm"}], lambda i: f"items[{i}]")
+>>> result = add_rows(rows, path, lambda rows: (np.ones((len(rows), 4), "float32"), None))
+>>> result["added"], result["items"], result["generation"]
+(1, 3, 2)
 >>> merge_top_k(np.array([[b"a", b"b"]], dtype=object), np.array([[3.0, 1.0]], "float32"),
 ...             np.array(["c"]), np.array([[2.0]], "float32"), 2)[0].tolist()
 [[b'a', b'c']]
@@ -63,8 +92,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import importlib
 import logging
 import os
@@ -76,6 +107,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_DELTA_ITEMS = 200_000
+MAX_TOKEN_BYTES = 256  # an item token (item_id)
+MAX_FIELD_BYTES = 8 << 10  # any value of a new item's row (title, generated_text, ...), UTF-8
+MAX_REQUEST_ITEMS = 1024  # items in one POST /v1/items request
 EXCLUDED_SCORE = float(np.finfo(np.float32).min)  # tfrec.serving.EXCLUDED_SCORE (an empty slot), without TensorFlow
 
 
@@ -131,21 +165,67 @@ def add_items(path: str, tokens, vectors, sids=None) -> dict:
     or more than ``MAX_DELTA_ITEMS`` items in all.
     """
     tokens = [str(t) for t in tokens]
-    vectors = np.asarray(vectors, dtype=np.float32)
     if not tokens:
         raise ValueError("no items to add")
-    if vectors.ndim != 2 or len(vectors) != len(tokens):
-        raise ValueError(f"vectors must be (items, dim) = ({len(tokens)}, d), got {vectors.shape}")
-    if not np.isfinite(vectors).all():
-        raise ValueError("vectors hold NaN or infinite values")
-    bad = [t for t in tokens if not t or len(t.encode("utf-8")) > 256 or any(c in t for c in "\t\n\r")]
-    if bad:
-        raise ValueError(f"item tokens must be 1..256 bytes without tabs or newlines, got {bad[0][:64]!r}")
+    vectors, sids = item_arrays(len(tokens), vectors, sids)
+    for token in tokens:
+        problem = token_problem(token)
+        if problem:
+            raise ValueError(f"item token {token[:64]!r}: {problem}")
     if len(set(tokens)) != len(tokens):
         raise ValueError("the same item token appears twice in one add")
-    sids = np.zeros((len(tokens), 0), np.int32) if sids is None else np.asarray(sids, dtype=np.int32)
-    if sids.ndim != 2 or len(sids) != len(tokens):
+    with _file_lock(path):
+        return _write_merged(path, tokens, vectors, sids)
+
+
+def item_arrays(n: int, vectors, sids=None):
+    """``(vectors float32 (n, d), sids int32 (n, L))`` checked (``sids`` None -> ``(n, 0)``); ``ValueError``."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != n:
+        raise ValueError(f"vectors must be (items, dim) = ({n}, d), got {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors hold NaN or infinite values")
+    sids = np.zeros((n, 0), np.int32) if sids is None else np.asarray(sids, dtype=np.int32)
+    if sids.ndim != 2 or len(sids) != n:
         raise ValueError(f"sids must be (items, levels), got {sids.shape}")
+    return vectors, sids
+
+
+def token_problem(token: str):
+    """Why ``token`` cannot be an item token (``None`` if it can): 1..256 UTF-8 bytes, no tabs or newlines.
+
+    >>> token_problem("B00X"), token_problem("x" * 300)
+    (None, 'must be 1..256 bytes without tabs or newlines')
+    """
+    size = _utf8_size(token)
+    if size is None:
+        return "is not valid UTF-8 text (a lone surrogate)"
+    if not 1 <= size <= MAX_TOKEN_BYTES or any(c in token for c in "\t\n\r"):
+        return f"must be 1..{MAX_TOKEN_BYTES} bytes without tabs or newlines"
+    return None
+
+
+def _utf8_size(text: str):
+    """Bytes of ``text`` in UTF-8; ``None`` when it cannot be encoded (lone surrogates, which JSON allows)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive ``flock`` on ``<path>.lock``: read-modify-writes of one delta file (the server's
+    ``POST /v1/items``, ``tfrec items add`` runs) take turns, across processes and threads."""
+    handle = open(f"{path}.lock", "a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _write_merged(path: str, tokens: list, vectors: np.ndarray, sids: np.ndarray) -> dict:
     old = load_delta(path)
     if len(old.tokens):
         if old.vectors.shape[1] != vectors.shape[1]:
@@ -164,11 +244,17 @@ def add_items(path: str, tokens, vectors, sids=None) -> dict:
     else:
         all_vectors, all_sids = vectors, sids
     generation = old.generation + 1
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids, generation=np.int64(generation))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}.npz"
+    try:
+        np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids,
+                 generation=np.int64(generation))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # e.g. disk full: leave the old file and no half-written temporary
+            os.remove(tmp)
+        raise
     return {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens), "generation": generation}
 
 
@@ -239,28 +325,103 @@ class DeltaWatcher:
             return self._delta
 
 
+def check_item_row(row, where: str) -> dict:
+    """One new item's row, checked: THE row rules of ``tfrec items add --items`` and ``POST /v1/items``.
+
+    ``row``: a mapping of column names to string values with a non-empty ``item_id`` (an item token:
+    1..256 UTF-8 bytes, no tabs or newlines); every value at most ``MAX_FIELD_BYTES`` (8 KiB) of UTF-8.
+    ``where`` names the row in errors (``"new.tsv line 3"``, ``"items[2]"``). Returns ``row`` as a ``dict``;
+    ``ValueError`` naming ``where`` and the field otherwise.
+
+    >>> check_item_row({"item_id": "n1", "title": "Red lipstick"}, "items[0]")
+    {'item_id': 'n1', 'title': 'Red lipstick'}
+    >>> check_item_row({"item_id": "n1", "title": 3}, "items[4]")
+    Traceback (most recent call last):
+    ...
+    ValueError: items[4] field 'title': must be a string, got int
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: must be an object of string values, got {type(row).__name__}")
+    for key, value in row.items():
+        key_size = _utf8_size(key) if isinstance(key, str) else None
+        if key_size is None or key_size > MAX_TOKEN_BYTES:
+            raise ValueError(f"{where}: field names must be UTF-8 strings of at most {MAX_TOKEN_BYTES} bytes, "
+                             f"got {str(key)[:64]!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"{where} field {key[:64]!r}: must be a string, got {type(value).__name__}")
+        size = _utf8_size(value)
+        if size is None:
+            raise ValueError(f"{where} field {key[:64]!r}: not valid UTF-8 text (a lone surrogate)")
+        if size > MAX_FIELD_BYTES:
+            raise ValueError(f"{where} field {key[:64]!r}: {size} bytes, more than the limit of {MAX_FIELD_BYTES}")
+    if "item_id" not in row:
+        raise ValueError(f"{where}: no item_id field")
+    if not row["item_id"]:
+        raise ValueError(f"{where} field 'item_id': empty item_id")
+    problem = token_problem(row["item_id"])
+    if problem:
+        raise ValueError(f"{where} field 'item_id': {problem}")
+    return dict(row)
+
+
+def check_item_rows(rows, name_row, max_items: int = MAX_DELTA_ITEMS) -> list:
+    """Every row of one add checked by :func:`check_item_row` (``name_row(index)`` names row ``index``),
+    at least one and at most ``max_items`` rows, no ``item_id`` twice; the rows, or ``ValueError``.
+
+    >>> check_item_rows([{"item_id": "a"}, {"item_id": "a"}], lambda i: f"items[{i}]")
+    Traceback (most recent call last):
+    ...
+    ValueError: items[1] field 'item_id': 'a' already appears in items[0]
+    """
+    if not rows:
+        raise ValueError("no items")
+    if len(rows) > max_items:
+        raise ValueError(f"{len(rows)} items, more than the limit of {max_items}")
+    checked, first = [], {}
+    for index, row in enumerate(rows):
+        row = check_item_row(row, name_row(index))
+        if row["item_id"] in first:
+            raise ValueError(f"{name_row(index)} field 'item_id': {row['item_id'][:64]!r} already appears in "
+                             f"{name_row(first[row['item_id']])}")
+        first[row["item_id"]] = index
+        checked.append(row)
+    return checked
+
+
 def read_items_file(path: str, max_items: int = MAX_DELTA_ITEMS) -> list:
-    """Rows of a TSV with a header naming its columns (``item_id`` required), as dicts of strings."""
+    """Rows of a TSV with a header naming its columns (``item_id`` required), as dicts of strings,
+    checked by :func:`check_item_rows` (errors name the file's line)."""
     try:
         handle = open(path, encoding="utf-8", newline="")
     except OSError as err:
         raise ValueError(f"cannot read items file {path}: {err.strerror}") from None
     with handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if not reader.fieldnames or "item_id" not in reader.fieldnames:
-            raise ValueError(f"{path}: the first line must name the columns, with item_id")
-        rows = []
-        for number, row in enumerate(reader, 2):
-            if None in row or any(v is None for v in row.values()):
-                raise ValueError(f"{path} line {number}: expected {len(reader.fieldnames)} tab-separated fields")
-            if not row["item_id"]:
-                raise ValueError(f"{path} line {number}: empty item_id")
-            rows.append(row)
-            if len(rows) > max_items:
-                raise ValueError(f"{path}: more than {max_items} items")
+        try:
+            if not reader.fieldnames or "item_id" not in reader.fieldnames:
+                raise ValueError(f"{path}: the first line must name the columns, with item_id")
+            rows = []
+            for number, row in enumerate(reader, 2):
+                if None in row or any(v is None for v in row.values()):
+                    raise ValueError(f"{path} line {number}: expected {len(reader.fieldnames)} tab-separated fields")
+                rows.append(row)
+                if len(rows) > max_items:
+                    raise ValueError(f"{path}: more than {max_items} items")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
     if not rows:
         raise ValueError(f"{path}: no items")
-    return rows
+    return check_item_rows(rows, lambda index: f"{path} line {index + 2}", max_items)
+
+
+class EncoderFailed(ValueError):
+    """The encoder raised something other than a ``ValueError``, or returned malformed output: the
+    encoder's (or the server's) fault, not the rows' (``POST /v1/items`` answers INTERNAL)."""
+
+
+class DeltaFailed(ValueError):
+    """The delta file refused the encoded items (another width than its items, full, unreadable):
+    the server's state, not the rows (``POST /v1/items`` answers FAILED_PRECONDITION)."""
 
 
 def load_encoder(spec: str):
@@ -277,16 +438,40 @@ def load_encoder(spec: str):
     return found
 
 
-def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
-    """Encode the items of ``items_path`` with ``encoder(rows) -> (vectors, sids)`` and add them to the delta."""
-    rows = read_items_file(items_path)
+def add_rows(rows: list, delta_path: str, encoder) -> dict:
+    """Encode checked ``rows`` (:func:`check_item_rows`) with ``encoder(rows) -> (vectors, sids)`` and add
+    them to the delta file: the one code path of ``tfrec items add`` and ``POST /v1/items``.
+
+    Returns ``{"added", "replaced", "items", "generation", "seconds"}`` (encode + write). Errors:
+    ``ValueError`` from the encoder (the rows: e.g. a column the model reads is missing), re-raised with
+    its message; :class:`EncoderFailed` for any other encoder exception or malformed output;
+    :class:`DeltaFailed` when the delta file refuses the items. Nothing is written unless all succeed.
+    Callers serialise calls for one delta file when the encoder is not thread-safe (the server holds a lock).
+    """
     started = time.perf_counter()
-    encoded = encoder(rows)
+    try:
+        encoded = encoder(rows)
+    except ValueError as err:
+        raise ValueError(f"the encoder refused the items: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any other failure is the encoder's
+        raise EncoderFailed(f"the encoder failed: {type(err).__name__}: {err}") from err
     if not isinstance(encoded, tuple) or len(encoded) != 2:
-        raise ValueError("the encoder must return (vectors (n, d), sids (n, L) or None)")
-    vectors, sids = encoded
-    result = add_items(delta_path, [row["item_id"] for row in rows], vectors, sids)
+        raise EncoderFailed("the encoder must return (vectors (n, d), sids (n, L) or None)")
+    try:
+        vectors, sids = item_arrays(len(rows), *encoded)
+    except (TypeError, ValueError) as err:
+        raise EncoderFailed(f"the encoder returned malformed output: {err}") from None
+    try:
+        result = add_items(delta_path, [row["item_id"] for row in rows], vectors, sids)
+    except (OSError, ValueError) as err:
+        raise DeltaFailed(f"the delta file refused the items: {err}") from err
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
+    """Encode the items of ``items_path`` with ``encoder(rows) -> (vectors, sids)`` and add them to the delta
+    (:func:`read_items_file` then :func:`add_rows`)."""
+    return add_rows(read_items_file(items_path), delta_path, encoder)
 
 
 def model_encoder(run: str, store: str = None):

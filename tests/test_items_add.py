@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from export.client import PredictClient
-from export.items_add import add_items, add_items_file, load_delta, load_encoder, merge_top_k, read_items_file
+from export.items_add import (MAX_FIELD_BYTES, EncoderFailed, add_items, add_items_file, add_rows, load_delta,
+                              load_encoder, merge_top_k, read_items_file)
 from tfrec.serving.retrieval import build_indexes
 from export.saved_model import catalog_table, export_index, export_sequential
 from export.server import ModelServer, ServerOptions
@@ -32,9 +33,9 @@ def like_encoder(rows):
     return vectors, None
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("live")
+def export_models(root):
+    """A tiny SASRec recommender and its brute-force retrieval export under `root` (TABLE filled); returns
+    `configs(delta, reload_seconds)`: the served models, with `live` = the retrieval merged with `delta`."""
     vocab = Vocabulary(TOKENS)
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(embedding_dim=8, max_length=6, num_layers=1, num_heads=1, dropout=0.0),
@@ -44,16 +45,32 @@ def served(tmp_path_factory):
     table, tokens = catalog_table(model, vocab)
     TABLE.update({t.decode() if isinstance(t, bytes) else str(t): np.asarray(v) for t, v in zip(tokens, table)})
     export_index(build_indexes(table, tokens, k=K, kinds=("bruteforce",))["bruteforce"], root / "retrieval", 1)
+
+    def configs(delta, reload_seconds="0.1"):
+        return [ServedModel("recommender", str(root / "recommender")),
+                ServedModel("retrieval", str(root / "retrieval")),
+                ServedModel("live", f"export.delta_retrieval:factory?retrieval=retrieval&delta={delta}"
+                                    f"&reload_seconds={reload_seconds}", platform="python")]
+
+    return configs
+
+
+def user_query(client):
+    """The query vector of the user who saw i1, i2, i3 (the recommender's `user_embedding`)."""
+    query = client.predict("recommender", {"history": [["i1", "i2", "i3"]]}, signature="user_embedding")
+    return np.asarray(query["embedding"], np.float32)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    configs = export_models(root)
     delta = root / "delta" / "items.npz"
     delta.parent.mkdir()
-    configs = [ServedModel("recommender", str(root / "recommender")), ServedModel("retrieval", str(root / "retrieval")),
-               ServedModel("live", f"export.delta_retrieval:factory?retrieval=retrieval&delta={delta}"
-                                   "&reload_seconds=0.1", platform="python")]
-    server = ModelServer(configs, ServerOptions(port=0, rest_api_port=-1,
-                                                allowed_python_modules=("export.delta_retrieval",))).start()
+    server = ModelServer(configs(delta), ServerOptions(port=0, rest_api_port=-1,
+                                                       allowed_python_modules=("export.delta_retrieval",))).start()
     client = PredictClient(server.grpc_address)
-    query = client.predict("recommender", {"history": [["i1", "i2", "i3"]]}, signature="user_embedding")["embedding"]
-    yield {"client": client, "delta": str(delta), "query": np.asarray(query, np.float32), "root": root}
+    yield {"client": client, "delta": str(delta), "query": user_query(client), "root": root}
     client.close()
     server.stop()
 
@@ -141,6 +158,16 @@ def test_bad_items_and_deltas_are_clear_errors(tmp_path):
     (tmp_path / "short.tsv").write_text("item_id\ttitle\nx\n")
     with pytest.raises(ValueError, match="line 2"):
         read_items_file(str(tmp_path / "short.tsv"))
+    # the rows' rules are the endpoint's (export.items_add.check_item_row), named by line
+    (tmp_path / "dup.tsv").write_text("item_id\ttitle\nx\ta\ny\tb\nx\tc\n")
+    with pytest.raises(ValueError, match=r"line 4 field 'item_id': 'x' already appears in .*line 2"):
+        read_items_file(str(tmp_path / "dup.tsv"))
+    (tmp_path / "long.tsv").write_text("item_id\ttitle\nx\t" + "t" * (MAX_FIELD_BYTES + 1) + "\n")
+    with pytest.raises(ValueError, match=f"line 2 field 'title': .* more than the limit of {MAX_FIELD_BYTES}"):
+        read_items_file(str(tmp_path / "long.tsv"))
+    (tmp_path / "empty_id.tsv").write_text("item_id\ttitle\nx\ta\n\tb\n")
+    with pytest.raises(ValueError, match="line 3 field 'item_id': empty item_id"):
+        read_items_file(str(tmp_path / "empty_id.tsv"))
     for spec in ("nocolon", "no_such_module_x:f", "export.items_add:nothing"):
         with pytest.raises(ValueError, match="encoder"):
             load_encoder(spec)
@@ -151,3 +178,53 @@ def test_merge_keeps_the_best_and_lets_the_delta_override():
                               np.array(["b", "c"]), np.array([[5.0, 2.0]], "float32"), 4)
     assert ids.tolist() == [[b"b", b"a", b"c", b""]]
     assert scores[0, :3].tolist() == [5.0, 3.0, 2.0] and scores[0, 3] < -1e38
+
+
+def test_add_rows_sorts_encoder_failures_and_writes_nothing(tmp_path, capsys):
+    delta = str(tmp_path / "d.npz")
+    rows = [{"item_id": "a", "like": "i4", "boost": "1"}]
+    assert add_rows(rows, delta, like_encoder)["added"] == 1
+    before = open(delta, "rb").read()
+
+    def refuses(rows):
+        raise ValueError("no such column")
+
+    def crashes(rows):
+        raise KeyError("like")
+
+    for encoder, kind, needle in ((refuses, ValueError, "the encoder refused the items: no such column"),
+                                  (crashes, EncoderFailed, "the encoder failed: KeyError"),
+                                  (lambda rows: np.ones((1, 8)), EncoderFailed, "must return"),
+                                  (lambda rows: (np.ones((2, 8)), None), EncoderFailed, "malformed output"),
+                                  (lambda rows: (np.ones((1, 3)), None), ValueError, "delta file refused")):
+        with pytest.raises(kind, match=needle):
+            add_rows(rows, delta, encoder)
+    assert open(delta, "rb").read() == before
+    items = tmp_path / "new.tsv"
+    items.write_text("item_id\tlike\tboost\nn1\tno-such-item\t1\n")  # like_encoder: KeyError
+    assert main(["items", "add", "--items", str(items), "--delta", delta,
+                 "--encoder", "test_items_add:like_encoder"]) == 2
+    assert "the encoder failed: KeyError" in capsys.readouterr().err
+
+
+def test_concurrent_add_items_calls_take_turns(tmp_path):
+    """`add_items` holds an flock on `<delta>.lock` for its read-modify-write: concurrent adds (threads here;
+    a `tfrec items add` beside a server's `POST /v1/items` the same) never lose each other's items."""
+    path = str(tmp_path / "d.npz")
+    errors = []
+
+    def add(t):
+        try:
+            for i in range(5):
+                add_items(path, [f"t{t}-{i}"], np.full((1, 4), t, "float32"))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=add, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    got = load_delta(path)
+    assert errors == [] and sorted(got.tokens.tolist()) == sorted(f"t{t}-{i}" for t in range(6) for i in range(5))
+    assert got.generation == 30

@@ -113,3 +113,37 @@ def test_new_item_encoder_rejects_bad_input(run, tmp_path, capsys):
     (tmp_path / "model.keras").write_bytes((run["run_dir"] / "model.keras").read_bytes())
     with pytest.raises(ValueError, match="vocabular"):
         NewItemEncoder.from_run(tmp_path)
+
+
+def test_post_items_with_the_built_in_model_encoder(run, tmp_path):
+    """`tfrec serve --items_delta --items_model RUN`: POST /v1/items gives the same vectors as `tfrec items add
+    --model` (the catalogue rows with a zero ID row), and a row lacking a column the model reads is a 400."""
+    import urllib.error
+    import urllib.request
+
+    from export.server import ModelServer, ServerOptions, single_model_config
+
+    def post(body):
+        request = urllib.request.Request(server.rest_url + "/v1/items", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    delta = tmp_path / "items.npz"
+    chosen = ["i01", "i04", "i12"]
+    server = ModelServer(single_model_config("none", str(tmp_path / "none")), ServerOptions(
+        port=0, rest_api_port=0, items_delta=str(delta), items_model=str(run["run_dir"]))).start()
+    try:
+        rows = [{"item_id": f"new-{i}", "title": TITLES[i], "generated_text": GENERATED[i],
+                 "attributes": "|".join(ATTRIBUTES[i])} for i in chosen]
+        status, body = post({"items": rows})
+        assert status == 200 and (body["added"], body["items"], body["generation"]) == (3, 3, 1), body
+        status, body = post({"items": [{"item_id": "no-generated-text", "title": "x"}]})
+        assert status == 400 and "generated_text" in body["error"], body
+    finally:
+        server.stop()
+    got = load_delta(str(delta))
+    assert got.tokens.tolist() == [f"new-{i}" for i in chosen]
+    np.testing.assert_allclose(got.vectors, catalogue_rows_with_zero_id_rows(run, chosen), atol=1e-5, rtol=0)

@@ -470,6 +470,13 @@ class ServerOptions:
             by ``user_id`` and ``POST /v1/events`` (``export.server.user_history``).
         history_length: ``int``, most recent events read per user for a request by user id,
             default 256 (ours; at least the longest history the served models read).
+        items_delta: ``str`` or ``None`` (default: off), the delta file (``export.items_add``) that
+            ``POST /v1/items`` adds new items to (``export.server.items``); needs exactly one of
+            ``items_model`` and ``items_encoder``.
+        items_model: ``str`` or ``None``, a trained DMESR run (folder or ``model.keras``): the built-in
+            encoder ``tfrec.semantics.new_items.NewItemEncoder``, loaded at start-up.
+        items_store: ``str`` or ``None``, with ``items_model``: the semantic store (default: the model's).
+        items_encoder: ``str`` or ``None``, ``module:function`` of another encoder, loaded at start-up.
     """
 
     host: str = "127.0.0.1"
@@ -489,8 +496,15 @@ class ServerOptions:
     grpc_use_tensor_content: bool = False
     history_store: Optional[str] = None
     history_length: int = 256
+    items_delta: Optional[str] = None
+    items_model: Optional[str] = None
+    items_store: Optional[str] = None
+    items_encoder: Optional[str] = None
 
     def __post_init__(self):
+        from export.server.items import check_items_flags
+
+        check_items_flags(self.items_delta, self.items_model, self.items_store, self.items_encoder)
         self.allowed_python_modules = tuple(self.allowed_python_modules)
         self.rest_allowed_hosts = tuple(h.lower() for h in self.rest_allowed_hosts)
         for module in self.allowed_python_modules:

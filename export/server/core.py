@@ -132,12 +132,15 @@ class ServingCore:
         metrics: optional ``ServingMetrics``.
         histories: optional ``export.server.user_history.UserHistories``: requests may name
             ``user_id`` instead of ``history``, and :meth:`ingest_events` appends events.
+        items: optional ``export.server.items.ItemsEndpoint``: :meth:`add_items` embeds new items
+            into a delta file.
     """
 
-    def __init__(self, registry, metrics=None, histories=None):
+    def __init__(self, registry, metrics=None, histories=None, items=None):
         self.registry = registry
         self.metrics = metrics
         self.histories = histories
+        self.items = items
         self._lock = threading.Condition()
         self._in_flight = 0
         self._draining = False
@@ -270,6 +273,16 @@ class ServingCore:
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                    "event ingestion needs a server with a history store (tfrec serve --history_store ...)")
             return self.histories.ingest(document)
+
+    def add_items(self, document: Any, protocol: str = "python") -> dict:
+        """Embed the new items of a ``{"items": [...]}`` document and add them to the delta file
+        (``ItemsEndpoint.add``); UNIMPLEMENTED without ``--items_delta``."""
+        with self._request(ModelRef(""), "items", protocol):
+            if self.items is None:
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   "adding items needs a server with a delta file and an encoder "
+                                   "(tfrec serve --items_delta ... --items_model RUN | --items_encoder module:function)")
+            return self.items.add(document)
 
     def _examples_call(self, ref, examples: Sequence[bytes], api: str, fits, protocol: str):
         with self._request(ref, api, protocol) as labels, self._acquire(ref) as servable:

@@ -7,6 +7,9 @@ Routes (paths are case-insensitive, as in TF Serving):
 - ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict|classify|regress``;
 - ``POST /v1/events``: append user events to the history store (servers started with
   one; ``export.server.user_history``), ``{"events": [...]}`` -> ``{"received", "appended"}``;
+- ``POST /v1/items``: embed new catalogue items and add them to the delta file (servers started
+  with ``--items_delta``; ``export.server.items``), ``{"items": [...]}`` -> ``{"added", "replaced",
+  "items", "generation", "seconds"}``;
 - ``GET  /monitoring/prometheus/metrics``: Prometheus metrics (text format);
 - ``GET  /healthz``: 200 ``{"status": "ok"}`` when every configured model has an
   available version and the server is not shutting down, else 503 naming what is
@@ -66,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 EVENTS_PATH = "/v1/events"
+ITEMS_PATH = "/v1/items"
 MAX_BODY_BYTES = 64 << 20  # default body limit (ServerOptions.rest_max_body_bytes)
 MAX_LINE_BYTES = 8192  # a chunk-size line longer than this is malformed
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
@@ -339,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST":
             if path.lower() == EVENTS_PATH:
                 return 200, core.ingest_events(json_format.parse_body(body), protocol="rest")
+            if path.lower() == ITEMS_PATH:
+                return 200, core.add_items(json_format.parse_body(body), protocol="rest")
             match = _PREDICT_RE.fullmatch(path)
             if match:
                 name, version, label, verb = match.groups()

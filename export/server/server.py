@@ -41,6 +41,22 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _warn_if_no_model_follows(delta_path: str, configs) -> None:
+    """Log a warning when no configured python model reads ``delta_path`` (``delta=`` option): items posted
+    to ``/v1/items`` are then stored but recommended by nothing (until a config reload adds one)."""
+    import os
+
+    from export.server.config import PYTHON_PLATFORM, python_factory_spec
+
+    for config in configs:
+        if config.platform == PYTHON_PLATFORM:
+            delta = python_factory_spec(config.base_path)[2].get("delta")
+            if delta and os.path.abspath(delta) == delta_path:
+                return
+    logger.warning("--items_delta %s: no served model follows this file (an export.delta_retrieval model with "
+                   "delta=%s): POST /v1/items stores items that nothing recommends yet", delta_path, delta_path)
+
+
 class ModelServer:
     """Serves the models of ``configs`` over gRPC and REST.
 
@@ -83,7 +99,18 @@ class ModelServer:
             except ValueError:
                 self.history_store.close()
                 raise
-        self.core = ServingCore(self.registry, self.metrics, histories)
+        items = None
+        if self.options.items_delta:
+            from export.server.items import ItemsEndpoint
+
+            try:
+                items = ItemsEndpoint.from_options(self.options.items_delta, self.options.items_model,
+                                                   self.options.items_store, self.options.items_encoder)
+            except ValueError:
+                self._close_history_store()
+                raise
+            _warn_if_no_model_follows(items.delta_path, self.configs)
+        self.core = ServingCore(self.registry, self.metrics, histories, items)
         self.registry.context = self.core
         self.metrics.set_version_states(self.registry.version_states)
         self._grpc: Optional[grpc.Server] = None

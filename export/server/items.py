@@ -1,0 +1,172 @@
+"""``POST /v1/items``: new catalogue items embedded and added to the delta file while serving (issue 22 item 5).
+
+The model server's side of ``export.items_add`` (read its module docstring first). With
+``tfrec serve --items_delta /srv/delta/items.npz`` and exactly one encoder, ``--items_model RUN``
+(the built-in ``tfrec.semantics.new_items.NewItemEncoder`` of a trained DMESR run; ``--items_store DIR``
+overrides its semantic store) or ``--items_encoder module:function`` (any function with the
+``encoder(rows) -> (vectors, sids)`` interface), the REST endpoint
+
+    ``POST /v1/items`` ``{"items": [{"item_id": "B0NEW1", "title": "...", "generated_text": "..."}, ...]}``
+
+embeds the items with that encoder and adds them to the delta file exactly as ``tfrec items add``
+(one code path: ``export.items_add.add_rows``), answering ``{"added", "replaced", "items",
+"generation", "seconds"}``. A ``DeltaRetrievalServable`` following the same file
+(``export.delta_retrieval``) returns them within its ``reload_seconds``; no restart.
+
+- **who chooses what**: the encoder and the delta file are the operator's, fixed at start-up (the
+  encoder is loaded then: a bad flag combination or an encoder that cannot be loaded fails start-up
+  naming the flag). Nothing in a request names an encoder, a file or a path. When no configured
+  python model follows the file (``delta=`` of an ``export.delta_retrieval`` model), start-up logs a
+  warning: posted items would be stored but recommended by nothing.
+- **rows**: the rules of ``tfrec items add --items`` (one validator, ``export.items_add.check_item_row``):
+  each row an object of string values with a non-empty ``item_id`` (1..256 bytes, no tabs or
+  newlines), no ``item_id`` twice in a request, every value at most ``MAX_FIELD_BYTES`` (8 KiB);
+  at most ``MAX_REQUEST_ITEMS`` (1,024) items a request. All rows are checked before anything is
+  encoded; a bad row answers 400 (INVALID_ARGUMENT) naming its index and field
+  (``items[3] field 'title': must be a string, got int``), nothing written.
+- **one add at a time**: a lock serialises encode + write (the encoder need not be thread-safe, and
+  the delta's read-modify-write never loses a concurrent request's items); ``add_items`` also takes an
+  ``flock`` on ``<delta>.lock``, so a ``tfrec items add`` run beside the server takes turns too.
+  The delta file is replaced atomically: a failed add leaves it as it was.
+- **errors**: without ``--items_delta`` the endpoint answers UNIMPLEMENTED (REST 501) naming the flag.
+  The encoder raising ``ValueError`` (about the rows, e.g. a column the model reads is missing) is
+  INVALID_ARGUMENT (400); any other encoder exception or malformed encoder output is INTERNAL (500,
+  logged with its traceback on the server); the delta file refusing the items (another width than
+  its items, more than ``MAX_DELTA_ITEMS``, unreadable) is FAILED_PRECONDITION (400). The server
+  keeps serving in every case.
+
+REST only, as ``POST /v1/events``: gRPC serves TF Serving's fixed protos.
+
+Example (no server: the endpoint object the server holds, with a toy encoder):
+>>> import os, tempfile
+>>> import numpy as np
+>>> delta = os.path.join(tempfile.mkdtemp(), "items.npz")
+>>> endpoint = ItemsEndpoint(delta, lambda rows: (np.ones((len(rows), 4), "float32"), None))
+>>> result = endpoint.add({"items": [{"item_id": "n1", "title": "Red lipstick"}]})
+>>> {k: result[k] for k in ("added", "replaced", "items", "generation")}
+{'added': 1, 'replaced': 0, 'items': 1, 'generation': 1}
+>>> endpoint.add({"items": [{"item_id": "n2", "title": None}]})
+Traceback (most recent call last):
+...
+export.server.errors.ServingError: items[0] field 'title': must be a string, got NoneType
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional
+
+import grpc
+
+from export.items_add import (
+    MAX_REQUEST_ITEMS,
+    DeltaFailed,
+    EncoderFailed,
+    add_rows,
+    check_item_rows,
+    load_delta,
+    load_encoder,
+    model_encoder,
+)
+from export.server.errors import ServingError, clean_message
+
+logger = logging.getLogger(__name__)
+
+ITEMS_FLAG = "--items_delta"
+
+
+class ItemsEndpoint:
+    """Adds the items of ``POST /v1/items`` documents to ``delta_path`` with ``encoder``, one add at a time.
+
+    Args:
+        delta_path: ``str``, the delta file (``export.items_add``) a ``DeltaRetrievalServable`` follows.
+        encoder: ``callable(rows) -> (vectors, sids)`` (see ``export.items_add``).
+        max_items: ``int``, most items a request, default ``MAX_REQUEST_ITEMS`` (1,024).
+    """
+
+    def __init__(self, delta_path: str, encoder: Callable, max_items: int = MAX_REQUEST_ITEMS):
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        self.delta_path, self.encoder, self.max_items = str(delta_path), encoder, max_items
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_options(cls, delta: Optional[str], model: Optional[str] = None, store: Optional[str] = None,
+                     encoder: Optional[str] = None) -> Optional["ItemsEndpoint"]:
+        """The endpoint of the ``--items_*`` flags (``None`` without ``--items_delta``); loads the encoder.
+
+        ``ValueError`` naming the flag for a bad combination, a delta file that cannot be written or read,
+        or an encoder that cannot be loaded.
+        """
+        check_items_flags(delta, model, store, encoder)
+        if not delta:
+            return None
+        delta = os.path.abspath(delta)
+        folder = os.path.dirname(delta)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{ITEMS_FLAG} {delta}: its folder is missing or not writable")
+        try:
+            load_delta(delta)
+        except ValueError as err:
+            raise ValueError(f"{ITEMS_FLAG}: {err}") from None
+        if model:
+            try:
+                loaded = model_encoder(model, store)
+            except Exception as err:  # noqa: BLE001 - any failure to load fails start-up, naming the flag
+                raise ValueError(f"--items_model {model}: cannot load the encoder: {err}") from None
+        else:
+            try:
+                loaded = load_encoder(encoder)
+            except ValueError as err:
+                raise ValueError(f"--items_encoder: {err}") from None
+        return cls(delta, loaded)
+
+    def add(self, document: Any) -> dict:
+        """Check, encode and add the items of a ``{"items": [...]}`` document; ``ServingError`` as the
+        module docstring says. Returns ``{"added", "replaced", "items", "generation", "seconds"}``."""
+        if not isinstance(document, dict) or set(document) != {"items"}:
+            raise ServingError.invalid_argument('expected a JSON object {"items": [...]}')
+        items = document["items"]
+        if not isinstance(items, list) or not items:
+            raise ServingError.invalid_argument("items must be a non-empty JSON array")
+        try:
+            rows = check_item_rows(items, lambda index: f"items[{index}]", self.max_items)
+        except ValueError as err:
+            raise ServingError.invalid_argument(str(err)) from None
+        with self._lock:
+            try:
+                return add_rows(rows, self.delta_path, self.encoder)
+            except EncoderFailed as err:
+                logger.error("POST /v1/items: %s", err, exc_info=err.__cause__ or err)
+                raise ServingError(grpc.StatusCode.INTERNAL, clean_message(str(err))) from None
+            except DeltaFailed as err:
+                logger.error("POST /v1/items: %s", err)
+                raise ServingError.failed_precondition(str(err)) from None
+            except ValueError as err:  # the encoder refused the rows
+                raise ServingError.invalid_argument(str(err)) from None
+
+
+def check_items_flags(delta: Optional[str], model: Optional[str], store: Optional[str],
+                      encoder: Optional[str]) -> None:
+    """``ValueError`` naming the flag unless the ``--items_*`` flags form a valid combination:
+    none, or ``--items_delta`` with exactly one of ``--items_model`` (+ optional ``--items_store``)
+    and ``--items_encoder``.
+
+    >>> check_items_flags("/srv/delta/items.npz", None, None, "pkg.mod:encode")
+    >>> check_items_flags(None, None, None, "pkg.mod:encode")
+    Traceback (most recent call last):
+    ...
+    ValueError: --items_encoder needs --items_delta (the delta file POST /v1/items adds to)
+    """
+    if not delta:
+        for flag, value in (("--items_model", model), ("--items_store", store), ("--items_encoder", encoder)):
+            if value:
+                raise ValueError(f"{flag} needs {ITEMS_FLAG} (the delta file POST /v1/items adds to)")
+        return
+    if bool(model) == bool(encoder):
+        raise ValueError(f"{ITEMS_FLAG} needs exactly one of --items_model (a trained DMESR run) and "
+                         "--items_encoder (module:function)")
+    if store and not model:
+        raise ValueError("--items_store goes with --items_model")
