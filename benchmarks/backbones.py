@@ -96,6 +96,14 @@ def run_one(dataset, model, max_seconds, overrides, variant="id", seed=None):
     return records
 
 
+def to_target(record):
+    """Training seconds until validation NDCG@10 first reached `TARGET_VAL_NDCG10` (older
+    records without the field: read off their validation curve); None if never."""
+    if "to_val0.05_s" in record:
+        return record["to_val0.05_s"]
+    return first_time_reaching(record.get("validation_curve", []), TARGET_VAL_NDCG10)
+
+
 def variant_lines(records, metric="ndcg@10"):
     """Markdown: per (dataset, model) with several variants, each variant's mean over seeds
     and its seed-paired difference to `id` (test, full ranking)."""
@@ -113,8 +121,7 @@ def variant_lines(records, metric="ndcg@10"):
                   "std": f'{np.std([r["metrics"][metric] for r in rs]):.4f}',
                   f"valid {metric}": f'{np.mean([r["valid_metrics"][metric] for r in rs]):.4f}',
                   "epochs": f'{np.mean([r["epochs"] for r in rs]):.1f}',
-                  "to_val0.05_s": ", ".join("-" if r["to_val0.05_s"] is None else f'{r["to_val0.05_s"]:.0f}'
-                                            for r in rs)}
+                  "to_val0.05_s": ", ".join("-" if to_target(r) is None else f"{to_target(r):.0f}" for r in rs)}
                  for v, rs in groups.items()]
         lines += ["", f"## {dataset} / {model}: variants over seeds (test, full ranking)", "",
                   format_metrics_table(means)]
@@ -131,22 +138,24 @@ def write_reports(records, out):
     out.mkdir(parents=True, exist_ok=True)
     (out / "backbones.json").write_text(json.dumps(records, indent=2))
     lines = ["# Backbones (ID-only), test split, leave-one-out", ""]
-    lines.append("Written by `benchmarks/backbones.py`; do not edit by hand. History items are not excluded.")
+    lines.append("Written by `benchmarks/backbones.py`; do not edit by hand. History items are not excluded. "
+                 "Rows without a seed are older single runs (made before `--seeds`, with the configs of their "
+                 "time: see each record's `config`); they carry no epoch_s or GFLOP/s.")
     for protocol in sorted({r["protocol"] for r in records}):
         rows = [
             {
                 "dataset": r["dataset"],
                 "model": r["model"],
                 "variant": r.get("variant", "id"),
-                "seed": r.get("seed", ""),
+                "seed": "" if r.get("seed") is None else r["seed"],
                 **r["metrics"],
                 "epochs": r["epochs"],
                 "train_s": round(r["train_seconds"]),
                 "budget_s": "" if r.get("max_train_seconds") is None else round(r["max_train_seconds"]),
                 "to_best_s": round(r["seconds_to_best"]),
-                "to_val0.05_s": "" if r["to_val0.05_s"] is None else round(r["to_val0.05_s"]),
-                "epoch_s": round(r["epoch_seconds"], 1),
-                "GFLOP/s": round(r["gflops_per_second"], 1),
+                "to_val0.05_s": "" if to_target(r) is None else round(to_target(r)),
+                "epoch_s": "" if r.get("epoch_seconds") is None else round(r["epoch_seconds"], 1),
+                "GFLOP/s": "" if r.get("gflops_per_second") is None else round(r["gflops_per_second"], 1),
                 "examples/s": round(r["examples_per_second"]),
                 "protocol": protocol,
             }
