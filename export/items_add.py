@@ -474,20 +474,22 @@ def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
     return add_rows(read_items_file(items_path), delta_path, encoder)
 
 
-def model_encoder(run: str, store: str = None):
+def model_encoder(run: str, store: str = None, norm: str = "catalogue"):
     """The built-in encoder of ``--model``: `tfrec.semantics.new_items.NewItemEncoder` of a trained DMESR run
-    (its folder or ``model.keras``; ``store`` overrides the semantic store the model records)."""
+    (its folder or ``model.keras``; ``store`` overrides the semantic store the model records; ``norm``:
+    ``catalogue`` (default) or ``zero_id``, see that module)."""
     from tfrec.semantics.new_items import NewItemEncoder
 
-    return NewItemEncoder.from_run(run, store=store)
+    return NewItemEncoder.from_run(run, store=store, norm=norm)
 
 
 def _cmd_add(args) -> None:
     if (args.encoder is None) == (args.model is None):
         raise ValueError("tfrec items add needs exactly one of --model (a trained DMESR run) and --encoder")
-    if args.store and not args.model:
-        raise ValueError("--store goes with --model")
-    encoder = model_encoder(args.model, args.store) if args.model else load_encoder(args.encoder)
+    if (args.store or args.norm) and not args.model:
+        raise ValueError("--store and --norm go with --model")
+    encoder = model_encoder(args.model, args.store, args.norm or "catalogue") if args.model \
+        else load_encoder(args.encoder)
     result = add_items_file(args.items, args.delta, encoder)
     print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
           f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
@@ -502,5 +504,8 @@ def add_commands(subparsers) -> None:
     add.add_argument("--model", help="a trained DMESR run folder (or its model.keras): embeds the items' text "
                                      "with the store's frozen MiniLM and the model's frozen parts (built-in encoder)")
     add.add_argument("--store", help="with --model: the semantic store (default: the model's dmesr.store_path)")
+    add.add_argument("--norm", choices=("catalogue", "zero_id"), default=None,
+                     help="with --model: 'catalogue' (default) rescales each new item's vector to the median norm of "
+                          "the trained catalogue's; 'zero_id' keeps it as the model gives it (ID part zero)")
     add.add_argument("--encoder", help="instead of --model: module:function returning (vectors, sids) for the rows")
     add.set_defaults(func=_cmd_add)

@@ -81,16 +81,31 @@ def test_items_add_with_the_model_gives_the_catalogue_vectors(run, tmp_path, cap
     new = tsv(tmp_path / "new.tsv", ["item_id", "title", "generated_text", "attributes"],
               [(f"new-{i}", TITLES[i], GENERATED[i], "|".join(ATTRIBUTES[i])) for i in chosen])
     delta = tmp_path / "items.npz"
-    assert main(["items", "add", "--items", str(new), "--delta", str(delta), "--model", str(run["run_dir"])]) == 0
+    assert main(["items", "add", "--items", str(new), "--delta", str(delta), "--model", str(run["run_dir"]),
+                 "--norm", "zero_id"]) == 0
     assert "4 added, 0 replaced; the delta holds 4 items (generation 1)" in capsys.readouterr().out
     got = load_delta(str(delta))
     assert got.tokens.tolist() == [f"new-{i}" for i in chosen] and got.sids.shape == (4, 0)
     expected = catalogue_rows_with_zero_id_rows(run, chosen)
     assert np.abs(expected).max() > 1e-2  # the semantic part is not trivially zero
     np.testing.assert_allclose(got.vectors, expected, atol=1e-5, rtol=0)
+    # the default: the same directions at the median norm of the trained catalogue's rows
+    scaled = tmp_path / "scaled.npz"
+    assert main(["items", "add", "--items", str(new), "--delta", str(scaled), "--model", str(run["run_dir"])]) == 0
+    np.testing.assert_allclose(load_delta(str(scaled)).vectors, at_catalogue_norm(run, expected), atol=1e-5, rtol=0)
+
+
+def at_catalogue_norm(run, vectors):
+    """`vectors` rescaled to the median norm of the trained model's catalogue rows (`norm="catalogue"`)."""
+    model, _ = load_trained_model(run["config"])
+    rows, _ = catalog_table(model, run["vocab"])
+    median = np.median(np.linalg.norm(rows, axis=1))
+    return vectors * (median / np.linalg.norm(vectors, axis=1, keepdims=True))
 
 
 def test_new_item_encoder_rejects_bad_input(run, tmp_path, capsys):
+    with pytest.raises(ValueError, match="norm must be one of"):
+        NewItemEncoder.from_run(run["run_dir"] / "model.keras", norm="unit")
     encoder = NewItemEncoder.from_run(run["run_dir"] / "model.keras")
     rows = [{"item_id": "a", "title": TITLES["i01"], "generated_text": GENERATED["i01"], "attributes": "3 10"},
             {"item_id": "b", "title": "", "generated_text": "", "attributes": "unknown-attribute"}]
@@ -117,7 +132,7 @@ def test_new_item_encoder_rejects_bad_input(run, tmp_path, capsys):
 
 def test_post_items_with_the_built_in_model_encoder(run, tmp_path):
     """`tfrec serve --items_delta --items_model RUN`: POST /v1/items gives the same vectors as `tfrec items add
-    --model` (the catalogue rows with a zero ID row), and a row lacking a column the model reads is a 400."""
+    --model` (the catalogue rows with a zero ID row, at the catalogue's median norm), and a row lacking a column the model reads is a 400."""
     import urllib.error
     import urllib.request
 
@@ -146,4 +161,5 @@ def test_post_items_with_the_built_in_model_encoder(run, tmp_path):
         server.stop()
     got = load_delta(str(delta))
     assert got.tokens.tolist() == [f"new-{i}" for i in chosen]
-    np.testing.assert_allclose(got.vectors, catalogue_rows_with_zero_id_rows(run, chosen), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.vectors, at_catalogue_norm(run, catalogue_rows_with_zero_id_rows(run, chosen)),
+                               atol=1e-5, rtol=0)
