@@ -216,27 +216,29 @@ class BestEpochTracker(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         eval_start = time.perf_counter()
-        if self.averager is not None:
-            raw = self.averager.swap_in()
-        result = self.evaluator.evaluate(self.model)
-        weights = self.model.get_weights()
-        if self.averager is not None:
-            self.averager.swap_out(raw)
-        if self.protocol is not None:
-            result = result[self.protocol]
-        result = {k: float(v) for k, v in result.items()}
-        if self.monitor not in result:
-            raise ValueError(f"train.monitor {self.monitor!r} is not a validation metric; "
-                             f"choose one of {', '.join(sorted(result))}")
+        raw = self.averager.swap_in() if self.averager is not None else None
+        try:  # validated (and kept, when best) with the averages in; training resumes from the raw weights
+            result = self.evaluator.evaluate(self.model)
+            if self.protocol is not None:
+                result = result[self.protocol]
+            result = {k: float(v) for k, v in result.items()}
+            if self.monitor not in result:
+                raise ValueError(f"train.monitor {self.monitor!r} is not a validation metric; "
+                                 f"choose one of {', '.join(sorted(result))}")
+            improved = result[self.monitor] > self.best
+            if improved:
+                self.best_weights = self.model.get_weights()
+        finally:
+            if raw is not None:
+                self.averager.swap_out(raw)
         self.last_eval_seconds = time.perf_counter() - eval_start
         elapsed = self.elapsed()
         self.history.append({"epoch": epoch + 1, "seconds": elapsed, **result})
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in result.items()})
-        if result[self.monitor] > self.best:
+        if improved:
             self.best, self.best_epoch = result[self.monitor], epoch + 1
             self.best_seconds = elapsed
-            self.best_weights = weights
         elif epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training = True
             self.stop_reason = self.stop_reason or "patience"
