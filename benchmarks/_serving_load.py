@@ -40,6 +40,32 @@ ROOT = Path(__file__).resolve().parents[1]
 TFREC = ROOT / ".venv" / "bin" / "tfrec"
 
 
+# The serving benchmark's server configuration when batching is on (`serving.py`'s defaults;
+# `history_store.py` serves by user id with it too).
+TF_THREADS = (1, 1)  # intra-op, inter-op
+BATCHING = {"max_batch_size": 32, "batch_timeout_micros": 2000, "max_padding_ratio": 2.0}
+
+
+def server_flags(tf_threads=TF_THREADS, batching=False, max_batch_size=BATCHING["max_batch_size"],
+                 batch_timeout_micros=BATCHING["batch_timeout_micros"], num_batch_threads=None,
+                 max_padding_ratio=BATCHING["max_padding_ratio"]):
+    """`tfrec serve` flags: TF thread pools, and with `batching` the batching flags
+    (`max_padding_ratio` None = no `--pad_variable_length_inputs`).
+
+    >>> server_flags(batching=True)[4:7]
+    ['--enable_batching', '--max_batch_size', '32']
+    """
+    flags = ["--tensorflow_intra_op_parallelism", str(tf_threads[0]),
+             "--tensorflow_inter_op_parallelism", str(tf_threads[1])]
+    if batching:
+        flags += ["--enable_batching", "--max_batch_size", str(max_batch_size),
+                  "--batch_timeout_micros", str(batch_timeout_micros)]
+        flags += ["--num_batch_threads", str(num_batch_threads)] if num_batch_threads else []
+        if max_padding_ratio is not None:
+            flags += ["--pad_variable_length_inputs", "--max_padding_ratio", f"{max_padding_ratio:g}"]
+    return flags
+
+
 def percentiles_ms(latencies):
     """`{"p50_ms", "p99_ms", "mean_ms"}` of latencies in seconds (None when empty).
 

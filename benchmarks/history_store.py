@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _serving_load import percentiles_ms  # noqa: E402
+from _serving_load import percentiles_ms, server_flags  # noqa: E402
 from history_servers import redis_server  # noqa: E402
 from tfrec.history import Event, open_store  # noqa: E402
 
@@ -134,11 +134,9 @@ def real_users(prepared, count):
             for row, user in enumerate(users)]
 
 
-# The serving benchmark's batching configuration (benchmarks/serving.py defaults): one TF thread
-# per op and request, requests merged into batches of up to 32 rows waiting at most 2 ms.
-TUNED_FLAGS = ("--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "1",
-               "--enable_batching", "--max_batch_size", "32", "--batch_timeout_micros", "2000",
-               "--pad_variable_length_inputs", "--max_padding_ratio", "2")
+# The serving benchmark's batching configuration: one TF thread per op and request, requests merged
+# into batches of up to 32 rows waiting at most 2 ms (`_serving_load.server_flags`).
+TUNED_FLAGS = tuple(server_flags(batching=True))
 
 
 def serve_by_user(folder, args, extra_flags=(), label="plain"):

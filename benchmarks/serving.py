@@ -84,7 +84,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from _plots import save_plot  # noqa: E402
-from _serving_load import TFREC, ServeProcess, measure, write_models_config  # noqa: E402
+from _serving_load import BATCHING, TF_THREADS, TFREC, ServeProcess, measure, server_flags, write_models_config  # noqa: E402,E501
 
 ENDPOINTS = ("recommend", "score", "two_stage")
 P99_LIMIT_MS = 20.0
@@ -487,7 +487,7 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent callers per level")
     parser.add_argument("--requests", type=int, default=None,
                         help="timed requests per level (default max(800, 25 x concurrency); --quick: max(30, 2 x c))")
-    parser.add_argument("--tf-threads", nargs=2, type=int, default=[1, 1], metavar=("INTRA", "INTER"),
+    parser.add_argument("--tf-threads", nargs=2, type=int, default=list(TF_THREADS), metavar=("INTRA", "INTER"),
                         help="server --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism, both "
                              "configurations (default 1 1: one call = one core; 0 0 = TensorFlow's defaults)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -498,12 +498,12 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: few requests and users (flags still win)")
     parser.add_argument("--batching", nargs="+", choices=("off", "on"), default=["off", "on"],
                         help="server configurations to run (default both)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-timeout-micros", type=int, default=2000)
+    parser.add_argument("--max-batch-size", type=int, default=BATCHING["max_batch_size"])
+    parser.add_argument("--batch-timeout-micros", type=int, default=BATCHING["batch_timeout_micros"])
     parser.add_argument("--num-batch-threads", type=int, default=None, help="default: the server's (#CPUs)")
     parser.add_argument("--no-pad", action="store_true",
                         help="batch without --pad_variable_length_inputs (only same-length histories merge)")
-    parser.add_argument("--max-padding-ratio", type=float, default=2.0,
+    parser.add_argument("--max-padding-ratio", type=float, default=BATCHING["max_padding_ratio"],
                         help="server --max_padding_ratio with padding: merge only histories within this length "
                              "factor (0 = pad to the longest, as TF Serving)")
     parser.add_argument("--out", default=str(ROOT / "reports"))
@@ -637,16 +637,10 @@ def main(argv=None):
     from export.client import PredictClient
 
     for repeat, mode in [(r, m) for r in range(args.repeats) for m in args.batching]:  # interleaved
-        flags = ["--tensorflow_intra_op_parallelism", args.tf_threads[0],
-                 "--tensorflow_inter_op_parallelism", args.tf_threads[1]]
+        flags = server_flags(args.tf_threads, mode == "on", args.max_batch_size, args.batch_timeout_micros,
+                             args.num_batch_threads, None if args.no_pad else args.max_padding_ratio)
         if any(platform == "python" for _, _, platform in models):  # the two-stage composite
             flags += ["--allowed_python_modules", "export.two_stage"]
-        if mode == "on":
-            flags += ["--enable_batching", "--max_batch_size", args.max_batch_size,
-                     "--batch_timeout_micros", args.batch_timeout_micros]
-            flags += ["--num_batch_threads", args.num_batch_threads] if args.num_batch_threads else []
-            flags += [] if args.no_pad else ["--pad_variable_length_inputs", "--max_padding_ratio",
-                                             args.max_padding_ratio]
         print(f"== repeat {repeat + 1}/{args.repeats}, server, batching {mode}: "
               f"{' '.join(map(str, flags)) or '(no flags)'}", flush=True)
         with ServeProcess(config_path, root / f"server_batching_{mode}.log", map(str, flags)) as server:

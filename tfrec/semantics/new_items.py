@@ -101,10 +101,10 @@ class NewItemEncoder:
         self.model, self.encoder, self.store, self.norm = model, encoder, store, norm
         self.temperature = float(model.temperature)
         self.catalogue_norm = None
-        if norm == "catalogue":
-            from tfrec.data.vocab import NUM_RESERVED
+        if norm == "catalogue":  # the exported retrieval table's rows (the space new items join)
+            from tfrec.serving.servables import catalog_table
 
-            rows = np.asarray(encoder.all_items(), np.float32)[NUM_RESERVED:] / np.float32(self.temperature)
+            rows, _ = catalog_table(model, store.item_vocab)
             self.catalogue_norm = float(np.median(np.linalg.norm(rows, axis=1)))
         names = list(encoder.view_names)
         if encoder.has_tokens and encoder.config.token_view not in names:
