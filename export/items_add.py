@@ -45,7 +45,7 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   encoded" (e.g. a column the model reads is missing); anything else is the encoder's failure.
 - **Rows** (one validator for the file and the endpoint, :func:`check_item_row` /
   :func:`check_item_rows`): each row a mapping of string values with a non-empty
-  ``item_id`` (1..256 UTF-8 bytes, no tabs or newlines; no ``item_id`` twice in one add),
+  ``item_id`` (1..256 UTF-8 bytes, no control characters; no ``item_id`` twice in one add),
   every value at most ``MAX_FIELD_BYTES`` (8 KiB). All rows are checked before anything is
   encoded; errors name the row (``new.tsv line 3``, ``items[2]``) and the field.
 - **One add** (:func:`add_rows`, the code path of both ``tfrec items add`` and the endpoint):
@@ -104,10 +104,11 @@ import time
 
 import numpy as np
 
+from tfrec.history.base import MAX_TOKEN_BYTES, InvalidEvent, check_text
+
 logger = logging.getLogger(__name__)
 
 MAX_DELTA_ITEMS = 200_000
-MAX_TOKEN_BYTES = 256  # an item token (item_id)
 MAX_FIELD_BYTES = 8 << 10  # any value of a new item's row (title, generated_text, ...), UTF-8
 MAX_REQUEST_ITEMS = 1024  # items in one POST /v1/items request
 EXCLUDED_SCORE = float(np.finfo(np.float32).min)  # tfrec.serving.EXCLUDED_SCORE (an empty slot), without TensorFlow
@@ -192,16 +193,17 @@ def item_arrays(n: int, vectors, sids=None):
 
 
 def token_problem(token: str):
-    """Why ``token`` cannot be an item token (``None`` if it can): 1..256 UTF-8 bytes, no tabs or newlines.
+    """Why ``token`` cannot be an item token (``None`` if it can): the event store's rule for an
+    item (`tfrec.history.base.check_text`: 1..256 UTF-8 bytes, no control characters), so every
+    added item can also appear in events.
 
-    >>> token_problem("B00X"), token_problem("x" * 300)
-    (None, 'must be 1..256 bytes without tabs or newlines')
+    >>> token_problem("B00X"), token_problem("x" * 300), token_problem("a\\tb")
+    (None, 'is 300 bytes, more than the limit of 256', 'contains a control character (tab, newline, ...)')
     """
-    size = _utf8_size(token)
-    if size is None:
-        return "is not valid UTF-8 text (a lone surrogate)"
-    if not 1 <= size <= MAX_TOKEN_BYTES or any(c in token for c in "\t\n\r"):
-        return f"must be 1..{MAX_TOKEN_BYTES} bytes without tabs or newlines"
+    try:
+        check_text("item_id", token, MAX_TOKEN_BYTES)
+    except InvalidEvent as err:
+        return err.reason
     return None
 
 
@@ -329,7 +331,7 @@ def check_item_row(row, where: str) -> dict:
     """One new item's row, checked: THE row rules of ``tfrec items add --items`` and ``POST /v1/items``.
 
     ``row``: a mapping of column names to string values with a non-empty ``item_id`` (an item token:
-    1..256 UTF-8 bytes, no tabs or newlines); every value at most ``MAX_FIELD_BYTES`` (8 KiB) of UTF-8.
+    1..256 UTF-8 bytes, no control characters); every value at most ``MAX_FIELD_BYTES`` (8 KiB) of UTF-8.
     ``where`` names the row in errors (``"new.tsv line 3"``, ``"items[2]"``). Returns ``row`` as a ``dict``;
     ``ValueError`` naming ``where`` and the field otherwise.
 

@@ -147,7 +147,7 @@ def test_bad_items_and_deltas_are_clear_errors(tmp_path):
     path = str(tmp_path / "d.npz")
     add_items(path, ["a"], np.ones((1, 4)))
     for tokens, vectors, needle in ((["b"], np.ones((1, 3)), "dims"), (["b", "b"], np.ones((2, 4)), "twice"),
-                                    (["b"], np.full((1, 4), np.nan), "NaN"), (["b\tc"], np.ones((1, 4)), "tabs"),
+                                    (["b"], np.full((1, 4), np.nan), "NaN"), (["b\tc"], np.ones((1, 4)), "control character"),
                                     ([], np.ones((0, 4)), "no items"), (["b"], np.ones((2, 4)), "vectors must be")):
         with pytest.raises(ValueError, match=needle):
             add_items(path, tokens, vectors)

@@ -115,7 +115,7 @@ LONG = "x" * (MAX_FIELD_BYTES + 1)
     ([{"item_id": "ok", "vector": "1"}, {"item_id": "b", "title": 3, "vector": "1"}], "items[1] field 'title': must be a string"),
     ([{"title": "no id", "vector": "1"}], "items[0]: no item_id"),
     ([{"item_id": "", "vector": "1"}], "items[0] field 'item_id': empty"),
-    ([{"item_id": "a\tb", "vector": "1"}], "items[0] field 'item_id': must be 1..256 bytes"),
+    ([{"item_id": "a\tb", "vector": "1"}], "items[0] field 'item_id': contains a control character"),
     ([{"item_id": "x" * 257, "vector": "1"}], "items[0] field 'item_id'"),
     ([{"item_id": "a", "vector": "1"}, {"item_id": "a", "vector": "1"}], "items[1] field 'item_id': 'a' already"),
     ([{"item_id": "a", "vector": "1", "title": LONG}], f"more than the limit of {MAX_FIELD_BYTES}"),

@@ -19,8 +19,8 @@ embeds the items with that encoder and adds them to the delta file exactly as ``
   python model follows the file (``delta=`` of an ``export.delta_retrieval`` model), start-up logs a
   warning: posted items would be stored but recommended by nothing.
 - **rows**: the rules of ``tfrec items add --items`` (one validator, ``export.items_add.check_item_row``):
-  each row an object of string values with a non-empty ``item_id`` (1..256 bytes, no tabs or
-  newlines), no ``item_id`` twice in a request, every value at most ``MAX_FIELD_BYTES`` (8 KiB);
+  each row an object of string values with a non-empty ``item_id`` (1..256 bytes, no control
+  characters), no ``item_id`` twice in a request, every value at most ``MAX_FIELD_BYTES`` (8 KiB);
   at most ``MAX_REQUEST_ITEMS`` (1,024) items a request. All rows are checked before anything is
   encoded; a bad row answers 400 (INVALID_ARGUMENT) naming its index and field
   (``items[3] field 'title': must be a string, got int``), nothing written.
