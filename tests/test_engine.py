@@ -392,3 +392,55 @@ def test_weight_average_resumes_to_the_uninterrupted_result(tmp_path):
 def test_weight_average_momentum_is_checked():
     with pytest.raises(ValueError, match="train.ema_momentum must be in"):
         EngineConfig(ema_momentum=1.5).check()
+
+
+class RateLog(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rates.append(round(float(self.model.optimizer.learning_rate), 8))
+
+
+def test_plateau_decay_cuts_the_rate_after_epochs_without_a_new_best():
+    x, y = data(64)
+    config = EngineConfig(epochs=6, patience=10, monitor="auc", learning_rate=0.01, lr_decay_factor=0.5,
+                          lr_decay_patience=2)
+    log = RateLog()
+    # best at epoch 2; cuts after epochs 4 and 6 (two epochs without a new best, counted from the last cut)
+    result = fit(small_model(), epoch_data(x, y, 0), Scripted([0.5, 0.6, 0.6, 0.55, 0.6, 0.6]), config,
+                 verbose=0, callbacks=[log])
+    assert result.best_epoch == 2
+    assert log.rates == [0.01, 0.01, 0.01, 0.005, 0.005, 0.0025]
+
+
+def test_plateau_decay_resumes_with_the_rate_of_its_history(tmp_path):
+    import dataclasses
+
+    x, y = data(256)
+    values = [0.6, 0.5, 0.5, 0.5]  # cuts after epochs 2, 3 and 4
+    config = EngineConfig(epochs=4, patience=10, monitor="auc", learning_rate=0.01, lr_decay_factor=0.5,
+                          lr_decay_patience=1)
+    full_model, full_log = small_model(3), RateLog()
+    fit(full_model, epoch_data(x, y, 3), Scripted(values), config, verbose=0, callbacks=[full_log])
+    backup = tmp_path / "backup"
+    fit(small_model(3), epoch_data(x, y, 3), Scripted(values[:2]), dataclasses.replace(config, epochs=2),
+        backup_dir=backup, verbose=0)
+    resumed_model, resumed_log = small_model(3), RateLog()
+    fit(resumed_model, epoch_data(x, y, 3), Scripted(values[2:]), dataclasses.replace(config, resume=True),
+        backup_dir=backup, verbose=0, callbacks=[resumed_log])
+    assert full_log.rates == [0.01, 0.005, 0.0025, 0.00125]
+    assert resumed_log.rates == full_log.rates[2:]
+    for a, b in zip(resumed_model.get_weights(), full_model.get_weights()):  # epoch 3 trained at 0.005
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("lr_decay_factor", 1.5, "train.lr_decay_factor must be in"),
+    ("lr_decay_patience", 0, "train.lr_decay_patience must be >= 1"),
+    ("min_learning_rate", 1.0, "train.min_learning_rate must be in"),
+])
+def test_plateau_decay_keys_are_checked(key, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        EngineConfig(**{key: value}).check()

@@ -90,6 +90,9 @@ class EngineConfig:
     - `steps_per_execution`, `jit_compile`: passed to `model.compile` (speed).
     - `ema_momentum` (ours; null = off): validate, keep and return an exponential
       moving average of the weights (`tfrec.training.engine.WeightAverage`), e.g. 0.998.
+    - `lr_decay_factor` (ours; null = off), `lr_decay_patience`, `min_learning_rate`: the
+      learning rate times the factor after every `lr_decay_patience` epochs without a new
+      best validation metric (`tfrec.training.engine.PlateauDecay`), never below the minimum.
     """
 
     batch_size: int = 32
@@ -109,6 +112,9 @@ class EngineConfig:
     steps_per_execution: int = 1
     jit_compile: bool = False
     ema_momentum: Optional[float] = None
+    lr_decay_factor: Optional[float] = None
+    lr_decay_patience: int = 2
+    min_learning_rate: float = 0.0
 
     def check(self, where="train."):
         """Value checks naming the offending key."""
@@ -124,6 +130,14 @@ class EngineConfig:
             raise ValueError(f"config key {where}learning_rate must be > 0, got {self.learning_rate!r}")
         if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
             raise ValueError(f"config key {where}ema_momentum must be in (0, 1) or null, got {self.ema_momentum!r}")
+        if self.lr_decay_factor is not None and not 0.0 < self.lr_decay_factor < 1.0:
+            raise ValueError(f"config key {where}lr_decay_factor must be in (0, 1) or null, "
+                             f"got {self.lr_decay_factor!r}")
+        if self.lr_decay_patience < 1:
+            raise ValueError(f"config key {where}lr_decay_patience must be >= 1, got {self.lr_decay_patience!r}")
+        if not 0.0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError(f"config key {where}min_learning_rate must be in [0, learning_rate], "
+                             f"got {self.min_learning_rate!r}")
         return self
 
 

@@ -386,13 +386,15 @@ class WideCTR(keras.Model):
         return config
 
 
-def fit_logistic_regression(model, dataset, c=1.0, max_iter=200):
+def fit_logistic_regression(model, dataset, c=1.0, max_iter=2000):
     """Fit the wide part of `model` (a `WideCTR` or any model with `.wide`) as a
     scikit-learn L2 logistic regression on `dataset` (the *training* samples),
     then write the coefficients into its weights. Returns the fitted estimator.
 
     Columns: one-hot item, user, each profile field, multi-hot target genres, and
-    the standardised scalars (their scale folded back into the weights)."""
+    the standardised scalars (their scale folded back into the weights). `max_iter`:
+    lbfgs iterations; 200 (scikit-learn's default here before) stopped short of
+    convergence on MovieLens-1M (~3.6k one-hot items), 2,000 converges."""
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 

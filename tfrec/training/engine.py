@@ -26,6 +26,10 @@ can be a fresh, seeded pipeline: `train_data` may be `epoch -> tf.data.Dataset`)
   moving average of the trainable weights, updated after every batch
   (`WeightAverage`); validation, the best weights and the returned model use the
   average, training continues from the raw weights. Checkpointed with the rest.
+- **Plateau decay** (`lr_decay_factor`, ours, off by default): the learning rate
+  times the factor after every `lr_decay_patience` epochs without a new best
+  validation metric (`PlateauDecay`; derived from the validation history, so resumed
+  runs agree). Set the decay patience below `patience`, or early stopping comes first.
 - **TensorBoard** logs (`tensorboard_dir`), the Keras progress bar (`verbose`),
   **seeds** (`keras.utils.set_random_seed`, optional op determinism).
 - **Distribution**: `make_strategy(config.distribution)`; build and compile the
@@ -253,6 +257,69 @@ class BestEpochTracker(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self.persistent:
             self.restore_best()
+
+
+def plateau_decays(history, monitor, patience):
+    """How many times the learning rate was cut by `PlateauDecay`'s rule over a validation `history`
+    (`BestEpochTracker.history`): a cut after every `patience` epochs without a new best, counted
+    from the best epoch or the last cut, whichever is later.
+
+    >>> plateau_decays([{"m": v} for v in (0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3)], "m", 2)
+    2
+    """
+    best, anchor, cuts = -np.inf, 0, 0
+    for epoch, entry in enumerate(history, start=1):
+        if entry[monitor] > best:
+            best, anchor = entry[monitor], epoch
+        elif epoch - anchor >= patience:
+            cuts, anchor = cuts + 1, epoch
+    return cuts
+
+
+class PlateauDecay(keras.callbacks.Callback):
+    """Learning rate times `factor` after every `patience` epochs without a new best validation
+    metric (ours; `train.lr_decay_factor`, `train.lr_decay_patience`), like Keras'
+    `ReduceLROnPlateau` but read from the engine's `BestEpochTracker`, so the rate follows from
+    the validation history alone and a resumed run continues with the same rate.
+
+    Place it after the tracker. `lr = learning_rate * factor ** plateau_decays(...)`, at least
+    `min_learning_rate`.
+
+    >>> import numpy as np
+    >>> class Fixed:  # validation never improves after the first epoch
+    ...     def evaluate(self, model):
+    ...         return {"m": 1.0}
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(keras.optimizers.SGD(0.1), "mse")
+    >>> tracker = BestEpochTracker(Fixed(), monitor="m", patience=100, protocol=None)
+    >>> decay = PlateauDecay(tracker, learning_rate=0.1, factor=0.5, patience=1)
+    >>> _ = model.fit(np.ones((4, 2)), np.zeros((4, 1)), epochs=3, verbose=0, callbacks=[tracker, decay])
+    >>> round(float(model.optimizer.learning_rate), 6)  # cut after epochs 2 and 3
+    0.025
+    """
+
+    def __init__(self, tracker, learning_rate, factor=0.5, patience=2, min_learning_rate=0.0):
+        super().__init__()
+        if not 0.0 < float(factor) < 1.0:
+            raise ValueError(f"config key train.lr_decay_factor must be in (0, 1), got {factor!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"config key train.lr_decay_patience must be an int >= 1, got {patience!r}")
+        self.tracker, self.learning_rate = tracker, float(learning_rate)
+        self.factor, self.patience, self.min_learning_rate = float(factor), patience, float(min_learning_rate)
+
+    def current(self):
+        """The rate the validation history so far asks for."""
+        cuts = plateau_decays(self.tracker.history, self.tracker.monitor, self.patience)
+        return max(self.learning_rate * self.factor ** cuts, self.min_learning_rate)
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate = self.current()  # a resumed run: the rate its history gives
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self.current()
+        self.model.optimizer.learning_rate = rate
+        if logs is not None:
+            logs["learning_rate"] = rate
 
 
 class WeightAverage(keras.callbacks.Callback):
@@ -518,6 +585,10 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     if not chief and backup_dir is not None:  # workers other than the chief write to a scratch copy
         backup_dir = Path(backup_dir).with_name(Path(backup_dir).name + f".worker{strategy.cluster_resolver.task_id}")
     all_callbacks = [tracker, *callbacks] if averager is None else [averager, tracker, *callbacks]
+    if getattr(config, "lr_decay_factor", None):
+        all_callbacks.insert(all_callbacks.index(tracker) + 1, PlateauDecay(
+            tracker, config.learning_rate, config.lr_decay_factor, config.lr_decay_patience,
+            getattr(config, "min_learning_rate", 0.0)))
     if tensorboard_dir and chief:
         all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
     all_callbacks.append(_OneEpoch())  # last: each fit call runs one epoch (the bar still says "Epoch e/N")
