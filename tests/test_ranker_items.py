@@ -8,7 +8,6 @@ and exported as version 1 of the served ranker, as `tfrec ctr export` does.
 """
 
 import json
-import threading
 import time
 
 import keras
@@ -18,6 +17,7 @@ import tensorflow as tf
 
 from export.ranker_items import NEW_ITEMS_PATH, add_ranker_items, prepare_ranker_items
 from export.saved_model import METADATA_FILE, export_ctr
+from polling import polled
 from tfrec.ctr import NewItemRows, RankerRun, load_ctr_config, load_ctr_data, train_ctr
 from tfrec.ctr.semantics import encode_lifelong_store
 from tfrec.data.lifelong import gap_bucket
@@ -256,7 +256,6 @@ def test_cli_adds_to_the_ranker_and_the_store_routes(run, tmp_path, capsys):
 def test_a_running_server_answers_for_the_new_item_with_no_failed_request(run, tmp_path):
     from export.client import PredictClient
     from export.server import ModelServer, ServedModelConfig, ServerOptions
-    from export.server.errors import ServingError
 
     base = tmp_path / "ranker"
     export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
@@ -266,29 +265,21 @@ def test_a_running_server_answers_for_the_new_item_with_no_failed_request(run, t
     server = ModelServer([ServedModelConfig("ranker", str(base))],
                          ServerOptions(port=0, rest_api_port=-1, file_system_poll_wait_seconds=0.2)).start()
     client = PredictClient(server.grpc_address)
-    errors, answers, stop = [], [], threading.Event()
 
-    def poll():
-        while not stop.is_set():
-            try:
-                answer = client.predict("ranker", inputs, signature="score")
-                answers.append((answer.version, np.asarray(answer["probabilities"])[0]))
-            except ServingError as err:
-                errors.append(err)
+    def score():
+        answer = client.predict("ranker", inputs, signature="score")
+        return answer.version, np.asarray(answer["probabilities"])[0]
 
-    thread = threading.Thread(target=poll)
-    thread.start()
     try:
-        time.sleep(0.5)
-        result = add_ranker_items(new_rows("new-1"), run["run_dir"], base, ranker=run["ranker"])
-        deadline = time.monotonic() + 60
-        while not answers or answers[-1][0] != result["version"]:
-            assert time.monotonic() < deadline, "the new version was never served"
-            time.sleep(0.05)
-        time.sleep(0.3)
+        with polled(score) as (answers, errors):
+            time.sleep(0.5)
+            result = add_ranker_items(new_rows("new-1"), run["run_dir"], base, ranker=run["ranker"])
+            deadline = time.monotonic() + 60
+            while not answers or answers[-1][0] != result["version"]:
+                assert time.monotonic() < deadline, "the new version was never served"
+                time.sleep(0.05)
+            time.sleep(0.3)
     finally:
-        stop.set()
-        thread.join(30)
         client.close()
         server.stop()
     assert errors == [] and {version for version, _ in answers} == {1, 2}
