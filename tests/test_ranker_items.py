@@ -302,3 +302,52 @@ def test_prepare_writes_nothing_and_checks_the_routes_store(run, tmp_path):
         prepare_ranker_items(new_rows("new-1"), run["run_dir"], tmp_path / "ranker", history_store=url,
                              ranker=run["ranker"])
     assert not (tmp_path / "ranker").exists()
+
+
+@pytest.mark.parametrize("name", ["din", "sim-hard", "sim-soft", "eta", "twin", "full", "popularity"])
+def test_every_ctr_model_is_extended_without_changing_a_trained_row(name):
+    """`extend_ctr_model` on every CTR model kind (tiny, untrained, randomised): each per-item table (ID rows,
+    the wide part's bias and genres, SIM-hard's genres, SIM-soft's text vectors) gets the new rows; the trained
+    ids score exactly as before, served (materialised) or not."""
+    from tfrec.ctr.new_items import extend_ctr_model
+    from tfrec.models.ctr_baselines import build_ctr_baseline
+    from tfrec.models.ctr_wide import WideCTR
+
+    rng = np.random.default_rng(0)
+    genres = np.array([[0, 0], [0, 0], [2, 3], [3, 0], [4, 2], [2, 0]], "int32")
+    wide = {"item_prior": np.full(6, 0.3), "item_genres": genres, "num_genres": 5, "global_rate": 0.3}
+    keras.utils.set_random_seed(0)
+    if name == "popularity":
+        model = WideCTR(wide=wide)
+    else:
+        extra = {"item_genres": genres} if name == "sim-hard" else {}
+        if name == "sim-soft":
+            extra["item_semantic"] = rng.normal(size=(6, 3)).astype("float32")
+        model = build_ctr_baseline(name, 6, embedding_dim=4, mlp_units=(4,), top_k=2, wide=wide, **extra)
+    x = {"history_ids": np.array([[2, 3, 4], [5, 4, 0]]), "target_id": np.array([5, 3]),
+         "history_labels": np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])}
+    model(x)
+    for weight in model.trainable_weights:
+        weight.assign(rng.normal(0.0, 0.5, weight.shape).astype("float32"))
+    before = np.asarray(model(x))
+    d = 0 if name == "popularity" else 4
+    rows = NewItemRows(["n1", "n2"], rng.normal(size=(2, d)).astype("float32"), np.array([0.5, -0.5], "float32"),
+                       np.zeros((2, 0), "int32"), np.array([[3, 0], [4, 2]], "int32"),
+                       rng.normal(size=(2, 3 if name == "sim-soft" else 0)).astype("float32"), np.zeros(2, "int32"))
+    bigger = extend_ctr_model(model, rows)
+    assert bigger.vocab_size == 8
+    np.testing.assert_allclose(np.asarray(bigger(x)), before, atol=1e-6)
+    if hasattr(bigger, "materialize"):
+        np.testing.assert_allclose(np.asarray(bigger.materialize()(x)), before, atol=1e-5)
+    tables = {w.path.split("/", 1)[1]: keras.ops.convert_to_numpy(w) for w in bigger.weights}
+    np.testing.assert_array_equal(tables["wide/item_bias"][6:], rows.bias)
+    np.testing.assert_array_equal(tables["wide/item_genres"][6:], rows.genres)
+    if d:
+        np.testing.assert_array_equal(tables["item_encoder/item_embedding/embeddings"][6:], rows.embedding)
+    if name == "sim-hard":
+        np.testing.assert_array_equal(tables["item_genres"][6:], rows.genres)
+    if name == "sim-soft":
+        np.testing.assert_array_equal(tables["item_semantic"][6:], rows.semantic)
+    with pytest.raises(ValueError, match="genres rows are"):
+        extend_ctr_model(model, NewItemRows(["n1"], rows.embedding[:1], rows.bias[:1], rows.sids[:1],
+                                            np.zeros((1, 5), "int32"), rows.semantic[:1], rows.init_level[:1]))
