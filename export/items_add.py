@@ -32,8 +32,8 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   (the store's columns, e.g. ``title`` and ``generated_text``, plus an optional
   ``attributes`` column) with the store's frozen MiniLM, then the trained
   encoder's frozen parts give the item vectors in the exported retrieval
-  table's space (ID part zero; no SIDs). An ID-only model is refused (it cannot
-  place an unseen item).
+  table's space (ID part zero; SIDs when the run has them, see below). An ID-only model is
+  refused (it cannot place an unseen item).
 - **Encoder interface** (what ``--encoder`` names; the built-in one implements it): a function
   ``encode(rows) -> (vectors, sids)`` taking the new items' rows (``list`` of
   ``{column: str}`` dicts from ``new.tsv``, with ``item_id`` and the catalogue's
@@ -63,6 +63,15 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   the encoder refusing the rows (``ValueError``) is 400, any other encoder failure 500; without
   ``--items_delta`` the endpoint answers 501 (UNIMPLEMENTED). Adds run one at a time (a lock:
   the encoder need not be thread-safe). Nothing in a request chooses the encoder or a file.
+
+- **The CTR ranker** (``--ranker RUN --ranker_out BASE [--init sid_neighbours|zero] [--version V]
+  [--history_store URL]``, alone or with ``--delta``): the new items also get rows in every per-item
+  table of the trained R2LED (or baseline) ranker, exported as its next version
+  (``export.ranker_items``, ``tfrec.ctr.new_items``). It is computed and checked first, so a refused
+  ranker add writes no delta either.
+- **SIDs in the delta**: ``--model`` with a run that has a semantic-ID artifact (its ``sids/`` folder,
+  or ``--sids DIR``) fills ``sids`` with the frozen quantizer's codes
+  (`tfrec.semantics.sids.new_item_sids`, the ranker's function).
 
 Configuration::
 
@@ -104,6 +113,7 @@ import time
 
 import numpy as np
 
+from tfrec.ctr.new_items import INITS
 from tfrec.history.base import MAX_TOKEN_BYTES, InvalidEvent, check_text
 
 logger = logging.getLogger(__name__)
@@ -476,38 +486,82 @@ def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
     return add_rows(read_items_file(items_path), delta_path, encoder)
 
 
-def model_encoder(run: str, store: str = None, norm: str = "catalogue"):
+def model_encoder(run: str, store: str = None, norm: str = "catalogue", sids: str = None):
     """The built-in encoder of ``--model``: `tfrec.semantics.new_items.NewItemEncoder` of a trained DMESR run
     (its folder or ``model.keras``; ``store`` overrides the semantic store the model records; ``norm``:
-    ``catalogue`` (default) or ``zero_id``, see that module)."""
+    ``catalogue`` (default) or ``zero_id``, see that module; ``sids``: a semantic-ID artifact of that store,
+    default the run's ``sids/`` when it has one: the delta's ``sids`` are then filled)."""
     from tfrec.semantics.new_items import NewItemEncoder
 
-    return NewItemEncoder.from_run(run, store=store, norm=norm)
+    return NewItemEncoder.from_run(run, store=store, norm=norm, sids=sids)
+
+
+def _check_add_flags(args) -> None:
+    ranker_flags = {"--ranker_out": args.ranker_out, "--init": args.init, "--version": args.version,
+                    "--history_store": args.history_store, "--ranker_store": args.ranker_store}
+    given = [flag for flag, value in ranker_flags.items() if value is not None]
+    if given and args.ranker is None:
+        raise ValueError(f"{', '.join(given)} go(es) with --ranker")
+    if args.ranker is not None and args.ranker_out is None:
+        raise ValueError("--ranker needs --ranker_out (the served ranker's base directory: the new version goes there)")
+    if args.delta is None and args.ranker is None:
+        if args.model is None and args.encoder is None:
+            raise ValueError("tfrec items add needs --delta (the retrieval delta file) and/or --ranker (a trained "
+                             "CTR run: a new ranker version)")
+        raise ValueError("--model and --encoder go with --delta")
+    if args.delta is not None and (args.encoder is None) == (args.model is None):
+        raise ValueError("tfrec items add needs exactly one of --model (a trained DMESR run) and --encoder")
+    if args.delta is None and (args.model or args.encoder):
+        raise ValueError("--model and --encoder go with --delta")
+    if (args.store or args.norm or args.sids) and not args.model:
+        raise ValueError("--store, --norm and --sids go with --model")
 
 
 def _cmd_add(args) -> None:
-    if (args.encoder is None) == (args.model is None):
-        raise ValueError("tfrec items add needs exactly one of --model (a trained DMESR run) and --encoder")
-    if (args.store or args.norm) and not args.model:
-        raise ValueError("--store and --norm go with --model")
-    encoder = model_encoder(args.model, args.store, args.norm or "catalogue") if args.model \
-        else load_encoder(args.encoder)
-    result = add_items_file(args.items, args.delta, encoder)
-    print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
-          f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
+    _check_add_flags(args)
+    rows = read_items_file(args.items)
+    prepared = None
+    if args.ranker is not None:  # computed and checked first: a bad ranker add writes no delta either
+        from export.ranker_items import describe, prepare_ranker_items, publish_ranker_items
+
+        prepared = prepare_ranker_items(rows, args.ranker, args.ranker_out, init=args.init or "sid_neighbours",
+                                        version=args.version, store=args.ranker_store,
+                                        history_store=args.history_store)
+    if args.delta is not None:
+        encoder = model_encoder(args.model, args.store, args.norm or "catalogue", args.sids) if args.model \
+            else load_encoder(args.encoder)
+        result = add_rows(rows, args.delta, encoder)
+        print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
+              f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
+    if prepared is not None:
+        print(describe(publish_ranker_items(prepared)), flush=True)
 
 
 def add_commands(subparsers) -> None:
     items = subparsers.add_parser("items", help="catalogue items added at serving time (no retraining)")
     commands = items.add_subparsers(dest="items_command", required=True)
-    add = commands.add_parser("add", help="embed new items and add them to a delta file a server merges")
+    add = commands.add_parser("add", help="new items without retraining: a retrieval delta file a server merges "
+                                           "and/or a new version of the CTR ranker")
     add.add_argument("--items", required=True, help="TSV with a header: item_id and the text columns")
-    add.add_argument("--delta", required=True, help="the delta file (.npz) a DeltaRetrievalServable serves")
+    add.add_argument("--delta", help="the delta file (.npz) a DeltaRetrievalServable serves")
     add.add_argument("--model", help="a trained DMESR run folder (or its model.keras): embeds the items' text "
                                      "with the store's frozen MiniLM and the model's frozen parts (built-in encoder)")
     add.add_argument("--store", help="with --model: the semantic store (default: the model's dmesr.store_path)")
     add.add_argument("--norm", choices=("catalogue", "zero_id"), default=None,
                      help="with --model: 'catalogue' (default) rescales each new item's vector to the median norm of "
                           "the trained catalogue's; 'zero_id' keeps it as the model gives it (ID part zero)")
+    add.add_argument("--sids", help="with --model: a semantic-ID artifact of the store (default: the run's sids/ "
+                                    "folder when it has one): fills the delta's sids from its frozen quantizer")
     add.add_argument("--encoder", help="instead of --model: module:function returning (vectors, sids) for the rows")
+    ranker = add.add_argument_group("the CTR ranker (export.ranker_items)")
+    ranker.add_argument("--ranker", help="a trained CTR run folder (tfrec ctr train): its ranker gets the new items "
+                                         "(semantic IDs from its frozen quantizer, rows in every per-item table)")
+    ranker.add_argument("--ranker_out", help="the served ranker's base directory: the new version is written there")
+    ranker.add_argument("--init", choices=INITS, default=None,
+                        help="a new item's ID embedding row and item bias: 'sid_neighbours' (default: the mean over "
+                             "the trained items sharing its longest SID prefix) or 'zero' (zero row, global prior)")
+    ranker.add_argument("--version", type=int, help="the new version's number (default: the next free one)")
+    ranker.add_argument("--history_store", help="sqlite:///path/events.db or redis://...: add the new items' codes "
+                                                "to the store's SID routes (tfrec events routes)")
+    ranker.add_argument("--ranker_store", help="the semantic store of the ranker run (default: the one it records)")
     add.set_defaults(func=_cmd_add)

@@ -112,6 +112,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfrec
+from tfrec.ctr.new_items import NEW_ITEMS_FILE
 from tfrec.serving import EXCLUDED_SCORE, PADDING_PROBABILITY, SERVING_DEFAULT
 from tfrec.serving.retrieval import RETRIEVE_SIGNATURE
 from tfrec.serving.servables import (  # noqa: F401  (the servables, importable from here too)
@@ -142,6 +143,7 @@ __all__ = [
 
 METADATA_FILE = "export_metadata.json"
 VOCAB_ASSET = "item_vocab.txt"
+NEW_ITEMS_PATH = f"assets.extra/{NEW_ITEMS_FILE}"  # the rows `export_ctr(new_items=)` records (TF Serving ignores it)
 
 
 # --- versioned SavedModel writing ------------------------------------------
@@ -182,7 +184,8 @@ def _signature_specs(signatures):
     return out
 
 
-def write_saved_model(module, base_dir, signatures, version=None, metadata=None, namespace_whitelist=()):
+def write_saved_model(module, base_dir, signatures, version=None, metadata=None, namespace_whitelist=(),
+                      extra_files=None):
     """Save `module` as `<base_dir>/<version>/` with `export_metadata.json`, atomically.
 
     Args:
@@ -194,6 +197,8 @@ def write_saved_model(module, base_dir, signatures, version=None, metadata=None,
         version: int or None (next integer).
         metadata: dict merged into `export_metadata.json`.
         namespace_whitelist: custom-op namespaces to allow (e.g. `("Scann",)`).
+        extra_files: optional `{relative path: write(path)}`, files written into the version
+            directory before it is published (e.g. under `assets.extra/`, which TF Serving ignores).
 
     Returns:
         `Path` of the version directory.
@@ -207,6 +212,9 @@ def write_saved_model(module, base_dir, signatures, version=None, metadata=None,
     try:
         options = tf.saved_model.SaveOptions(namespace_whitelist=list(namespace_whitelist) or None)
         tf.saved_model.save(module, str(staging), signatures=signatures, options=options)
+        for relative, write in (extra_files or {}).items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            write(staging / relative)
         meta = {
             "version": int(version),
             "export_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -239,7 +247,7 @@ def vocab_metadata(item_vocab):
             "fingerprint": vocab_fingerprint(item_vocab), "asset": f"assets/{VOCAB_ASSET}"}
 
 
-def _export_with_vocab(item_vocab, base_dir, version, build, metadata):
+def _export_with_vocab(item_vocab, base_dir, version, build, metadata, extra_files=None):
     """Write the servable `build(vocab_file)` returns, its vocabulary shipped as an asset.
 
     `metadata(servable)` gives the servable's `export_metadata.json` entries
@@ -251,7 +259,8 @@ def _export_with_vocab(item_vocab, base_dir, version, build, metadata):
         item_vocab.save(vocab_file)
         servable = build(vocab_file)
         meta = {**metadata(servable), "vocab": vocab_metadata(item_vocab)}
-        return write_saved_model(servable, base_dir, servable.signatures(), version=version, metadata=meta)
+        return write_saved_model(servable, base_dir, servable.signatures(), version=version, metadata=meta,
+                                 extra_files=extra_files)
 
 
 def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fingerprint=None, experiment_config=None):
@@ -293,7 +302,7 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
 
 
 def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data_fingerprint=None,
-               experiment_config=None, users=None, user_profiles=None):
+               experiment_config=None, users=None, user_profiles=None, new_items=None):
     """Export a trained lifelong CTR model as a versioned ranker SavedModel.
 
     Args:
@@ -310,6 +319,9 @@ def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data
             servable maps the request's `user` token to the training user id and
             profile in-graph (unknown user = a new user). Required when the
             model's wide part reads user ids / profiles (`ValueError` otherwise).
+        new_items: optional `tfrec.ctr.new_items.NewItemRows`: the items added to a trained model
+            without retraining (`export.ranker_items`), recorded in the metadata (`new_items`) and
+            written to `assets.extra/new_items.npz` (the next add carries them over).
 
     Returns:
         `Path` of the version directory.
@@ -317,6 +329,7 @@ def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data
     def metadata(servable):
         return {
             "kind": "ctr",
+            "new_items": new_items.describe() if new_items is not None else None,
             "model_class": type(model).__name__,
             "model_config": model.get_config(),
             "max_history": servable.max_history,
@@ -335,6 +348,7 @@ def export_ctr(model, item_vocab, base_dir, version=None, max_history=None, data
         item_vocab, base_dir, version,
         lambda vocab_file: CTRServable(model, item_vocab, vocab_file, max_history=max_history, users=users,
                                        user_profiles=user_profiles), metadata,
+        extra_files=None if new_items is None else {NEW_ITEMS_PATH: new_items.save},
     )
 
 

@@ -93,6 +93,31 @@ def test_set_routes_rebuilds_and_is_stored_beside(store, store_url):
         store.route_events("u", ["i4"], 2)
 
 
+def test_extend_routes_files_the_new_items_stored_events_as_a_rebuild_would(store, store_url):
+    """New catalogue items (`tfrec items add --ranker --history_store`): their events stored before the add
+    reach their buckets; the other items' buckets and the map's settings are as a full set_routes would leave."""
+    old = {item: codes for item, codes in SIDS.items() if item not in ("i3", "i4")}
+    store.set_routes(SIDRoutes(old, bucket_size=4))
+    events = random_events("u", 200, seed=5)  # i3 / i4 events before they are mapped: in no bucket yet
+    store.append(events)
+    assert store.extend_routes({"i3": SIDS["i3"], "i4": SIDS["i4"], "i5": SIDS["i5"]}) == 2  # i5: already there
+    routes = SIDRoutes(SIDS, bucket_size=4)
+    assert store.routes.fingerprint == routes.fingerprint
+    for targets in (["i3"], ["i4", "i7"], ["i0"]):
+        assert store.route_events("u", targets, 2) == reference(events, routes, targets, 2), targets
+    other = open_store(store_url)  # another process follows the extended map
+    try:
+        assert other.routes.fingerprint == routes.fingerprint
+    finally:
+        other.close()
+    with pytest.raises(ValueError, match="already in the store's SID map with codes"):
+        store.extend_routes({"i3": (2, 2, 0)})
+    assert store.extend_routes({"i3": SIDS["i3"]}) == 0
+    store.set_routes(None)
+    with pytest.raises(ValueError, match="no SID routes to extend"):
+        store.extend_routes({"i3": SIDS["i3"]})
+
+
 def test_delete_removes_buckets_and_idempotent_appends_add_none(store, store_url):
     store.set_routes(SIDRoutes(SIDS, bucket_size=3))
     batch = [Event("u", "i1", t, 1.0, f"e{t}") for t in range(6)]

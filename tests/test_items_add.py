@@ -15,7 +15,7 @@ from tfrec.serving.retrieval import build_indexes
 from export.saved_model import catalog_table, export_index, export_sequential
 from export.server import ModelServer, ServerOptions
 from export.server.config import ServedModelConfig as ServedModel
-from export.server.errors import ServingError
+from polling import polled
 from tfrec_cli.main import main
 from tfrec.config import ModelConfig
 from tfrec.data.vocab import Vocabulary
@@ -83,18 +83,7 @@ def retrieve(served, model="live"):
 def test_a_new_item_becomes_recommendable_without_restart_and_no_request_fails(served):
     (ids, scores), (base_ids, base_scores) = retrieve(served), retrieve(served, "retrieval")
     assert ids == base_ids and np.allclose(scores, base_scores)  # no delta file yet: the base answer
-    errors, answers, stop = [], [], threading.Event()
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                answers.append(retrieve(served)[0])
-            except ServingError as err:
-                errors.append(err)
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with polled(lambda: retrieve(served)[0]) as (answers, errors):
         time.sleep(0.3)
         added_at = time.monotonic()
         assert add_items(served["delta"], ["brand-new"], served["query"] * 100.0)["generation"] == 1
@@ -106,9 +95,6 @@ def test_a_new_item_becomes_recommendable_without_restart_and_no_request_fails(s
         while "brand-new" in retrieve(served)[0]:
             assert time.monotonic() - added_at < 20
             time.sleep(0.02)
-    finally:
-        stop.set()
-        thread.join(30)
     assert errors == [] and len(answers) > 5
     assert seconds < 5
     ids, scores = retrieve(served)

