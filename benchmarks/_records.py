@@ -54,7 +54,7 @@ def paired_rows(groups, ours, metric):
     """Run `ours` minus every other run of `groups` (`{run: [records with "seed" and
     "metrics"]}`), paired by seed: mean difference and a 95% interval
     (`dmesr.paired_bootstrap` over the paired seeds, relative -> absolute by the other
-    run's mean; with a few seeds the interval is coarse). Rows for a Markdown table;
+    run's mean; with a few seeds the interval is coarse, with one there is none). Rows for a Markdown table;
     keys starting with `_` carry the numbers."""
     from dmesr import paired_bootstrap
 
@@ -68,12 +68,13 @@ def paired_rows(groups, ours, metric):
             continue
         mine, theirs = np.array(pairs).T
         base = float(theirs.mean())
+        diff = float((mine - theirs).mean())
         if len(pairs) > 1:
             boot = paired_bootstrap(mine, theirs)
             lo, hi = (c * base for c in boot["ci95"])
-        else:
-            lo = hi = float(mine[0] - theirs[0])
-        rows.append({"vs": run, "paired_seeds": len(pairs), f"{metric}_diff": f"{float((mine - theirs).mean()):+.4f}",
-                     "ci95": f"[{lo:+.4f}, {hi:+.4f}]", "above_zero": "yes" if lo > 0 else "no",
-                     "_diff": float((mine - theirs).mean()), "_ci95": [lo, hi]})
+            ci, above, interval = f"[{lo:+.4f}, {hi:+.4f}]", "yes" if lo > 0 else "no", [lo, hi]
+        else:  # one paired seed: a difference, no interval
+            ci, above, interval = "n/a (1 seed)", "n/a", None
+        rows.append({"vs": run, "paired_seeds": len(pairs), f"{metric}_diff": f"{diff:+.4f}",
+                     "ci95": ci, "above_zero": above, "_diff": diff, "_ci95": interval})
     return rows
