@@ -562,8 +562,7 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     data_fn = train_data if callable(train_data) else (lambda epoch: train_data)
     if config.resume and backup_dir is None:
         raise ValueError("train.resume needs a checkpoint folder (train.backup_dir or a saved run)")
-    ema = getattr(config, "ema_momentum", None)
-    averager = WeightAverage(ema) if ema else None
+    averager = WeightAverage(config.ema_momentum) if config.ema_momentum else None
     if averager is not None and strategy.num_replicas_in_sync > 1:
         raise ValueError("train.ema_momentum is not supported with train.distribution over several replicas")
     tracker = BestEpochTracker(evaluator, monitor=config.monitor, patience=config.patience,
@@ -585,10 +584,10 @@ def fit(model, train_data, evaluator, config, *, protocol=None, steps_per_epoch=
     if not chief and backup_dir is not None:  # workers other than the chief write to a scratch copy
         backup_dir = Path(backup_dir).with_name(Path(backup_dir).name + f".worker{strategy.cluster_resolver.task_id}")
     all_callbacks = [tracker, *callbacks] if averager is None else [averager, tracker, *callbacks]
-    if getattr(config, "lr_decay_factor", None):
+    if config.lr_decay_factor:
         all_callbacks.insert(all_callbacks.index(tracker) + 1, PlateauDecay(
             tracker, config.learning_rate, config.lr_decay_factor, config.lr_decay_patience,
-            getattr(config, "min_learning_rate", 0.0)))
+            config.min_learning_rate))
     if tensorboard_dir and chief:
         all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
     all_callbacks.append(_OneEpoch())  # last: each fit call runs one epoch (the bar still says "Epoch e/N")
