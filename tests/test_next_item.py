@@ -227,7 +227,7 @@ def test_config_round_trip_without_weights():
     config = model.get_config()
     clone = NextItemRecommender.from_config(config)
     for key in ("max_length", "objective", "loss", "num_negatives", "sampling", "temperature", "seed",
-                "loss_reduction"):
+                "loss_reduction", "label_smoothing"):
         assert clone.get_config()[key] == config[key]
     assert clone.mask_token_id == VOCAB
     assert isinstance(clone.backbone, BERT4RecBackbone) and isinstance(clone.item_encoder, IdItemEncoder)
@@ -262,6 +262,8 @@ def test_mismatched_objective_and_backbone(objective, backbone, match):
     (dict(objective="mlm"), "objective must be one of"),
     (dict(sampling="zipf"), "sampling must be 'uniform' or 'popularity'"),
     (dict(loss_reduction="sum"), "loss_reduction must be one of"),
+    (dict(label_smoothing=1.0), "label_smoothing must be in"),
+    (dict(label_smoothing=0.1, loss="bce"), "label_smoothing needs loss='softmax'"),
 ])
 def test_unknown_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -299,6 +301,28 @@ def test_loss_reduction_targets_and_rows():
     one = np.array([[0, 0, 0, 6], [0, 8, 0, 0]], np.int32)  # one target per row: the same loss
     np.testing.assert_allclose(float(by_row.compute_loss(y=one, y_pred=states)),
                                float(by_target.compute_loss(y=one, y_pred=states)), rtol=1e-6)
+
+
+def test_label_smoothing_mixes_in_the_uniform_target():
+    """The smoothed loss is Keras' smoothed categorical cross-entropy over the catalogue (reserved ids
+    left out), and 0 gives the plain loss."""
+    keras.utils.set_random_seed(0)
+    ids = np.array([[2, 3, 4, 5], [6, 7, 0, 0]], np.int32)
+    targets = np.array([[3, 4, 5, 6], [7, 8, 0, 0]], np.int32)
+    plain = make_model("sasrec")
+    smooth = NextItemRecommender.from_config({**plain.get_config(), "label_smoothing": 0.2})
+    plain({"item_ids": ids}), smooth({"item_ids": ids})
+    smooth.set_weights(plain.get_weights())
+    states = plain({"item_ids": ids}, training=False)
+    table = keras.ops.convert_to_numpy(plain.item_encoder.all_items())[NUM_RESERVED:]
+    rows, cols = np.nonzero(targets)
+    logits = keras.ops.convert_to_numpy(states)[rows, cols] @ table.T  # (6, catalogue)
+    onehot = np.eye(table.shape[0])[targets[rows, cols] - NUM_RESERVED]
+    want = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2)(onehot, logits)
+    np.testing.assert_allclose(float(smooth.compute_loss(y=targets, y_pred=states)), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(plain.compute_loss(y=targets, y_pred=states)),
+                               _per_target_losses(plain, ids, targets).mean(), rtol=1e-5)
+    assert float(smooth.compute_loss(y=targets, y_pred=states)) != float(plain.compute_loss(y=targets, y_pred=states))
 
 
 # --------------------------------------------------------------------- packed rows

@@ -63,6 +63,7 @@ class ModelConfig:
     sampling: str = "uniform"
     temperature: float = 1.0
     loss_reduction: str = "targets"  # "targets" | "rows" (NextItemRecommender(loss_reduction=...))
+    label_smoothing: float = 0.0  # ours; softmax loss only (NextItemRecommender(label_smoothing=...))
     mask_prob: float = 0.2
 
 

@@ -87,6 +87,11 @@ class NextItemRecommender(keras.Model):
             scheme); with every position trained at once and batches bucketed
             by length, `"targets"` gives a short sequence's targets many times
             the weight of a long one's. Defaults to `"targets"`.
+        label_smoothing: float in [0, 1) (ours; default 0 = off). With
+            `loss="softmax"`, the target distribution puts `1 - label_smoothing`
+            on the true item and spreads `label_smoothing` uniformly over the
+            catalogue (Szegedy et al., 2016): the loss is
+            `(1 - e) * CE + e * (logsumexp(logits) - mean(logits))`.
 
     Example:
     >>> from tfrec.layers import IdItemEncoder, SASRecBackbone
@@ -110,6 +115,7 @@ class NextItemRecommender(keras.Model):
         temperature=1.0,
         seed=None,
         loss_reduction="targets",
+        label_smoothing=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,6 +125,10 @@ class NextItemRecommender(keras.Model):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        if label_smoothing and loss != "softmax":
+            raise ValueError(f"label_smoothing needs loss='softmax', got loss={loss!r}.")
         if sampling not in ("uniform", "popularity"):
             raise ValueError(f"sampling must be 'uniform' or 'popularity', got {sampling!r}.")
         if objective == "causal" and not getattr(backbone, "causal", True):
@@ -135,6 +145,7 @@ class NextItemRecommender(keras.Model):
         self.temperature = float(temperature)
         self.seed = seed
         self.loss_reduction = loss_reduction
+        self.label_smoothing = float(label_smoothing)
         self.vocab_size = int(item_encoder.vocab_size)
         self.mask_token_id = self.vocab_size  # only used by objective="cloze"
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -282,7 +293,10 @@ class NextItemRecommender(keras.Model):
                 logits = logits / self.temperature
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=t - NUM_RESERVED, logits=logits
-            )
+            )  # (n,)
+            if self.label_smoothing:  # cross-entropy against the uniform distribution, mixed in
+                uniform = tf.reduce_logsumexp(logits, -1) - tf.reduce_mean(logits, -1)  # (n,)
+                loss = (1.0 - self.label_smoothing) * loss + self.label_smoothing * uniform
         elif self.loss_name == "sampled_softmax":
             negatives = tf.cast(
                 keras.random.categorical(
@@ -336,6 +350,7 @@ class NextItemRecommender(keras.Model):
                 "temperature": self.temperature,
                 "seed": self.seed,
                 "loss_reduction": self.loss_reduction,
+                "label_smoothing": self.label_smoothing,
             }
         )
         return config

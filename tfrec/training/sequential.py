@@ -78,6 +78,7 @@ def build_model(model_config, vocab_size, item_encoder=None, seed=None):
         temperature=mc.temperature,
         seed=seed,
         loss_reduction=mc.loss_reduction,
+        label_smoothing=mc.label_smoothing,
     )
 
 
