@@ -30,7 +30,8 @@ variant's mean over seeds and its paired difference (by seed) to `id` in test
 NDCG@10 (full ranking) with a 95% bootstrap interval (`_records.paired_rows`).
 
 `--merge` keeps the records of `<out>/backbones.json` for the (dataset, model,
-variant, seed) runs not re-run now, so the grid can be filled over several
+variant, seed) runs not re-run now (a new run also replaces its (dataset, model,
+variant)'s older records without a seed, made before `--seeds`), so the grid can be filled over several
 invocations; every record carries its own budget, overrides and load average (the
 machine's other work shows in `train_seconds` and, under a wall-time budget, in the
 epochs reached).
@@ -210,8 +211,10 @@ def main():
         for model in args.models:
             for seed in seeds:
                 new = run_one(dataset, model, args.max_train_seconds, args.overrides, args.variant, seed)
-                records = [r for r in records if (r["dataset"], r["model"], r.get("variant", "id"), r.get("seed"))
-                           != (dataset, model, args.variant, new[0]["seed"])] + new
+                # ... and the cell's older single runs of the same variant made before --seeds
+                # (no seed recorded), which the seeded run supersedes.
+                records = [r for r in records if (r["dataset"], r["model"], r.get("variant", "id"))
+                           != (dataset, model, args.variant) or r.get("seed") not in (None, new[0]["seed"])] + new
                 write_reports(records, Path(args.out))  # partial results survive an interruption
     print(f"done in {time.time() - start:.0f}s -> {args.out}/backbones.{{json,md,png}}")
 
