@@ -101,10 +101,29 @@ def l2_normalize(x, epsilon=1e-12):
     return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
 
 
+def lookup(table, ids):
+    """`table[ids]`: rows of `table (V, ...)` for int `ids (...)` in `[0, V)` -> `(..., ...)`.
+
+    `ops.take(table, ids, axis=0)`; on the TensorFlow backend through `gather_nd`,
+    which costs about a third less than `gather` on CPU for one-number rows (the
+    per-behaviour lookups of serving: packed SID codes, genre bits, similarities).
+
+    Example:
+    >>> import numpy as np
+    >>> lookup(np.array([5, 6, 7]), np.array([[2, 0], [1, 1]])).numpy().tolist()
+    [[7, 5], [6, 6]]
+    """
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather_nd(table, ops.expand_dims(ops.cast(ids, "int32"), -1))
+    return ops.take(table, ids, axis=0)
+
+
 def take_rows(x, indices):
     """`x[b, indices[b, j]]`: int `indices (B, n)` into the rows of `x (B, m, ...)` -> `(B, n, ...)`.
 
-    `ops.take_along_axis` without its broadcasting: one gather from the
+    `ops.take_along_axis` without its broadcasting: one `lookup` in the
     flattened rows (about half the cost on CPU). Indices must lie in `[0, m)`.
 
     Example:
@@ -117,7 +136,7 @@ def take_rows(x, indices):
     rows, length = ops.shape(x)[0], ops.shape(x)[1]
     flat = ops.reshape(x, (-1,) + tuple(x.shape[2:]))  # (B * m, ...)
     offsets = ops.cast(ops.arange(rows)[:, None] * length, "int32")  # (B, 1)
-    return ops.take(flat, indices + offsets, axis=0)
+    return lookup(flat, indices + offsets)
 
 
 def behaviour_scores(query, table, history_ids, catalogue=None):
@@ -293,7 +312,7 @@ class MultiRouteRetrieval(keras.layers.Layer):
                 hi = ops.max(ops.where(valid, sim, _NEG), axis=-1, keepdims=True)
                 lo = ops.min(ops.where(valid, sim, -_NEG), axis=-1, keepdims=True)
                 offset = ops.maximum(hi - lo, 0.0) + 1.0
-            return sim + ops.cast(match, "float32") * offset, valid
+            return ops.where(match, sim + offset, sim), valid  # one select per (route, behaviour)
         if self.mix == "filter":
             return ops.broadcast_to(sim, ops.shape(match)), valid & match
         if self.mix == "sum":

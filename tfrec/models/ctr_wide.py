@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfrec.layers.multi_route_retrieval import take_rows
+from tfrec.layers.multi_route_retrieval import lookup, take_rows
 
 FEEDBACK_VOCAB = 9
 SCALARS = ("history_click_rate", "mean_rating", "log_history_length", "genre_click_rate", "log_genre_count",
@@ -207,7 +207,7 @@ class WidePart(keras.layers.Layer):
             target_ids = ops.cast(inputs["target_id"], "int32")
             if self._genre_bits is not None:  # materialised: one int per behaviour, one AND
                 bits = self._genre_bits
-                shared = ops.bitwise_and(ops.take(bits, history_ids, axis=0),
+                shared = ops.bitwise_and(lookup(bits, history_ids),
                                          ops.take(bits, target_ids, axis=0)[:, None]) != 0  # (B, H)
             else:
                 target = ops.take(self.item_genres, target_ids, axis=0)  # (B, G)

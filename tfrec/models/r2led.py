@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from tfrec.layers.bilevel_fusion import BiLevelFusion
-from tfrec.layers.multi_route_retrieval import (MultiRouteRetrieval, behaviour_scores, l2_normalize,
+from tfrec.layers.multi_route_retrieval import (MultiRouteRetrieval, behaviour_scores, l2_normalize, lookup,
                                                 shared_prefix_length, take_rows)
 from tfrec.models.ctr_baselines import CTRModel, repeat_rows, table_argument
 
@@ -180,7 +180,7 @@ class R2LED(CTRModel):
         comparison per route), else `{"history_prefix": (B, H)}`, the number of leading
         SID levels each behaviour shares with the target, from the gathered `(V, L)` codes."""
         if tables is not None and "packed" in tables:
-            history = ops.take(tables["packed"], history_ids, axis=0)  # (B, H): one int per behaviour
+            history = lookup(tables["packed"], history_ids)  # (B, H): one int per behaviour
             target = ops.take(tables["packed"], target_ids, axis=0)  # (B,)
             # A target without SID never matches: its code differs from every row's in bit 29 or 30.
             target = ops.where(target == NO_SID, NO_SID | (1 << 29), target)
