@@ -178,8 +178,9 @@ def cost_curve(models, data, lengths, num_requests=1024, batch_size=256, warmup=
 
 def cost_profile(model, data, length=1024, num_requests=256, repeats=9):
     """Where a materialised R2LED's inference time goes at `length`: median ms per 1,000
-    requests of the whole forward pass and of its parts (wide part, context tokens,
-    SID prefixes, collaborative similarity, route top-k, retrieval, interest)."""
+    requests of the whole forward pass and of its parts (wide part, context tokens of the
+    retrieved behaviours, semantic view (SID prefix matches), collaborative similarity,
+    route top-k, retrieval, interest)."""
     import tensorflow as tf
 
     from tfrec.layers.multi_route_retrieval import recency_top_k
@@ -190,20 +191,20 @@ def cost_profile(model, data, length=1024, num_requests=256, repeats=9):
     tables = model.serving_tables()
     unpacked = model._unpack(f)
     ids, targets = unpacked["history_ids"], unpacked["target_id"]
-    views = {"history_prefix": model._shared_prefix(ids, targets, tables),
-             "target_sids": tf.gather(model.item_sids, targets), "similarity": model._similarity(ids, targets, tables),
-             "history_mask": ids > 0}
+    views = {**model.semantic_view(ids, targets, tables), "target_sids": tf.gather(model.item_sids, targets),
+             "similarity": model._similarity(ids, targets, tables), "history_mask": ids > 0}
     scores, eligible = model.retrieval.route_scores(views)
     k = max(model.retrieval.route_top_k)
+    positions = tf.reshape(model.retrieve(ids, targets, tables=tables)[0], (num_requests, -1))
     parts = {
         "forward": lambda: model(f, training=False),
         "wide_part": lambda: model.wide(unpacked) if model.wide is not None else tf.zeros(()),
-        "context_tokens": lambda: model.behaviour_context(unpacked, as_tokens=True) if model.feedback else tf.zeros(()),
-        "sid_prefix": lambda: model._shared_prefix(ids, targets, tables),
+        "context_tokens": lambda: model.context_rows(unpacked, positions) if model.feedback else tf.zeros(()),
+        "sid_prefix": lambda: model.semantic_view(ids, targets, tables),
         "similarity": lambda: model._similarity(ids, targets, tables),
         "route_top_k": lambda: recency_top_k(scores, eligible, k),
         "retrieval": lambda: model.retrieve(ids, targets, tables=tables),
-        "interest": lambda: model.user_interest(ids, targets, context=model.behaviour_context(unpacked, as_tokens=True)),
+        "interest": lambda: model.user_interest(ids, targets, context=unpacked if model.feedback else None),
     }
     fns = {name: tf.function(fn) for name, fn in parts.items()}
     for fn in fns.values():

@@ -6,8 +6,9 @@ sum vs sums of projections, gathers of a normalised table vs normalising gathere
 import numpy as np
 import pytest
 
+from tfrec.layers.multi_route_retrieval import behaviour_scores, take_rows
 from tfrec.models.ctr_baselines import build_ctr_baseline
-from tfrec.models.r2led import R2LED
+from tfrec.models.r2led import NO_SID, R2LED
 
 V, H, B = 40, 24, 6
 ATOL = 1e-5
@@ -101,12 +102,95 @@ def test_r2led_materialize_packs_sids_and_retrieves_the_same():
     plain = [np.asarray(a) for a in model.retrieve(x["history_ids"], x["target_id"])]
     model.materialize()
     tables = model.serving_tables()
-    assert {"retrieval", "packed", "fused", "query", "key_value", "context"} <= set(tables.names())
+    assert {"retrieval", "packed", "route_thresholds", "fused", "query", "key_value", "context"} <= set(tables.names())
     packed = np.asarray(tables["packed"])
-    assert packed[0] == packed[1] == packed[7] == -1 and packed[2:7].min() >= 0
+    assert packed[0] == packed[1] == packed[7] == NO_SID and packed[2:7].max() < 1 << 5  # fields of 2 + 2 + 1 bits
     served = [np.asarray(a) for a in model.retrieve(x["history_ids"], x["target_id"], tables=tables)]
     np.testing.assert_array_equal(served[1], plain[1])
     np.testing.assert_array_equal(np.where(served[1], served[0], 0), np.where(plain[1], plain[0], 0))
+
+
+def test_packed_route_match_equals_shared_prefix_of_every_item_pair():
+    """The one-XOR route match of a materialised model against the shared prefix length of
+    the `(V, L)` codes, for every (behaviour, target) pair of the catalogue (targets and
+    behaviours without SID included)."""
+    model = r2led(route_levels=[1, 2, 3, 2])  # repeated levels are allowed, any order
+    model(features())
+    model.materialize()
+    codes = np.asarray(model.item_sids)
+    history = np.tile(np.arange(V, dtype="int32"), (V, 1))  # row t: every item, target t
+    targets = np.arange(V, dtype="int32")
+    view = model.semantic_view(history, targets, model.serving_tables())
+    shared = np.zeros((V, V), int)  # reference: leading levels equal, the target's code present
+    for t, h in np.ndindex(V, V):
+        while shared[t, h] < 3 and codes[t, shared[t, h]] >= 0 and codes[h, shared[t, h]] == codes[t, shared[t, h]]:
+            shared[t, h] += 1
+    expected = shared[:, None, :] >= np.array([1, 2, 3, 2])[None, :, None]
+    np.testing.assert_array_equal(np.asarray(view["route_match"]), expected)
+    assert expected[2:].any() and not expected[:2].any() and not expected[:, :, :2].any()
+
+
+def reference_retrieval(similarity, shared, valid, levels, k):
+    """Per-route boost retrieval, one row and one route at a time: prefix matches by
+    similarity, then non-matches by similarity, ties -> the more recent behaviour."""
+    batch, length = similarity.shape
+    indices = np.zeros((batch, len(levels), k), int)
+    mask = np.zeros((batch, len(levels), k), bool)
+    for (b, r), level in ((br, levels[br[1]]) for br in np.ndindex(batch, len(levels))):
+        order = sorted((h for h in range(length) if valid[b, h]),
+                       key=lambda h: (shared[b, h] < level, -similarity[b, h], -h))[:k]
+        indices[b, r, :len(order)], mask[b, r, :len(order)] = order, True
+    return indices, mask
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_r2led_retrieval_equals_a_per_route_reference(served):
+    """Training and served retrieval against `reference_retrieval` on long histories with
+    repeated items (ties broken by recency) and every kind of SID (none, partial match)."""
+    model = R2LED(V, sids(np.random.default_rng(0)), sid_codebook_sizes=[3, 4, 2], embedding_dim=8, top_k=6)
+    rng = np.random.default_rng(5)
+    length = 64
+    lengths = rng.integers(1, length + 1, B)
+    ids = np.where(np.arange(length)[None] < lengths[:, None], rng.integers(1, 12, (B, length)), 0).astype("int32")
+    targets = np.array([2, 3, 7, 1, 5, 9], "int32")  # 7 and 1: targets without SID
+    model({"history_ids": ids, "target_id": targets})
+    perturbed(model)
+    if served:
+        model.materialize()
+    indices, mask = (np.asarray(a) for a in model.retrieve(ids, targets, tables=model.serving_tables()))
+    table = np.asarray(model.item_encoder.all_items())
+    table = table / np.linalg.norm(table, axis=1, keepdims=True)
+    codes = np.asarray(model.item_sids)
+    shared = np.zeros(ids.shape, int)
+    for b, h in np.ndindex(*ids.shape):
+        t, i = codes[targets[b]], codes[ids[b, h]]
+        while shared[b, h] < 3 and t[shared[b, h]] >= 0 and i[shared[b, h]] == t[shared[b, h]]:
+            shared[b, h] += 1
+    similarity = np.einsum("bhd,bd->bh", table[ids], table[targets])
+    ref_indices, ref_mask = reference_retrieval(similarity, shared, ids > 0, [1, 2, 3], 6)
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_array_equal(np.where(mask, indices, 0), ref_indices)
+
+
+def test_behaviour_scores_through_the_catalogue_equal_per_behaviour():
+    rng = np.random.default_rng(7)
+    table, query = rng.normal(size=(V, 5)).astype("float32"), rng.normal(size=(B, 5)).astype("float32")
+    ids = rng.integers(0, V, (B, H)).astype("int32")
+    expected = np.einsum("bhd,bd->bh", table[ids], query)
+    for catalogue in (True, False, None):
+        np.testing.assert_allclose(np.asarray(behaviour_scores(query, table, ids, catalogue)), expected, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(take_rows(table[None].repeat(B, 0), ids)), table[ids])
+
+
+def test_context_rows_of_positions_equal_the_gathered_tokens():
+    model = r2led()
+    x = features()
+    model(x)
+    positions = np.random.default_rng(6).integers(0, H, (B, 7)).astype("int32")
+    every = np.asarray(model.context_rows(x))  # (B, H)
+    np.testing.assert_array_equal(every, np.asarray(model.behaviour_context(x, as_tokens=True)))
+    np.testing.assert_array_equal(np.asarray(model.context_rows(x, positions)),
+                                  np.take_along_axis(every, positions, axis=1))
 
 
 def test_partial_sids_are_not_packed():

@@ -151,3 +151,32 @@ def test_asking_for_features_the_data_lacks(data):
     assert wide_options(bare, profile=False, genres=False)["num_users"] == 3
     with pytest.raises(ValueError, match="unknown score features"):
         make_models(data)["din"].score(np.array([[2, 3]]), np.array([2]), history_clicks=np.array([[1, 0]]))
+
+
+def test_recent_and_last_gap_scalars_equal_masks_over_the_whole_history():
+    """The windowed recent / last-gap scalars against the masked sums over every position
+    (right-padded histories, some shorter than `RECENT`, one empty)."""
+    from tfrec.models.ctr_wide import RECENT, SCALARS
+
+    rng = np.random.default_rng(3)
+    batch, length = 7, 48
+    lengths = np.array([0, 1, 5, RECENT - 1, RECENT, 33, length])
+    valid = np.arange(length)[None] < lengths[:, None]
+    x = {"history_ids": np.where(valid, rng.integers(1, NUM_ITEMS, (batch, length)), 0).astype("int32"),
+         "target_id": rng.integers(1, NUM_ITEMS, batch).astype("int32"),
+         "history_labels": ((rng.random((batch, length)) < 0.5) & valid).astype("float32"),
+         "history_ratings": (rng.integers(0, 6, (batch, length)) * valid).astype("float32"),
+         "history_gaps": (rng.integers(0, 32, (batch, length)) * valid).astype("int32")}
+    wide = WidePart(item_prior=np.full(NUM_ITEMS, 0.3), global_rate=0.3, smoothing=5.0)
+    scalars = np.asarray(wide(x)[1])[:, :len(SCALARS)]
+    recent = valid & (np.arange(length)[None] >= lengths[:, None] - RECENT)
+    rate = (x["history_labels"].sum(1) + 5 * 0.3) / (valid.sum(1) + 5)
+    recent_rate = ((x["history_labels"] * recent).sum(1) + 5 * rate) / (recent.sum(1) + 5)
+    rated = (x["history_ratings"] > 0) & recent
+    recent_rating = (x["history_ratings"] * recent).sum(1) / np.maximum(rated.sum(1), 1) / 5
+    last = valid & (np.arange(length)[None] == lengths[:, None] - 1)
+    np.testing.assert_allclose(scalars[:, SCALARS.index("recent_click_rate")],
+                               np.log(recent_rate) - np.log(1 - recent_rate), atol=1e-5)
+    np.testing.assert_allclose(scalars[:, SCALARS.index("recent_mean_rating")], recent_rating, atol=1e-6)
+    np.testing.assert_allclose(scalars[:, SCALARS.index("last_gap")], (x["history_gaps"] * last).sum(1) / 32)
+    np.testing.assert_allclose(scalars[:, SCALARS.index("log_history_length")], np.log1p(lengths), atol=1e-6)

@@ -44,7 +44,7 @@ import numpy as np
 from keras import ops
 
 from tfrec.layers.item_encoder import IdItemEncoder
-from tfrec.layers.multi_route_retrieval import l2_normalize, recency_top_k
+from tfrec.layers.multi_route_retrieval import behaviour_scores, l2_normalize, recency_top_k, take_rows
 from tfrec.data.lifelong import GAP_BUCKETS
 from tfrec.layers.target_attention import TargetAttention
 from tfrec.metrics import auc, gauc, logloss
@@ -238,8 +238,19 @@ class CTRModel(keras.Model):
         """`(target_vector (B, d), interest (B, d'))` for `history_ids (B, H)`, `target_ids (B,)`;
         `context`: optional `(B, H, d)` feedback/gap embedding of each behaviour, added to
         the embeddings of the behaviours the model attends; when materialised and not
-        training, `(B, H)` int32 rows of the `context` table (`behaviour_context(as_tokens=True)`)."""
+        training, the request's feature dict instead, whose `context_rows` the model reads
+        for the behaviours it attends only."""
         raise NotImplementedError
+
+    def context_rows(self, features, positions=None):
+        """`(B, n)` int32 rows of the served `context` table (`behaviour_context(as_tokens=True)`)
+        of the behaviours at `positions (B, n)` of the history (None: all `H`). The feedback
+        features of those behaviours are gathered first, so a model attending `k` of `H`
+        behaviours computes `k` tokens, not `H` (tokens are per behaviour: same rows)."""
+        if positions is not None:
+            features = {key: take_rows(features[key], positions) for key in ("history_ids", *HISTORY_FEATURES)
+                        if features.get(key) is not None}
+        return self.behaviour_context(features, as_tokens=True)
 
     def behaviour_context(self, features, as_tokens=False):
         """`(B, H, d)` feedback + time-gap embedding of each behaviour, or None (`feedback=False`).
@@ -279,8 +290,11 @@ class CTRModel(keras.Model):
     def _probabilities(self, features, training=False, **interest_kwargs):
         """Click probabilities `(B,)` of a feature dict (int32 `history_ids (B, H)`, `target_id (B,)`, ...)."""
         history_ids, target_ids = features["history_ids"], features["target_id"]
-        # served (materialised): context = rows of the combined context table, not embeddings
-        context = self.behaviour_context(features, as_tokens=self.serving_tables(training) is not None)
+        # served (materialised): the models read rows of the combined context table (`context_rows`)
+        if self.serving_tables(training) is None:
+            context = self.behaviour_context(features)
+        else:
+            context = features if self.feedback else None
         if self.split_feedback:
             labels = features.get("history_labels")
             liked = (ops.cast(labels, "float32") > 0.5) if labels is not None else ops.zeros_like(history_ids) > 0
@@ -402,8 +416,9 @@ class TargetAttentionCTR(CTRModel):
 
     def precompute(self):
         """Besides the context table: the target attention's projections of the item table
-        (`query`, `key_value`; `"dot"` form; TWIN's selection reads the same keys) and
-        ETA's SimHash signatures (`signs (V, bits)`). DIN (`"mlp"` form) has none."""
+        (`query`, `key_value`; `"dot"` form; TWIN's selection reads the same keys, as `keys
+        (V, dk)`, and scores them as R2LED its similarities, `behaviour_scores`) and ETA's
+        SimHash signatures (`signs (V, bits)`). DIN (`"mlp"` form) has none."""
         tables = super().precompute()
         items = self.item_encoder.all_items()  # (V, d)
         if self.attention_form != "dot":
@@ -412,6 +427,8 @@ class TargetAttentionCTR(CTRModel):
             tables["signs"] = ops.sign(ops.matmul(items, self.simhash_planes))
         contexts = tables.get("context")
         tables.update(self.attention.projection_tables(items, contexts))
+        if self.selector == "attention":  # TWIN's selection: every item's keys, heads side by side (V, dk)
+            tables["keys"] = ops.reshape(tables["key_value"][:, 0], (-1, self.attention.key_dim))
         if contexts is None:
             tables.pop("context", None)
         return tables
@@ -440,12 +457,12 @@ class TargetAttentionCTR(CTRModel):
             else:
                 table = ops.stop_gradient(self.item_encoder.all_items())  # (V, d)
                 signs = ops.sign(ops.matmul(table, self.simhash_planes))  # (V, bits), +-1 (0 if on a plane)
-            scores = ops.einsum("bhm,bm->bh", ops.take(signs, history_ids, axis=0),
-                                ops.take(signs, target_ids, axis=0))  # bits agreeing - differing
-        elif tables is not None:  # TWIN served: the precomputed query and key tables
+            # bits agreeing - differing (integers: the same sums through the catalogue or per behaviour)
+            scores = behaviour_scores(ops.take(signs, target_ids, axis=0), signs, history_ids)  # (B, H)
+        elif tables is not None:  # TWIN served: the precomputed query and key tables, as R2LED's similarity
             query = ops.take(tables["query"], target_ids, axis=0)  # (B, heads, hd)
-            keys = ops.take(tables["key_value"][:, 0], history_ids, axis=0)  # (B, H, heads, hd)
-            scores = ops.mean(ops.einsum("bhd,bnhd->bnh", query, keys), axis=-1)  # (B, H)
+            query = ops.reshape(query, (-1, self.attention.key_dim))  # mean over heads = flat dot / heads
+            scores = behaviour_scores(query, tables["keys"], history_ids) / float(self.num_heads)  # (B, H)
         else:  # "attention": TWIN's consistent target attention, keys projected per item once
             keys = self.attention.project_keys(ops.stop_gradient(self.item_encoder.all_items()))  # (V, h, hd)
             target = self.item_encoder(target_ids)
@@ -459,11 +476,11 @@ class TargetAttentionCTR(CTRModel):
         tables = self.serving_tables(training)
         target = self.item_encoder(target_ids)  # (B, d)
         indices, mask = self.select(history_ids, target_ids, tables)
-        selected = history_ids if self.selector == "full" else ops.take_along_axis(history_ids, indices, axis=1)
+        selected = history_ids if self.selector == "full" else take_rows(history_ids, indices)
         if tables is not None:  # rows of the projected tables instead of projections per behaviour
             key_value = ops.take(tables["key_value"], selected, axis=0)  # (B, k, 2, heads, hd)
             if context is not None:
-                rows = context if self.selector == "full" else ops.take_along_axis(context, indices, axis=1)
+                rows = self.context_rows(context, None if self.selector == "full" else indices)  # (B, k)
                 key_value = key_value + ops.take(tables["context"], rows, axis=0)
             query = ops.take(tables["query"], target_ids, axis=0)  # (B, heads, hd)
             return target, self.attention.attend_projected(query, key_value, mask)

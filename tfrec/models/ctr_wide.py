@@ -37,6 +37,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfrec.layers.multi_route_retrieval import lookup, take_rows
+
 FEEDBACK_VOCAB = 9
 SCALARS = ("history_click_rate", "mean_rating", "log_history_length", "genre_click_rate", "log_genre_count",
            "recent_click_rate", "recent_mean_rating", "last_gap")
@@ -205,7 +207,7 @@ class WidePart(keras.layers.Layer):
             target_ids = ops.cast(inputs["target_id"], "int32")
             if self._genre_bits is not None:  # materialised: one int per behaviour, one AND
                 bits = self._genre_bits
-                shared = ops.bitwise_and(ops.take(bits, history_ids, axis=0),
+                shared = ops.bitwise_and(lookup(bits, history_ids),
                                          ops.take(bits, target_ids, axis=0)[:, None]) != 0  # (B, H)
             else:
                 target = ops.take(self.item_genres, target_ids, axis=0)  # (B, G)
@@ -218,23 +220,27 @@ class WidePart(keras.layers.Layer):
             genre_count = ops.sum(shared * mask, axis=1)
         else:
             genre_rate, genre_count = rate, ops.zeros_like(rate)
-        length = ops.sum(mask, axis=1, keepdims=True)  # (B, 1); right-padded: latest at length - 1
-        position = ops.cast(ops.arange(ops.shape(history_ids)[1])[None, :], "float32")
-        recent = mask * ops.cast(position >= length - RECENT, "float32")  # (B, H)
-        recent_rate = (ops.sum(labels * recent, axis=1) + s * rate) / (ops.sum(known * recent, axis=1) + s)
+        length = ops.sum(mask, axis=1)  # (B,); right-padded: latest at length - 1
+        # The recent and last-gap scalars read only the RECENT positions before `length`, gathered
+        # (B, RECENT), not masks over the whole history (same sums: integer counts and ratings).
+        window = ops.cast(length, "int32")[:, None] - RECENT + ops.arange(RECENT, dtype="int32")[None]
+        inside = ops.cast(window >= 0, "float32")  # (B, RECENT); short histories: fewer positions
+        window = ops.maximum(window, 0)
+        recent = take_rows(mask, window) * inside  # (B, RECENT)
+        recent_rate = ((ops.sum(take_rows(labels, window) * recent, axis=1) + s * rate)
+                       / (ops.sum(take_rows(known, window) * recent, axis=1) + s))
         if ratings is not None:
-            recent_rating = (ops.sum(ratings * recent, axis=1)
-                             / ops.maximum(ops.sum(rated * recent, axis=1), 1.0) / 5.0)
+            recent_rating = (ops.sum(take_rows(ratings, window) * recent, axis=1)
+                             / ops.maximum(ops.sum(take_rows(rated, window) * recent, axis=1), 1.0) / 5.0)
         else:
             recent_rating = ops.zeros_like(rate)
         gaps = inputs.get("history_gaps")
-        if gaps is not None:
-            last = mask * ops.cast(position == length - 1, "float32")
-            last_gap = ops.sum(ops.cast(gaps, "float32") * last, axis=1) / 32.0
+        if gaps is not None:  # the latest behaviour's gap: the window's last position
+            last_gap = ops.cast(take_rows(gaps, window[:, -1:])[:, 0], "float32") * recent[:, -1] / 32.0
         else:
             last_gap = ops.zeros_like(rate)
         logit = lambda p: ops.log(p) - ops.log(1.0 - p)  # noqa: E731
-        return ops.stack([logit(rate), mean_rating, ops.log1p(ops.sum(mask, axis=1)), logit(genre_rate),
+        return ops.stack([logit(rate), mean_rating, ops.log1p(length), logit(genre_rate),
                           ops.log1p(genre_count), logit(recent_rate), recent_rating, last_gap], axis=1)
 
     def _target_genres(self, inputs):

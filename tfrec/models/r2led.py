@@ -26,9 +26,11 @@ import numpy as np
 from keras import ops
 
 from tfrec.layers.bilevel_fusion import BiLevelFusion
-from tfrec.layers.multi_route_retrieval import MultiRouteRetrieval, l2_normalize, shared_prefix_length
+from tfrec.layers.multi_route_retrieval import (MultiRouteRetrieval, behaviour_scores, l2_normalize, lookup,
+                                                shared_prefix_length, take_rows)
 from tfrec.models.ctr_baselines import CTRModel, repeat_rows, table_argument
 
+NO_SID = 1 << 30  # packed code of an item without SID (`R2LED.precompute`)
 R2LED_VARIANTS = ("r2led", "r2led-no-multiroute", "r2led-no-mixed-semantic",
                   "r2led-no-mixed-collaborative", "r2led-no-gate")
 
@@ -139,22 +141,27 @@ class R2LED(CTRModel):
     def precompute(self):
         """What no request changes (see `CTRModel.materialize`): the normalised retrieval
         table `retrieval (V, d)`; the packed SID codes `packed (V,)` (one int32 per item,
-        `sum_l code_l * prod(sizes after l)`, -1 = no SID; prefix `l` is shared when the
-        behaviour's code lies in the target's range `[low, low + prod(sizes after l))`; exact when every row has all
-        or none of its codes and the product of the codebook sizes fits in int32, else
-        left out and the `(V, L)` codes are gathered as in training); the SID-fused item
-        table `fused (V, d)` and, with `attention_form="dot"`, the route attention's
-        projections of it and of the context table (`query`, `key_value`, `context`)."""
+        level `l`'s code in its own bit field, coarse levels in the high bits, `NO_SID`
+        = no SID) and `route_thresholds (R,)`: a behaviour shares route `r`'s prefix with
+        the target exactly when `packed[behaviour] ^ packed[target] < route_thresholds[r]`
+        (the bits of the finer levels may differ, no other); exact when every row has all
+        or none of its codes and the fields fit 28 bits, else left out and the `(V, L)`
+        codes are gathered as in training); the SID-fused item table `fused (V, d)` and,
+        with `attention_form="dot"`, the route attention's projections of it and of the
+        context table (`query`, `key_value`, `context`)."""
         tables = super().precompute()
         tables["retrieval"] = self._retrieval_table()
+        if not self.retrieval.built:
+            self.retrieval.build({"target_sids": (None, self.sids_shape[1])})
         sids = np.asarray(ops.convert_to_numpy(self.item_sids)).astype(np.int64)
-        sizes = self.sid_codebook_sizes
+        widths = [max(int(size - 1).bit_length(), 1) for size in self.sid_codebook_sizes]
+        shifts = [sum(widths[level + 1:]) for level in range(len(widths))]  # bits below each level's field
         valid = sids >= 0
-        if (valid.all(1) | ~valid.any(1)).all() and int(np.prod(sizes, dtype=np.int64)) < 2 ** 31:
-            strides = [int(np.prod(sizes[level + 1:], dtype=np.int64)) for level in range(len(sizes))]
-            packed = np.where(valid.all(1), (sids * np.asarray(strides)).sum(1), -1)
+        if (valid.all(1) | ~valid.any(1)).all() and sum(widths) <= 28:
+            packed = np.where(valid.all(1), (sids << np.asarray(shifts)).sum(1), NO_SID)
             tables["packed"] = ops.convert_to_tensor(packed.astype(np.int32))
-            tables["prefix_divisors"] = strides  # shared prefix >= l  <=>  packed // strides[l - 1] equal
+            tables["route_thresholds"] = ops.convert_to_tensor(
+                np.asarray([1 << shifts[level - 1] for level in self.retrieval.levels], np.int32))
         if not self.fusion.built:
             self.fusion.build({"target_embedding": (None, self.embedding_dim),
                                "target_sids": (None, self.sids_shape[1])})
@@ -167,19 +174,20 @@ class R2LED(CTRModel):
                 tables["context"] = contexts
         return tables
 
-    def _shared_prefix(self, history_ids, target_ids, tables=None):
-        """`(B, H)` int32 number of leading SID levels each behaviour shares with the target."""
+    def semantic_view(self, history_ids, target_ids, tables=None):
+        """The semantic view `MultiRouteRetrieval` reads: `{"route_match": (B, R, H) bool}`
+        from the packed codes of a materialised model (one XOR per behaviour, one
+        comparison per route), else `{"history_prefix": (B, H)}`, the number of leading
+        SID levels each behaviour shares with the target, from the gathered `(V, L)` codes."""
         if tables is not None and "packed" in tables:
-            history = ops.take(tables["packed"], history_ids, axis=0)  # (B, H): one int per behaviour
-            target = ops.take(tables["packed"], target_ids, axis=0)[:, None]  # (B, 1)
-            shared = None
-            for divisor in tables["prefix_divisors"]:  # prefix l shared <=> history in the target's code range
-                low = (target // divisor) * divisor  # (B, 1): divisions per target, comparisons per behaviour
-                level = ops.cast((history >= low) & (history < low + divisor) & (target >= 0), "int32")
-                shared = level if shared is None else shared + level
-            return shared
+            history = lookup(tables["packed"], history_ids)  # (B, H): one int per behaviour
+            target = ops.take(tables["packed"], target_ids, axis=0)  # (B,)
+            # A target without SID never matches: its code differs from every row's in bit 29 or 30.
+            target = ops.where(target == NO_SID, NO_SID | (1 << 29), target)
+            differ = ops.bitwise_xor(history, target[:, None])  # (B, H)
+            return {"route_match": differ[:, None, :] < tables["route_thresholds"][None, :, None]}
         target_sids = ops.take(self.item_sids, target_ids, axis=0)[:, None, :]  # (B, 1, L)
-        return shared_prefix_length(ops.take(self.item_sids, history_ids, axis=0), target_sids)  # (B, H)
+        return {"history_prefix": shared_prefix_length(ops.take(self.item_sids, history_ids, axis=0), target_sids)}
 
     def _retrieval_table(self, tables=None):
         """`(V, d)` item vectors the collaborative view compares (no gradient; unit norm for cosine)."""
@@ -190,35 +198,10 @@ class R2LED(CTRModel):
             table = l2_normalize(table)  # once per table, not once per behaviour
         return table
 
-    def behaviour_views(self, history_ids, target_ids, similarity=None, tables=None):
-        """`(similarity, shared_prefix)` `(B, H)`: each behaviour's two views of the target.
-
-        The collaborative similarity (unless given; see `catalog_scoring`) and
-        the number of leading SID levels the behaviour shares with the target;
-        `tables`: the `ServingTables` of a materialised model, or None.
-        """
-        prefix = self._shared_prefix(history_ids, target_ids, tables)
-        if similarity is None:
-            similarity = self._similarity(history_ids, target_ids, tables)
-        return similarity, prefix
-
     def _similarity(self, history_ids, target_ids, tables=None):
+        """`(B, H)` collaborative similarity of each behaviour to the target (see `catalog_scoring`)."""
         table = self._retrieval_table(tables)  # (V, d)
-        target = ops.take(table, target_ids, axis=0)  # (B, d)
-
-        def per_catalogue():  # one dense (B, d) x (d, V) product, then one float per behaviour
-            return ops.take_along_axis(ops.matmul(target, ops.transpose(table)), history_ids, axis=1)
-
-        def per_behaviour():  # d floats gathered per behaviour
-            return ops.einsum("bhd,bd->bh", ops.take(table, history_ids, axis=0), target)
-
-        use_catalogue = self.catalog_scoring
-        if use_catalogue is None:
-            length = history_ids.shape[1]
-            if length is None:  # a graph with a dynamic history length decides per call
-                return ops.cond(self.vocab_size <= 8 * ops.shape(history_ids)[1], per_catalogue, per_behaviour)
-            use_catalogue = self.vocab_size <= 8 * length
-        return per_catalogue() if use_catalogue else per_behaviour()
+        return behaviour_scores(ops.take(table, target_ids, axis=0), table, history_ids, self.catalog_scoring)
 
     def retrieve(self, history_ids, target_ids, similarity=None, tables=None):
         """`(indices, mask)` `(B, R, k)`: positions of the behaviours each route keeps.
@@ -229,11 +212,12 @@ class R2LED(CTRModel):
         """
         history_ids = ops.cast(history_ids, "int32")
         target_ids = ops.cast(target_ids, "int32")
-        similarity, prefix = self.behaviour_views(history_ids, target_ids, similarity, tables)
+        if similarity is None:
+            similarity = self._similarity(history_ids, target_ids, tables)
         return self.retrieval({
-            "history_prefix": prefix,  # (B, H)
+            **self.semantic_view(history_ids, target_ids, tables),  # route_match or history_prefix
             "target_sids": ops.take(self.item_sids, target_ids, axis=0),  # (B, L)
-            "similarity": similarity,
+            "similarity": similarity,  # (B, H)
             "history_mask": history_ids > 0,
         })
 
@@ -253,7 +237,7 @@ class R2LED(CTRModel):
         indices, mask = self.retrieve(history_ids, target_ids, similarity=similarity, tables=tables)  # (B, R, k)
         batch = ops.shape(history_ids)[0]
         flat = ops.reshape(indices, (batch, -1))  # (B, R * k)
-        selected = ops.reshape(ops.take_along_axis(history_ids, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        selected = ops.reshape(take_rows(history_ids, flat), ops.shape(indices))  # (B, R, k)
         if tables is not None:  # served: rows of the fused, projected tables
             return self._served_interest(tables, selected, flat, indices, mask, target_ids, context)
         extra = None
@@ -279,8 +263,8 @@ class R2LED(CTRModel):
     def _served_interest(self, tables, selected, flat, indices, mask, target_ids, context):
         target = ops.take(tables["fused"], target_ids, axis=0)  # (B, d)
         rows = None
-        if context is not None:  # (B, H) rows of the context table -> those of the retrieved behaviours
-            rows = ops.reshape(ops.take_along_axis(context, flat, axis=1), ops.shape(indices))  # (B, R, k)
+        if context is not None:  # rows of the context table of the retrieved behaviours only
+            rows = ops.reshape(self.context_rows(context, flat), ops.shape(indices))  # (B, R, k)
         if "key_value" not in tables:  # "mlp" route attention: fused rows + context, attended as in training
             behaviours = ops.take(tables["fused"], selected, axis=0)  # (B, R, k, d)
             if rows is not None:
