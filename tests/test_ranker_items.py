@@ -351,3 +351,130 @@ def test_every_ctr_model_is_extended_without_changing_a_trained_row(name):
     with pytest.raises(ValueError, match="genres rows are"):
         extend_ctr_model(model, NewItemRows(["n1"], rows.embedding[:1], rows.bias[:1], rows.sids[:1],
                                             np.zeros((1, 5), "int32"), rows.semantic[:1], rows.init_level[:1]))
+
+
+# --- POST /v1/items with --items_ranker: the server's endpoint does what `tfrec items add --ranker` does ------
+ENCODER = "items_encoders:vector_encoder"  # the delta side: a row's vector is its `vector` column
+
+
+def posted(*tokens):
+    """Rows for both sides: the ranker reads title and genres, the delta encoder `vector`."""
+    return [{**row, "vector": f"{index + 1.0},0.5"} for index, row in enumerate(new_rows(*tokens))]
+
+
+def rest_post(url, path, body):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def versions(base):
+    return sorted(p.name for p in base.iterdir())
+
+
+def assert_same_rows(a, b):
+    """`b`'s items have the same rows in `a` (which may hold earlier items too), array for array."""
+    assert a.base == b.base and a.init == b.init
+    rows = [a.tokens.index(token) for token in b.tokens]
+    for field in NewItemRows.ARRAYS:
+        np.testing.assert_array_equal(getattr(a, field)[rows], getattr(b, field), err_msg=field)
+
+
+@pytest.fixture(scope="module")
+def ranker_server(run, tmp_path_factory):
+    """A server serving the ranker (version 1) with `--items_delta --items_encoder --items_ranker
+    --items_ranker_out` on its base path and a history store holding the ranker's SID routes."""
+    from export.routes import savedmodel_routes
+    from export.server import ModelServer, ServedModelConfig, ServerOptions
+
+    root = tmp_path_factory.mktemp("ranker_server")
+    base = root / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    url = f"sqlite://{root / 'events.db'}"
+    store = open_store(url)
+    store.set_routes(savedmodel_routes(str(base / "1"), "ranker", bucket_size=4, recent=2))
+    store.close()
+    (root / "delta").mkdir()
+    server = ModelServer([ServedModelConfig("ranker", str(base))], ServerOptions(
+        port=0, rest_api_port=0, file_system_poll_wait_seconds=0.2, history_store=url,
+        items_delta=str(root / "delta" / "items.npz"), items_encoder=ENCODER, items_ranker=str(run["run_dir"]),
+        items_ranker_out=str(base))).start()
+    yield {"server": server, "base": base, "delta": root / "delta" / "items.npz", "store": url, "root": root}
+    server.stop()
+
+
+def test_post_items_publishes_a_ranker_version_the_server_serves_without_restart(run, ranker_server):
+    from export.client import PredictClient
+    from export.items_add import load_delta
+
+    server, base = ranker_server["server"], ranker_server["base"]
+    histories, candidates = [["i1", "i4", "i7"]], [["new-1", "i5"]]
+    inputs = {k: v.numpy() for k, v in request(histories, candidates).items()}
+    client = PredictClient(server.grpc_address)
+
+    def score():
+        answer = client.predict("ranker", inputs, signature="score")
+        return answer.version, np.asarray(answer["probabilities"])[0]
+
+    try:
+        assert server.registry.wait_until_available("ranker")
+        with polled(score) as (answers, errors):
+            time.sleep(0.3)
+            status, body = rest_post(server.rest_url, "/v1/items", {"items": posted("new-1")})
+            assert status == 200, body
+            deadline = time.monotonic() + 60
+            while not answers or answers[-1][0] != body["ranker"]["version"]:
+                assert time.monotonic() < deadline, "the new ranker version was never served"
+                time.sleep(0.05)
+            time.sleep(0.3)
+    finally:
+        client.close()
+    assert (body["added"], body["replaced"], body["generation"]) == (1, 0, 1)  # today's fields, the delta's
+    ranker = body["ranker"]
+    assert (ranker["added"], ranker["items"], ranker["version"], ranker["routes"]) == (1, 1, 2, 1)
+    assert sum(ranker["init_levels"].values()) == 1 and "path" not in ranker  # no server path in an answer
+    assert load_delta(str(ranker_server["delta"])).tokens.tolist() == ["new-1"]
+    assert errors == [] and {version for version, _ in answers} == {1, 2}
+    want = served(base / "2", histories, candidates)[0]
+    np.testing.assert_allclose(answers[-1][1], want, atol=1e-6)  # the ranker's `score` of the new item, served
+    assert abs(answers[0][1][0] - want[0]) > 1e-4  # before the POST: new-1 was scored as the OOV id
+    codes = NewItemRows.load(base / "2" / NEW_ITEMS_PATH).sids[0]
+    store = open_store(ranker_server["store"])
+    try:  # the server's history store routes the new item (as `tfrec items add --history_store`)
+        assert store.routes.sids["new-1"] == tuple(int(c) for c in codes)
+    finally:
+        store.close()
+
+
+def test_the_endpoint_and_the_cli_give_the_same_ranker_rows(run, ranker_server, tmp_path):
+    base = ranker_server["base"]
+    status, body = rest_post(ranker_server["server"].rest_url, "/v1/items", {"items": posted("new-2", "new-3")})
+    assert status == 200, body
+    new = tsv(tmp_path / "new.tsv", posted("new-2", "new-3"))
+    assert main(["items", "add", "--items", str(new), "--ranker", str(run["run_dir"]), "--ranker_out",
+                 str(tmp_path / "cli")]) == 0
+    by_endpoint = NewItemRows.load(base / str(body["ranker"]["version"]) / NEW_ITEMS_PATH)
+    by_cli = NewItemRows.load(tmp_path / "cli" / "1" / NEW_ITEMS_PATH)
+    assert by_endpoint.tokens[-2:] == by_cli.tokens == ["new-2", "new-3"]
+    assert_same_rows(by_endpoint, by_cli)
+
+
+def test_rows_the_ranker_refuses_are_400_and_nothing_is_written(run, ranker_server):
+    from export.items_add import load_delta
+
+    base, delta = ranker_server["base"], str(ranker_server["delta"])
+    before = (versions(base), load_delta(delta).generation)
+    url = ranker_server["server"].rest_url
+    trained = [{"item_id": "i3", "title": "Jumanji (1995)", "genres": "Fantasy", "vector": "1,1"}]
+    status, body = rest_post(url, "/v1/items", {"items": trained})
+    assert status == 400 and "the ranker refused the items" in body["error"] and "'i3'" in body["error"], body
+    status, body = rest_post(url, "/v1/items", {"items": [{"item_id": "no-genres", "title": "X", "vector": "1,1"}]})
+    assert status == 400 and "lack ['genres']" in body["error"], body
+    assert (versions(base), load_delta(delta).generation) == before
