@@ -478,3 +478,92 @@ def test_rows_the_ranker_refuses_are_400_and_nothing_is_written(run, ranker_serv
     status, body = rest_post(url, "/v1/items", {"items": [{"item_id": "no-genres", "title": "X", "vector": "1,1"}]})
     assert status == 400 and "lack ['genres']" in body["error"], body
     assert (versions(base), load_delta(delta).generation) == before
+
+
+def test_a_failing_ranker_export_answers_500_and_leaves_no_half_state(run, tmp_path):
+    """`tfrec serve --items_ranker` in its own process whose files may not grow past 192 KiB (`RLIMIT_FSIZE`, a
+    full disk's stand-in): the ranker's `saved_model.pb` (~270 KiB) cannot be written, the delta file (~1 KiB)
+    could. The ranker is published first, so the failed export leaves the delta untouched and no version
+    (nor a half-written folder) in the base path; the server keeps serving version 1."""
+    import os
+    import re
+    import resource
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    base = tmp_path / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    delta = tmp_path / "items.npz"
+    tests = os.path.dirname(os.path.abspath(__file__))
+
+    def small_files():  # in the child only; Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (192 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    command = [sys.executable, "-m", "tfrec_cli", "serve", "--model_name", "ranker", "--model_base_path", str(base),
+               "--port", "0", "--rest_api_port", "0", "--items_delta", str(delta), "--items_encoder", ENCODER,
+               "--items_ranker", str(run["run_dir"]), "--items_ranker_out", str(base)]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             preexec_fn=small_files,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])})
+    try:
+        url = None
+        for _ in range(20):
+            match = re.search(r"REST on (http://\S+)", serve.stdout.readline())
+            if match:
+                url = match.group(1)
+                break
+        assert url, "the server did not start"
+        status, body = rest_post(url, "/v1/items", {"items": posted("new-1")})
+        assert status == 500 and "the ranker's new version could not be published" in body["error"], body
+        assert "nothing was added" in body["error"]
+        assert not delta.exists() and versions(base) == ["1"]  # no delta write, no version, no staging folder
+        with urllib.request.urlopen(f"{url}/v1/models/ranker", timeout=30) as response:
+            states = json.loads(response.read())["model_version_status"]
+        assert [(s["version"], s["state"]) for s in states] == [("1", "AVAILABLE")]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+
+
+def test_a_delta_write_failing_after_the_ranker_version_withdraws_it(run, tmp_path):
+    """The other order's failure: the ranker version is out, then the delta file cannot be written (here a
+    folder squats its temporary name): the version is withdrawn, the delta file is as it was, and the same
+    add succeeds once the obstacle is gone."""
+    import os
+    import threading
+
+    import items_encoders
+    from export.items_add import DeltaFailed, add_rows
+    from export.ranker_items import RankerTarget
+
+    base = tmp_path / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    delta = tmp_path / "items.npz"
+    assert add_rows(posted("new-1"), str(delta), items_encoders.vector_encoder)["generation"] == 1
+    before = delta.read_bytes()
+    squatter = tmp_path / f"items.npz.tmp{os.getpid()}-{threading.get_ident()}.npz"
+    squatter.mkdir()
+    target = RankerTarget(str(run["run_dir"]), str(base), ranker=run["ranker"])
+    with pytest.raises(DeltaFailed, match="the ranker's version 2 was withdrawn"):
+        add_rows(posted("new-2"), str(delta), items_encoders.vector_encoder, ranker=target)
+    assert versions(base) == ["1"] and delta.read_bytes() == before
+    squatter.rmdir()
+    result = add_rows(posted("new-2"), str(delta), items_encoders.vector_encoder, ranker=target)
+    assert (result["generation"], result["ranker"]["version"], result["ranker"]["items"]) == (2, 2, 1)
+
+
+def test_ranker_routes_of_another_model_fail_start_up_naming_the_flags(run, tmp_path):
+    from export.server import ModelServer, ServedModelConfig, ServerOptions
+
+    url = f"sqlite://{tmp_path / 'events.db'}"
+    store = open_store(url)
+    store.set_routes(SIDRoutes({"i0": (9, 9)}))
+    store.close()
+    with pytest.raises(ValueError, match=r"--items_ranker with --history_store: .*not this ranker's"):
+        ModelServer([ServedModelConfig("ranker", str(tmp_path / "ranker"))], ServerOptions(
+            port=0, rest_api_port=-1, history_store=url, items_delta=str(tmp_path / "items.npz"),
+            items_encoder=ENCODER, items_ranker=str(run["run_dir"]), items_ranker_out=str(tmp_path / "ranker")))
