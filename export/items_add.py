@@ -49,10 +49,10 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   every value at most ``MAX_FIELD_BYTES`` (8 KiB). All rows are checked before anything is
   encoded; errors name the row (``new.tsv line 3``, ``items[2]``) and the field.
 - **One add** (:func:`add_rows`, the code path of both ``tfrec items add`` and the endpoint):
-  encode, check the encoder's output, then :func:`add_items`, which takes an exclusive
-  ``flock`` on ``<delta>.lock`` around its read-modify-write of the file (concurrent adds,
-  from threads or from the CLI beside a server, take turns and lose nothing). A failed add
-  writes nothing.
+  takes an exclusive ``flock`` on ``<delta>.lock`` around the whole add (concurrent adds, from
+  threads or from the CLI beside a server, take turns and lose nothing), encodes, checks the
+  encoder's output and the merged file, then writes it atomically (:func:`add_items` is the same
+  read-modify-write for given vectors). A failed add writes nothing.
 - **Endpoint** (``export.server.items``): ``tfrec serve --items_delta /srv/delta/items.npz``
   with exactly one of ``--items_model RUN`` (``--items_store DIR`` optional) and
   ``--items_encoder module:function`` loads the encoder once at start-up (a bad combination
@@ -65,10 +65,12 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   the encoder need not be thread-safe). Nothing in a request chooses the encoder or a file.
 
 - **The CTR ranker** (``--ranker RUN --ranker_out BASE [--init sid_neighbours|zero] [--version V]
-  [--history_store URL]``, alone or with ``--delta``): the new items also get rows in every per-item
+  [--history_store URL]``, alone or with ``--delta``; the server's ``--items_ranker RUN
+  --items_ranker_out BASE``): the new items also get rows in every per-item
   table of the trained R2LED (or baseline) ranker, exported as its next version
-  (``export.ranker_items``, ``tfrec.ctr.new_items``). It is computed and checked first, so a refused
-  ranker add writes no delta either.
+  (``export.ranker_items``, ``tfrec.ctr.new_items``). :func:`add_rows` computes and checks everything
+  first (a refused ranker add writes no delta either), publishes the ranker version, then writes the
+  delta (withdrawing the version if that write fails): see its docstring.
 - **SIDs in the delta**: ``--model`` with a run that has a semantic-ID artifact (its ``sids/`` folder,
   or ``--sids DIR``) fills ``sids`` with the frozen quantizer's codes
   (`tfrec.semantics.sids.new_item_sids`, the ranker's function).

@@ -1,4 +1,4 @@
-"""``POST /v1/items``: new catalogue items embedded and added to the delta file while serving (issue 22 item 5).
+"""``POST /v1/items``: new catalogue items added to the delta file, and to the CTR ranker, while serving (issue 22 item 5).
 
 The model server's side of ``export.items_add`` (read its module docstring first). With
 ``tfrec serve --items_delta /srv/delta/items.npz`` and exactly one encoder, ``--items_model RUN``
@@ -13,11 +13,34 @@ embeds the items with that encoder and adds them to the delta file exactly as ``
 "generation", "seconds"}``. A ``DeltaRetrievalServable`` following the same file
 (``export.delta_retrieval``) returns them within its ``reload_seconds``; no restart.
 
-- **who chooses what**: the encoder and the delta file are the operator's, fixed at start-up (the
-  encoder is loaded then: a bad flag combination or an encoder that cannot be loaded fails start-up
-  naming the flag). Nothing in a request names an encoder, a file or a path. When no configured
-  python model follows the file (``delta=`` of an ``export.delta_retrieval`` model), start-up logs a
-  warning: posted items would be stored but recommended by nothing.
+- **the ranker too** (optional): with ``--items_ranker RUN --items_ranker_out BASE`` (a trained ``tfrec ctr
+  train`` run and the served ranker's base directory; ``--items_ranker_init sid_neighbours|zero``,
+  ``--items_ranker_store DIR`` optional) every add also gives the items rows in the ranker's per-item
+  tables and publishes them as its next version under ``BASE`` (``export.ranker_items``, as ``tfrec items
+  add --ranker``); a server serving ``BASE`` (this one or TF Serving) picks the version up by polling, so
+  the new items get the ranker's own scores with no restart. When the server has a ``--history_store``
+  that holds SID routes, the items' codes go into them too (as the CLI's ``--history_store``); a store
+  without routes is left alone. The answer then carries ``"ranker": {"added", "items", "version",
+  "routes", "init_levels", "seconds"}`` beside the delta's fields (``"seconds"``: the whole add).
+- **one code path**: ``export.items_add.add_rows`` with an ``export.ranker_items.RankerTarget``, the
+  function ``tfrec items add`` calls. Its order, so that no failure leaves half an add: everything is
+  computed and checked first (the ranker's rows and checks, the encoding, the merged delta); then the
+  **ranker version is published first** (a folder renamed into place whole), so retrieval never returns
+  an item the served ranker does not know; then the delta file is written (atomic rename). A ranker
+  export that fails writes nothing to the delta: 500 (INTERNAL) "the ranker's new version could not be
+  published ...; nothing was added". A delta write that fails after it (every check passed: a full disk)
+  withdraws that version (the server goes back to the previous one) and answers 400 (FAILED_PRECONDITION)
+  naming the withdrawn version. Routes a failed add had extended keep the items' codes: an addition that
+  is harmless and idempotent (a retry adds nothing there). Items the ranker refuses (one it has already,
+  trained or added; a column or text it reads missing) are 400 (INVALID_ARGUMENT) "the ranker refused
+  the items: ...", nothing written.
+- **who chooses what**: the encoder, the delta file and the ranker (run, base directory, init) are the
+  operator's, fixed at start-up (the encoder and the ranker run are loaded then: a bad flag combination,
+  an encoder or a run that cannot be loaded, a base directory that cannot be written, or a history
+  store whose routes are another ranker's fails start-up naming the flag). Nothing in a request names
+  an encoder, a run, a file or a path, and no answer holds a path. When no configured python model
+  follows the file (``delta=`` of an ``export.delta_retrieval`` model), or no configured model serves
+  ``--items_ranker_out``, start-up logs a warning.
 - **rows**: the rules of ``tfrec items add --items`` (one validator, ``export.items_add.check_item_row``):
   each row an object of string values with a non-empty ``item_id`` (1..256 bytes, no control
   characters), no ``item_id`` twice in a request, every value at most ``MAX_FIELD_BYTES`` (8 KiB);
@@ -25,8 +48,9 @@ embeds the items with that encoder and adds them to the delta file exactly as ``
   encoded; a bad row answers 400 (INVALID_ARGUMENT) naming its index and field
   (``items[3] field 'title': must be a string, got int``), nothing written.
 - **one add at a time**: a lock serialises encode + write (the encoder need not be thread-safe, and
-  the delta's read-modify-write never loses a concurrent request's items); ``add_items`` also takes an
-  ``flock`` on ``<delta>.lock``, so a ``tfrec items add`` run beside the server takes turns too.
+  the delta's read-modify-write never loses a concurrent request's items); ``add_rows`` also takes an
+  ``flock`` on ``<delta>.lock`` (and, with a ranker, on ``<ranker_out>.lock``) for the whole add, so a
+  ``tfrec items add`` run beside the server takes turns too and no version drops another add's items.
   The delta file is replaced atomically: a failed add leaves it as it was.
 - **errors**: without ``--items_delta`` the endpoint answers UNIMPLEMENTED (REST 501) naming the flag.
   The encoder raising ``ValueError`` (about the rows, e.g. a column the model reads is missing) is
