@@ -537,13 +537,18 @@ def add_rows(rows: list, delta_path: Optional[str], encoder=None, ranker=None) -
         if merged is not None:
             try:
                 _write(delta_path, merged)
-            except OSError as err:
+            except Exception as err:  # noqa: BLE001 - whatever failed, the ranker's version goes too
                 withdrawn = ""
                 if prepared is not None:
                     from export.ranker_items import withdraw_version
 
-                    withdraw_version(result["ranker"]["path"])
-                    withdrawn = f"; the ranker's version {result['ranker']['version']} was withdrawn"
+                    version = result["ranker"]["version"]
+                    try:
+                        withdraw_version(result["ranker"]["path"])
+                        withdrawn = f"; the ranker's version {version} was withdrawn"
+                    except OSError as again:
+                        logger.error("cannot withdraw the ranker version %s: %s", result["ranker"]["path"], again)
+                        withdrawn = f"; withdrawing the ranker's version {version} failed too (see the log)"
                 raise DeltaFailed(f"the delta file refused the items: {err}{withdrawn}") from err
             result = {**merged["result"], **result}
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
