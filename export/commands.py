@@ -6,6 +6,7 @@
                 [--enable_per_model_batching_parameters]
     tfrec serve ... --items_delta /srv/delta/items.npz --items_model runs/dmesr-sasrec-beauty
                 [--items_store DIR] | --items_encoder module:function      # POST /v1/items
+                [--items_ranker RUN --items_ranker_out BASE [--items_ranker_init zero]]
     tfrec query --address 127.0.0.1:8500 --model recommender --signature recommend \\
                 --input history=i1,i7,i9 --input k=10 [--format table]
     tfrec query --model recommender --status | --metadata
@@ -78,6 +79,16 @@ def add_commands(subparsers) -> None:
                        help="with --items_model: the semantic store (default: the model's dmesr.store_path)")
     items.add_argument("--items_encoder", metavar="MODULE:FUNCTION",
                        help="instead of --items_model: a function returning (vectors, sids) for the rows")
+    items.add_argument("--items_ranker", metavar="RUN",
+                       help="with --items_delta: a trained CTR run (tfrec ctr train) whose ranker gets the posted "
+                            "items too, a new version under --items_ranker_out per POST (as tfrec items add "
+                            "--ranker; with --history_store, the store's SID routes too when it has them)")
+    items.add_argument("--items_ranker_out", metavar="BASE",
+                       help="the served ranker's base directory (the new versions go there); with --items_ranker")
+    items.add_argument("--items_ranker_init", metavar="INIT",
+                       help="a new item's ID row and bias: sid_neighbours (default) or zero; with --items_ranker")
+    items.add_argument("--items_ranker_store", metavar="DIR",
+                       help="with --items_ranker: the run's semantic store (default: the one it records)")
     serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                        help="threads one op may use (0 = TensorFlow's default; 1 suits small models under "
                             "concurrent load, see export/TF_SERVING.md)")
@@ -188,7 +199,8 @@ def server_options(args):
         rest_allowed_hosts=tuple(args.rest_allowed_hosts), grpc_use_tensor_content=args.grpc_use_tensor_content,
         history_store=args.history_store, history_length=args.history_length,
         items_delta=args.items_delta, items_model=args.items_model, items_store=args.items_store,
-        items_encoder=args.items_encoder,
+        items_encoder=args.items_encoder, items_ranker=args.items_ranker, items_ranker_out=args.items_ranker_out,
+        items_ranker_init=args.items_ranker_init, items_ranker_store=args.items_ranker_store,
     )
 
 

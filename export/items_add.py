@@ -49,10 +49,10 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   every value at most ``MAX_FIELD_BYTES`` (8 KiB). All rows are checked before anything is
   encoded; errors name the row (``new.tsv line 3``, ``items[2]``) and the field.
 - **One add** (:func:`add_rows`, the code path of both ``tfrec items add`` and the endpoint):
-  encode, check the encoder's output, then :func:`add_items`, which takes an exclusive
-  ``flock`` on ``<delta>.lock`` around its read-modify-write of the file (concurrent adds,
-  from threads or from the CLI beside a server, take turns and lose nothing). A failed add
-  writes nothing.
+  takes an exclusive ``flock`` on ``<delta>.lock`` around the whole add (concurrent adds, from
+  threads or from the CLI beside a server, take turns and lose nothing), encodes, checks the
+  encoder's output and the merged file, then writes it atomically (:func:`add_items` is the same
+  read-modify-write for given vectors). A failed add writes nothing.
 - **Endpoint** (``export.server.items``): ``tfrec serve --items_delta /srv/delta/items.npz``
   with exactly one of ``--items_model RUN`` (``--items_store DIR`` optional) and
   ``--items_encoder module:function`` loads the encoder once at start-up (a bad combination
@@ -65,10 +65,12 @@ module:function``; see **Endpoint** below and ``export.server.items``).
   the encoder need not be thread-safe). Nothing in a request chooses the encoder or a file.
 
 - **The CTR ranker** (``--ranker RUN --ranker_out BASE [--init sid_neighbours|zero] [--version V]
-  [--history_store URL]``, alone or with ``--delta``): the new items also get rows in every per-item
+  [--history_store URL]``, alone or with ``--delta``; the server's ``--items_ranker RUN
+  --items_ranker_out BASE``): the new items also get rows in every per-item
   table of the trained R2LED (or baseline) ranker, exported as its next version
-  (``export.ranker_items``, ``tfrec.ctr.new_items``). It is computed and checked first, so a refused
-  ranker add writes no delta either.
+  (``export.ranker_items``, ``tfrec.ctr.new_items``). :func:`add_rows` computes and checks everything
+  first (a refused ranker add writes no delta either), publishes the ranker version, then writes the
+  delta (withdrawing the version if that write fails): see its docstring.
 - **SIDs in the delta**: ``--model`` with a run that has a semantic-ID artifact (its ``sids/`` folder,
   or ``--sids DIR``) fills ``sids`` with the frozen quantizer's codes
   (`tfrec.semantics.sids.new_item_sids`, the ranker's function).
@@ -110,6 +112,7 @@ import logging
 import os
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -186,7 +189,9 @@ def add_items(path: str, tokens, vectors, sids=None) -> dict:
     if len(set(tokens)) != len(tokens):
         raise ValueError("the same item token appears twice in one add")
     with _file_lock(path):
-        return _write_merged(path, tokens, vectors, sids)
+        merged = _merged(path, tokens, vectors, sids)
+        _write(path, merged)
+        return merged["result"]
 
 
 def item_arrays(n: int, vectors, sids=None):
@@ -237,7 +242,9 @@ def _file_lock(path: str):
         handle.close()  # releases the lock
 
 
-def _write_merged(path: str, tokens: list, vectors: np.ndarray, sids: np.ndarray) -> dict:
+def _merged(path: str, tokens: list, vectors: np.ndarray, sids: np.ndarray) -> dict:
+    """The delta file's arrays with the items added (checked; nothing written): what :func:`_write` writes.
+    Callers hold the file's lock from here until the write."""
     old = load_delta(path)
     if len(old.tokens):
         if old.vectors.shape[1] != vectors.shape[1]:
@@ -256,18 +263,24 @@ def _write_merged(path: str, tokens: list, vectors: np.ndarray, sids: np.ndarray
     else:
         all_vectors, all_sids = vectors, sids
     generation = old.generation + 1
+    return {"arrays": {"tokens": all_tokens.astype(str), "vectors": all_vectors, "sids": all_sids,
+                       "generation": np.int64(generation)},
+            "result": {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens),
+                       "generation": generation}}
+
+
+def _write(path: str, merged: dict) -> None:
+    """Write :func:`_merged`'s arrays to ``path`` atomically (a temporary file, fsync, rename)."""
     tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}.npz"
     try:
-        np.savez(tmp, tokens=all_tokens.astype(str), vectors=all_vectors, sids=all_sids,
-                 generation=np.int64(generation))
+        np.savez(tmp, **merged["arrays"])
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):  # e.g. disk full: leave the old file and no half-written temporary
+        if os.path.isfile(tmp):  # e.g. disk full: leave the old file and no half-written temporary
             os.remove(tmp)
         raise
-    return {"added": len(tokens) - replaced, "replaced": replaced, "items": len(all_tokens), "generation": generation}
 
 
 def merge_top_k(base_ids, base_scores, delta, delta_scores, k):
@@ -436,6 +449,12 @@ class DeltaFailed(ValueError):
     the server's state, not the rows (``POST /v1/items`` answers FAILED_PRECONDITION)."""
 
 
+class RankerFailed(ValueError):
+    """The ranker's side of an add failed for a reason other than the rows (its export or the history
+    store's routes failed while publishing, or the run could not be read): the server's state, not the
+    rows (``POST /v1/items`` answers INTERNAL). Nothing was added to the delta file."""
+
+
 def load_encoder(spec: str):
     """The function ``module:function`` names (an operator's command-line choice; see the module doc)."""
     module, _, function = (spec or "").partition(":")
@@ -450,17 +469,93 @@ def load_encoder(spec: str):
     return found
 
 
-def add_rows(rows: list, delta_path: str, encoder) -> dict:
-    """Encode checked ``rows`` (:func:`check_item_rows`) with ``encoder(rows) -> (vectors, sids)`` and add
-    them to the delta file: the one code path of ``tfrec items add`` and ``POST /v1/items``.
+def add_rows(rows: list, delta_path: Optional[str], encoder=None, ranker=None) -> dict:
+    """Add checked ``rows`` (:func:`check_item_rows`) to the delta file and/or the served ranker: the one code
+    path of ``tfrec items add`` and ``POST /v1/items``.
 
-    Returns ``{"added", "replaced", "items", "generation", "seconds"}`` (encode + write). Errors:
-    ``ValueError`` from the encoder (the rows: e.g. a column the model reads is missing), re-raised with
-    its message; :class:`EncoderFailed` for any other encoder exception or malformed output;
-    :class:`DeltaFailed` when the delta file refuses the items. Nothing is written unless all succeed.
-    Callers serialise calls for one delta file when the encoder is not thread-safe (the server holds a lock).
+    Args:
+        rows: the checked rows.
+        delta_path: the delta file, or None (a ranker-only add of the CLI); with it ``encoder``
+            (``encoder(rows) -> (vectors, sids)``) embeds the rows.
+        ranker: optional `export.ranker_items.RankerTarget`: the rows also get a new version of that ranker
+            (and, with its ``history_store``, the store's SID routes).
+
+    Order (a failure at any step leaves no half state):
+
+    1. under the delta file's ``flock`` (then the ranker's, `RankerTarget.lock`): the ranker add is computed
+       and checked (`export.ranker_items.prepare_ranker_items`), the rows encoded, the merged delta computed
+       and checked; nothing written yet;
+    2. the ranker's new version is published (the store's SID routes first, when given, then the version
+       folder, renamed into place whole): **the ranker comes first**, so the retrieval side never returns an
+       item the served ranker does not know; a failure here writes nothing to the delta
+       (:class:`RankerFailed`). The routes, when they were extended before the export failed, keep the new
+       items' codes: an addition that is harmless (their events are filed into their buckets) and idempotent
+       (a retry with the same items adds nothing there);
+    3. the delta file is written (atomic rename). Should that fail (a full disk: every check already passed),
+       the version of step 2 is withdrawn (`export.ranker_items.withdraw_version`) before :class:`DeltaFailed`
+       is raised, and a server goes back to the previous version.
+
+    Returns the delta's ``{"added", "replaced", "items", "generation"}`` (with a delta file), ``"ranker"``:
+    `export.ranker_items.publish_ranker_items`'s result (with ``ranker``), and ``"seconds"`` (the whole add).
+    Errors: ``ValueError`` from the encoder or the ranker's checks (the rows: a missing column, an item the
+    ranker has already), re-raised naming which refused them; :class:`EncoderFailed` for any other encoder
+    exception or malformed output; :class:`DeltaFailed` when the delta file refuses the items;
+    :class:`RankerFailed` when the ranker's side fails otherwise. Callers serialise calls when the encoder
+    is not thread-safe (the server holds a lock).
     """
     started = time.perf_counter()
+    if delta_path is None and ranker is None:
+        raise ValueError("nothing to add to: no delta file and no ranker")
+    with contextlib.ExitStack() as locks:
+        if delta_path is not None:
+            locks.enter_context(_file_lock(delta_path))
+        prepared = None
+        if ranker is not None:
+            locks.enter_context(ranker.lock())
+            try:
+                prepared = ranker.prepare(rows)
+            except ValueError as err:
+                raise ValueError(f"the ranker refused the items: {err}") from err
+            except Exception as err:  # noqa: BLE001 - the run or the store could not be read
+                raise RankerFailed(f"the ranker add failed: {type(err).__name__}: {err}") from err
+        merged = None
+        if delta_path is not None:
+            vectors, sids = _encode(rows, encoder)
+            try:
+                merged = _merged(delta_path, [row["item_id"] for row in rows], vectors, sids)
+            except (OSError, ValueError) as err:
+                raise DeltaFailed(f"the delta file refused the items: {err}") from err
+        result = {}
+        if prepared is not None:
+            from export.ranker_items import publish_ranker_items
+
+            try:
+                result["ranker"] = publish_ranker_items(prepared)
+            except Exception as err:  # noqa: BLE001 - whatever failed, nothing reaches the delta
+                raise RankerFailed(f"the ranker's new version could not be published ({type(err).__name__}: "
+                                   f"{err}); nothing was added") from err
+        if merged is not None:
+            try:
+                _write(delta_path, merged)
+            except Exception as err:  # noqa: BLE001 - whatever failed, the ranker's version goes too
+                withdrawn = ""
+                if prepared is not None:
+                    from export.ranker_items import withdraw_version
+
+                    version = result["ranker"]["version"]
+                    try:
+                        withdraw_version(result["ranker"]["path"])
+                        withdrawn = f"; the ranker's version {version} was withdrawn"
+                    except OSError as again:
+                        logger.error("cannot withdraw the ranker version %s: %s", result["ranker"]["path"], again)
+                        withdrawn = f"; withdrawing the ranker's version {version} failed too (see the log)"
+                raise DeltaFailed(f"the delta file refused the items: {err}{withdrawn}") from err
+            result = {**merged["result"], **result}
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _encode(rows: list, encoder):
+    """``(vectors, sids)`` of ``encoder(rows)``, checked (:class:`EncoderFailed`, or the encoder's ``ValueError``)."""
     try:
         encoded = encoder(rows)
     except ValueError as err:
@@ -470,14 +565,9 @@ def add_rows(rows: list, delta_path: str, encoder) -> dict:
     if not isinstance(encoded, tuple) or len(encoded) != 2:
         raise EncoderFailed("the encoder must return (vectors (n, d), sids (n, L) or None)")
     try:
-        vectors, sids = item_arrays(len(rows), *encoded)
+        return item_arrays(len(rows), *encoded)
     except (TypeError, ValueError) as err:
         raise EncoderFailed(f"the encoder returned malformed output: {err}") from None
-    try:
-        result = add_items(delta_path, [row["item_id"] for row in rows], vectors, sids)
-    except (OSError, ValueError) as err:
-        raise DeltaFailed(f"the delta file refused the items: {err}") from err
-    return {**result, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def add_items_file(items_path: str, delta_path: str, encoder) -> dict:
@@ -520,21 +610,23 @@ def _check_add_flags(args) -> None:
 def _cmd_add(args) -> None:
     _check_add_flags(args)
     rows = read_items_file(args.items)
-    prepared = None
-    if args.ranker is not None:  # computed and checked first: a bad ranker add writes no delta either
-        from export.ranker_items import describe, prepare_ranker_items, publish_ranker_items
+    ranker = encoder = None
+    if args.ranker is not None:
+        from export.ranker_items import RankerTarget
 
-        prepared = prepare_ranker_items(rows, args.ranker, args.ranker_out, init=args.init or "sid_neighbours",
-                                        version=args.version, store=args.ranker_store,
-                                        history_store=args.history_store)
+        ranker = RankerTarget(args.ranker, args.ranker_out, init=args.init or "sid_neighbours", version=args.version,
+                              store=args.ranker_store, history_store=args.history_store)
     if args.delta is not None:
         encoder = model_encoder(args.model, args.store, args.norm or "catalogue", args.sids) if args.model \
             else load_encoder(args.encoder)
-        result = add_rows(rows, args.delta, encoder)
+    result = add_rows(rows, args.delta, encoder, ranker=ranker)  # the code path of POST /v1/items
+    if args.delta is not None:
         print(f"tfrec items add: {result['added']} added, {result['replaced']} replaced; the delta holds "
               f"{result['items']} items (generation {result['generation']}), {result['seconds']} s", flush=True)
-    if prepared is not None:
-        print(describe(publish_ranker_items(prepared)), flush=True)
+    if ranker is not None:
+        from export.ranker_items import describe
+
+        print(describe(result["ranker"]), flush=True)
 
 
 def add_commands(subparsers) -> None:

@@ -20,6 +20,11 @@
    the old version (zero failed requests, ``tests/test_ranker_items.py``). The trained items score
    as in the previous version; a new item is scored with its own rows instead of the OOV id's.
 
+The same add runs on the model server: ``tfrec serve ... --items_delta PATH --items_encoder ... --items_ranker RUN
+--items_ranker_out BASE`` answers ``POST /v1/items`` with the delta write *and* this ranker version, through the one
+code path of ``tfrec items add`` (`export.items_add.add_rows` with a :class:`RankerTarget`; order and failures
+there).
+
 Every check comes before anything is written: an unknown run, a token the ranker already has (a
 trained item, or one an earlier add gave the served version: re-adding is refused, never a silent
 change of its rows), a missing column or text the model reads, a malformed file, an existing
@@ -33,10 +38,16 @@ Example (not run as a doctest: it needs a trained R2LED run; ``tests/test_ranker
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
+from typing import Optional
 
 from export.saved_model import NEW_ITEMS_PATH, export_ctr, next_version, version_dir
 from tfrec.ctr.new_items import INITS, NewItemRows, RankerRun
@@ -181,6 +192,75 @@ def add_ranker_items(rows, run, ranker_out, *, init: str = "sid_neighbours", ver
     """
     return publish_ranker_items(prepare_ranker_items(rows, run, ranker_out, init=init, version=version, store=store,
                                                      history_store=history_store, ranker=ranker))
+
+
+def withdraw_version(path) -> None:
+    """Remove a version folder this process just published (an add whose delta write failed after it,
+    `export.items_add.add_rows`): renamed first to a non-numeric name (atomic: a server polling the base path
+    sees the version gone, never half of it, and goes back to the previous one), then deleted."""
+    path = Path(path)
+    hidden = path.parent / f".withdrawn-{path.name}-{uuid.uuid4().hex[:8]}"  # not a number: servers ignore it
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class RankerTarget:
+    """Where the ranker side of an add goes, fixed once by the operator (``tfrec items add --ranker RUN
+    --ranker_out BASE ...``, ``tfrec serve --items_ranker RUN --items_ranker_out BASE ...``) and used for every
+    add (`export.items_add.add_rows`). :meth:`load` reads the trained run once (the server does it at start-up).
+
+    Args:
+        run: the ``tfrec ctr train`` run folder (or its ``model.keras``).
+        ranker_out: the served ranker's base directory.
+        init: ``sid_neighbours`` (default) or ``zero``.
+        version: int or None (the next free version; the CLI's ``--version``).
+        store: optional semantic store of the run.
+        history_store: optional history store URL whose SID routes get the new items (required there).
+        ranker: the loaded `RankerRun` (None: loaded by :meth:`load`).
+
+    >>> RankerTarget("runs/r2led", "servables/ranker", init="random")
+    Traceback (most recent call last):
+    ...
+    ValueError: init must be one of sid_neighbours, zero, got 'random'
+    """
+
+    run: str
+    ranker_out: str
+    init: str = "sid_neighbours"
+    version: Optional[int] = None
+    store: Optional[str] = None
+    history_store: Optional[str] = None
+    ranker: Optional[RankerRun] = None
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+    def load(self) -> "RankerTarget":
+        """Read the trained run (once); returns ``self``."""
+        if self.ranker is None:
+            self.ranker = RankerRun(self.run, store=self.store)
+        return self
+
+    def prepare(self, rows) -> PreparedAdd:
+        """:func:`prepare_ranker_items` of ``rows`` (checked and computed; nothing written)."""
+        return prepare_ranker_items(rows, self.run, self.ranker_out, init=self.init, version=self.version,
+                                    store=self.store, history_store=self.history_store, ranker=self.load().ranker)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """An exclusive ``flock`` on ``<ranker_out>.lock`` (beside the base directory, which servers list):
+        adds to one served ranker (the server's ``POST /v1/items``, ``tfrec items add --ranker`` runs) take
+        turns, so none publishes a version without the items of one published meanwhile."""
+        base = Path(self.ranker_out)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(f"{base}.lock", "a+b")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
+        finally:
+            handle.close()
 
 
 def describe(result: dict) -> str:

@@ -208,13 +208,29 @@ def test_without_items_delta_the_endpoint_is_unimplemented(tmp_path):
     (["--items_delta", "{tmp}/no/such/dir/d.npz", "--items_encoder", ENCODER], "--items_delta"),
     (["--items_delta", "{tmp}/bad.npz", "--items_encoder", ENCODER], "--items_delta: delta file"),
     (["--items_delta", "{tmp}/d.npz", "--items_model", "{tmp}/no-run"], "--items_model"),
+    # the ranker side (--items_ranker RUN --items_ranker_out BASE): both or neither, with --items_delta
+    (["--items_ranker", "r", "--items_ranker_out", "{tmp}/o"], "--items_ranker needs --items_delta"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker", "r"],
+     "--items_ranker needs --items_ranker_out"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker_out", "{tmp}/o"],
+     "--items_ranker_out goes with --items_ranker"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker_init", "zero"],
+     "--items_ranker_init goes with --items_ranker"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker", "r", "--items_ranker_out",
+      "{tmp}/o", "--items_ranker_init", "random"], "--items_ranker_init must be one of sid_neighbours, zero"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker", "{tmp}/no-run",
+      "--items_ranker_out", "{tmp}/o"], "--items_ranker {tmp}/no-run: cannot load the ranker run"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker", "{tmp}/no-run",
+      "--items_ranker_out", "{tmp}/bad.npz"], "--items_ranker_out {tmp}/bad.npz: exists and is not a directory"),
+    (["--items_delta", "{tmp}/d.npz", "--items_encoder", ENCODER, "--items_ranker", "{tmp}/no-run",
+      "--items_ranker_out", "{tmp}/no/such/o"], "--items_ranker_out {tmp}/no/such/o: it (or its folder) is missing"),
 ])
 def test_bad_items_flags_fail_start_up_naming_the_flag(tmp_path, capsys, flags, needle):
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     flags = [f.format(tmp=tmp_path) for f in flags]
     assert main(["serve", "--model_name", "none", "--model_base_path", str(tmp_path / "none"), "--port", "0",
                  "--rest_api_port", "-1", *flags]) == 2
-    assert needle in capsys.readouterr().err
+    assert needle.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def test_tfrec_serve_with_items_flags(tmp_path):

@@ -351,3 +351,219 @@ def test_every_ctr_model_is_extended_without_changing_a_trained_row(name):
     with pytest.raises(ValueError, match="genres rows are"):
         extend_ctr_model(model, NewItemRows(["n1"], rows.embedding[:1], rows.bias[:1], rows.sids[:1],
                                             np.zeros((1, 5), "int32"), rows.semantic[:1], rows.init_level[:1]))
+
+
+# --- POST /v1/items with --items_ranker: the server's endpoint does what `tfrec items add --ranker` does ------
+ENCODER = "items_encoders:vector_encoder"  # the delta side: a row's vector is its `vector` column
+
+
+def posted(*tokens):
+    """Rows for both sides: the ranker reads title and genres, the delta encoder `vector`."""
+    return [{**row, "vector": f"{index + 1.0},0.5"} for index, row in enumerate(new_rows(*tokens))]
+
+
+def rest_post(url, path, body):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def versions(base):
+    return sorted(p.name for p in base.iterdir())
+
+
+def assert_same_rows(a, b):
+    """`b`'s items have the same rows in `a` (which may hold earlier items too), array for array."""
+    assert a.base == b.base and a.init == b.init
+    rows = [a.tokens.index(token) for token in b.tokens]
+    for field in NewItemRows.ARRAYS:
+        np.testing.assert_array_equal(getattr(a, field)[rows], getattr(b, field), err_msg=field)
+
+
+@pytest.fixture(scope="module")
+def ranker_server(run, tmp_path_factory):
+    """A server serving the ranker (version 1) with `--items_delta --items_encoder --items_ranker
+    --items_ranker_out` on its base path and a history store holding the ranker's SID routes."""
+    from export.routes import savedmodel_routes
+    from export.server import ModelServer, ServedModelConfig, ServerOptions
+
+    root = tmp_path_factory.mktemp("ranker_server")
+    base = root / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    url = f"sqlite://{root / 'events.db'}"
+    store = open_store(url)
+    store.set_routes(savedmodel_routes(str(base / "1"), "ranker", bucket_size=4, recent=2))
+    store.close()
+    (root / "delta").mkdir()
+    server = ModelServer([ServedModelConfig("ranker", str(base))], ServerOptions(
+        port=0, rest_api_port=0, file_system_poll_wait_seconds=0.2, history_store=url,
+        items_delta=str(root / "delta" / "items.npz"), items_encoder=ENCODER, items_ranker=str(run["run_dir"]),
+        items_ranker_out=str(base))).start()
+    yield {"server": server, "base": base, "delta": root / "delta" / "items.npz", "store": url, "root": root}
+    server.stop()
+
+
+def test_post_items_publishes_a_ranker_version_the_server_serves_without_restart(run, ranker_server):
+    from export.client import PredictClient
+    from export.items_add import load_delta
+
+    server, base = ranker_server["server"], ranker_server["base"]
+    histories, candidates = [["i1", "i4", "i7"]], [["new-1", "i5"]]
+    inputs = {k: v.numpy() for k, v in request(histories, candidates).items()}
+    client = PredictClient(server.grpc_address)
+
+    def score():
+        answer = client.predict("ranker", inputs, signature="score")
+        return answer.version, np.asarray(answer["probabilities"])[0]
+
+    try:
+        assert server.registry.wait_until_available("ranker")
+        with polled(score) as (answers, errors):
+            time.sleep(0.3)
+            status, body = rest_post(server.rest_url, "/v1/items", {"items": posted("new-1")})
+            assert status == 200, body
+            deadline = time.monotonic() + 60
+            while not answers or answers[-1][0] != body["ranker"]["version"]:
+                assert time.monotonic() < deadline, "the new ranker version was never served"
+                time.sleep(0.05)
+            time.sleep(0.3)
+    finally:
+        client.close()
+    assert (body["added"], body["replaced"], body["generation"]) == (1, 0, 1)  # today's fields, the delta's
+    ranker = body["ranker"]
+    assert (ranker["added"], ranker["items"], ranker["version"], ranker["routes"]) == (1, 1, 2, 1)
+    assert sum(ranker["init_levels"].values()) == 1 and "path" not in ranker  # no server path in an answer
+    assert load_delta(str(ranker_server["delta"])).tokens.tolist() == ["new-1"]
+    assert errors == [] and {version for version, _ in answers} == {1, 2}
+    want = served(base / "2", histories, candidates)[0]
+    np.testing.assert_allclose(answers[-1][1], want, atol=1e-6)  # the ranker's `score` of the new item, served
+    assert abs(answers[0][1][0] - want[0]) > 1e-4  # before the POST: new-1 was scored as the OOV id
+    codes = NewItemRows.load(base / "2" / NEW_ITEMS_PATH).sids[0]
+    store = open_store(ranker_server["store"])
+    try:  # the server's history store routes the new item (as `tfrec items add --history_store`)
+        assert store.routes.sids["new-1"] == tuple(int(c) for c in codes)
+    finally:
+        store.close()
+
+
+def test_the_endpoint_and_the_cli_give_the_same_ranker_rows(run, ranker_server, tmp_path):
+    base = ranker_server["base"]
+    status, body = rest_post(ranker_server["server"].rest_url, "/v1/items", {"items": posted("new-2", "new-3")})
+    assert status == 200, body
+    new = tsv(tmp_path / "new.tsv", posted("new-2", "new-3"))
+    assert main(["items", "add", "--items", str(new), "--ranker", str(run["run_dir"]), "--ranker_out",
+                 str(tmp_path / "cli")]) == 0
+    by_endpoint = NewItemRows.load(base / str(body["ranker"]["version"]) / NEW_ITEMS_PATH)
+    by_cli = NewItemRows.load(tmp_path / "cli" / "1" / NEW_ITEMS_PATH)
+    assert by_endpoint.tokens[-2:] == by_cli.tokens == ["new-2", "new-3"]
+    assert_same_rows(by_endpoint, by_cli)
+
+
+def test_rows_the_ranker_refuses_are_400_and_nothing_is_written(run, ranker_server):
+    from export.items_add import load_delta
+
+    base, delta = ranker_server["base"], str(ranker_server["delta"])
+    before = (versions(base), load_delta(delta).generation)
+    url = ranker_server["server"].rest_url
+    trained = [{"item_id": "i3", "title": "Jumanji (1995)", "genres": "Fantasy", "vector": "1,1"}]
+    status, body = rest_post(url, "/v1/items", {"items": trained})
+    assert status == 400 and "the ranker refused the items" in body["error"] and "'i3'" in body["error"], body
+    status, body = rest_post(url, "/v1/items", {"items": [{"item_id": "no-genres", "title": "X", "vector": "1,1"}]})
+    assert status == 400 and "lack ['genres']" in body["error"], body
+    assert (versions(base), load_delta(delta).generation) == before
+
+
+def test_a_failing_ranker_export_answers_500_and_leaves_no_half_state(run, tmp_path):
+    """`tfrec serve --items_ranker` in its own process whose files may not grow past 192 KiB (`RLIMIT_FSIZE`, a
+    full disk's stand-in): the ranker's `saved_model.pb` (~270 KiB) cannot be written, the delta file (~1 KiB)
+    could. The ranker is published first, so the failed export leaves the delta untouched and no version
+    (nor a half-written folder) in the base path; the server keeps serving version 1."""
+    import os
+    import re
+    import resource
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    base = tmp_path / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    delta = tmp_path / "items.npz"
+    tests = os.path.dirname(os.path.abspath(__file__))
+
+    def small_files():  # in the child only; Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (192 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    command = [sys.executable, "-m", "tfrec_cli", "serve", "--model_name", "ranker", "--model_base_path", str(base),
+               "--port", "0", "--rest_api_port", "0", "--items_delta", str(delta), "--items_encoder", ENCODER,
+               "--items_ranker", str(run["run_dir"]), "--items_ranker_out", str(base)]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             preexec_fn=small_files,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])})
+    try:
+        url = None
+        for _ in range(20):
+            match = re.search(r"REST on (http://\S+)", serve.stdout.readline())
+            if match:
+                url = match.group(1)
+                break
+        assert url, "the server did not start"
+        status, body = rest_post(url, "/v1/items", {"items": posted("new-1")})
+        assert status == 500 and "the ranker's new version could not be published" in body["error"], body
+        assert "nothing was added" in body["error"]
+        assert not delta.exists() and versions(base) == ["1"]  # no delta write, no version, no staging folder
+        with urllib.request.urlopen(f"{url}/v1/models/ranker", timeout=30) as response:
+            states = json.loads(response.read())["model_version_status"]
+        assert [(s["version"], s["state"]) for s in states] == [("1", "AVAILABLE")]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+
+
+def test_a_delta_write_failing_after_the_ranker_version_withdraws_it(run, tmp_path):
+    """The other order's failure: the ranker version is out, then the delta file cannot be written (here a
+    folder squats its temporary name): the version is withdrawn, the delta file is as it was, and the same
+    add succeeds once the obstacle is gone."""
+    import os
+    import threading
+
+    import items_encoders
+    from export.items_add import DeltaFailed, add_rows
+    from export.ranker_items import RankerTarget
+
+    base = tmp_path / "ranker"
+    export_ctr(run["ranker"].model, run["ranker"].item_vocab, base, max_history=8, users=run["data"].users,
+               user_profiles=run["data"].user_profiles)
+    delta = tmp_path / "items.npz"
+    assert add_rows(posted("new-1"), str(delta), items_encoders.vector_encoder)["generation"] == 1
+    before = delta.read_bytes()
+    squatter = tmp_path / f"items.npz.tmp{os.getpid()}-{threading.get_ident()}.npz"
+    squatter.mkdir()
+    target = RankerTarget(str(run["run_dir"]), str(base), ranker=run["ranker"])
+    with pytest.raises(DeltaFailed, match="the ranker's version 2 was withdrawn"):
+        add_rows(posted("new-2"), str(delta), items_encoders.vector_encoder, ranker=target)
+    assert versions(base) == ["1"] and delta.read_bytes() == before
+    squatter.rmdir()
+    result = add_rows(posted("new-2"), str(delta), items_encoders.vector_encoder, ranker=target)
+    assert (result["generation"], result["ranker"]["version"], result["ranker"]["items"]) == (2, 2, 1)
+
+
+def test_ranker_routes_of_another_model_fail_start_up_naming_the_flags(run, tmp_path):
+    from export.server import ModelServer, ServedModelConfig, ServerOptions
+
+    url = f"sqlite://{tmp_path / 'events.db'}"
+    store = open_store(url)
+    store.set_routes(SIDRoutes({"i0": (9, 9)}))
+    store.close()
+    with pytest.raises(ValueError, match=r"--items_ranker with --history_store: .*not this ranker's"):
+        ModelServer([ServedModelConfig("ranker", str(tmp_path / "ranker"))], ServerOptions(
+            port=0, rest_api_port=-1, history_store=url, items_delta=str(tmp_path / "items.npz"),
+            items_encoder=ENCODER, items_ranker=str(run["run_dir"]), items_ranker_out=str(tmp_path / "ranker")))

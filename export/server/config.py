@@ -477,6 +477,13 @@ class ServerOptions:
             encoder ``tfrec.semantics.new_items.NewItemEncoder``, loaded at start-up.
         items_store: ``str`` or ``None``, with ``items_model``: the semantic store (default: the model's).
         items_encoder: ``str`` or ``None``, ``module:function`` of another encoder, loaded at start-up.
+        items_ranker: ``str`` or ``None``, with ``items_delta``: a trained CTR run (``tfrec ctr train``) whose
+            ranker gets the posted items too, a new version under ``items_ranker_out`` per add (as
+            ``tfrec items add --ranker``); loaded at start-up. Needs ``items_ranker_out``.
+        items_ranker_out: ``str`` or ``None``, the served ranker's base directory (goes with ``items_ranker``).
+        items_ranker_init: ``str`` or ``None``, ``sid_neighbours`` (default) or ``zero``: a new item's ID row
+            and bias (``tfrec.ctr.new_items``).
+        items_ranker_store: ``str`` or ``None``, the ranker run's semantic store (default: the one it records).
     """
 
     host: str = "127.0.0.1"
@@ -500,11 +507,17 @@ class ServerOptions:
     items_model: Optional[str] = None
     items_store: Optional[str] = None
     items_encoder: Optional[str] = None
+    items_ranker: Optional[str] = None
+    items_ranker_out: Optional[str] = None
+    items_ranker_init: Optional[str] = None
+    items_ranker_store: Optional[str] = None
 
     def __post_init__(self):
         from export.server.items import check_items_flags
 
-        check_items_flags(self.items_delta, self.items_model, self.items_store, self.items_encoder)
+        check_items_flags(self.items_delta, self.items_model, self.items_store, self.items_encoder,
+                          ranker=self.items_ranker, ranker_out=self.items_ranker_out,
+                          ranker_init=self.items_ranker_init, ranker_store=self.items_ranker_store)
         self.allowed_python_modules = tuple(self.allowed_python_modules)
         self.rest_allowed_hosts = tuple(h.lower() for h in self.rest_allowed_hosts)
         for module in self.allowed_python_modules:

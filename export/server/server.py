@@ -57,6 +57,19 @@ def _warn_if_no_model_follows(delta_path: str, configs) -> None:
                    "delta=%s): POST /v1/items stores items that nothing recommends yet", delta_path, delta_path)
 
 
+def _warn_if_no_model_serves(ranker_out: str, configs) -> None:
+    """Log a warning when no configured model has ``ranker_out`` (``--items_ranker_out``) as its base path: the
+    ranker versions POST /v1/items publishes are then served by another server, or by nothing."""
+    import os
+
+    from export.server.config import PYTHON_PLATFORM
+
+    if not any(config.platform != PYTHON_PLATFORM and "://" not in config.base_path
+               and os.path.abspath(config.base_path) == ranker_out for config in configs):
+        logger.warning("--items_ranker_out %s: no model of this server has it as its base path: the ranker versions "
+                       "POST /v1/items publishes are not served here", ranker_out)
+
+
 class ModelServer:
     """Serves the models of ``configs`` over gRPC and REST.
 
@@ -103,13 +116,19 @@ class ModelServer:
         if self.options.items_delta:
             from export.server.items import ItemsEndpoint
 
+            options = self.options
             try:
-                items = ItemsEndpoint.from_options(self.options.items_delta, self.options.items_model,
-                                                   self.options.items_store, self.options.items_encoder)
+                items = ItemsEndpoint.from_options(
+                    options.items_delta, options.items_model, options.items_store, options.items_encoder,
+                    ranker=options.items_ranker, ranker_out=options.items_ranker_out,
+                    ranker_init=options.items_ranker_init, ranker_store=options.items_ranker_store,
+                    history_store=options.history_store)
             except ValueError:
                 self._close_history_store()
                 raise
             _warn_if_no_model_follows(items.delta_path, self.configs)
+            if items.ranker is not None:
+                _warn_if_no_model_serves(items.ranker.ranker_out, self.configs)
         self.core = ServingCore(self.registry, self.metrics, histories, items)
         self.registry.context = self.core
         self.metrics.set_version_states(self.registry.version_states)
