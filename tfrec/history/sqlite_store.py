@@ -70,10 +70,6 @@ CREATE TABLE IF NOT EXISTS route_sids (item TEXT PRIMARY KEY, codes TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _INSERT = "INSERT OR IGNORE INTO events (user, event_id, item, ts, feedback) VALUES (?, ?, ?, ?, ?)"
-_UNIT_SEPARATOR = "\x1f"
-_READ_ITEMS = ("SELECT group_concat(item, char(31)) OVER (ORDER BY ts, seq ROWS BETWEEN UNBOUNDED PRECEDING AND "
-               "UNBOUNDED FOLLOWING) FROM (SELECT item, ts, seq FROM events WHERE user = ? "
-               "ORDER BY ts DESC, seq DESC LIMIT ?) LIMIT 1")
 # Keep a bucket's `bucket_size` most recent rows: delete those older than its bucket_size-th newest.
 _TRIM = ("DELETE FROM buckets WHERE user = ?1 AND key = ?2 AND (ts, seq) < (SELECT ts, seq FROM buckets "
          "WHERE user = ?1 AND key = ?2 ORDER BY ts DESC, seq DESC LIMIT 1 OFFSET ?3)")
@@ -283,14 +279,10 @@ class SQLiteHistoryStore(HistoryStore):
         return [Event(user, item, ts, feedback, event_id) for item, ts, feedback, event_id in reversed(rows)]
 
     def _read_items(self, user: str, n: int) -> List[str]:
-        # One row, not one per event: Python's sqlite3 releases and retakes the GIL around
-        # every step, and at 8 concurrent by-id requests those hand-offs cost more than the
-        # read (benchmarks/history_store.py). The window's ORDER BY fixes the concatenation's
-        # order (oldest first); tokens hold no control characters (check_text), so the unit
-        # separator cannot occur in one.
         with self._connection() as conn:
-            row = conn.execute(_READ_ITEMS, (user, n)).fetchone()
-        return [] if row is None else row[0].split(_UNIT_SEPARATOR)
+            rows = conn.execute("SELECT item FROM events WHERE user = ? ORDER BY ts DESC, seq DESC LIMIT ?",
+                                (user, n)).fetchall()
+        return [row[0] for row in reversed(rows)]
 
     def _delete(self, user: str) -> int:
         with self._connection() as conn:
