@@ -18,6 +18,7 @@ import tensorflow as tf
 from export.ranker_items import NEW_ITEMS_PATH, add_ranker_items, prepare_ranker_items
 from export.saved_model import METADATA_FILE, export_ctr
 from polling import polled
+from test_items_endpoint import rest
 from tfrec.ctr import NewItemRows, RankerRun, load_ctr_config, load_ctr_data, train_ctr
 from tfrec.ctr.semantics import encode_lifelong_store
 from tfrec.data.lifelong import gap_bucket
@@ -362,18 +363,6 @@ def posted(*tokens):
     return [{**row, "vector": f"{index + 1.0},0.5"} for index, row in enumerate(new_rows(*tokens))]
 
 
-def rest_post(url, path, body):
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def versions(base):
     return sorted(p.name for p in base.iterdir())
 
@@ -427,7 +416,7 @@ def test_post_items_publishes_a_ranker_version_the_server_serves_without_restart
         assert server.registry.wait_until_available("ranker")
         with polled(score) as (answers, errors):
             time.sleep(0.3)
-            status, body = rest_post(server.rest_url, "/v1/items", {"items": posted("new-1")})
+            status, body = rest(server.rest_url, "/v1/items", {"items": posted("new-1")}, timeout=120)
             assert status == 200, body
             deadline = time.monotonic() + 60
             while not answers or answers[-1][0] != body["ranker"]["version"]:
@@ -455,7 +444,7 @@ def test_post_items_publishes_a_ranker_version_the_server_serves_without_restart
 
 def test_the_endpoint_and_the_cli_give_the_same_ranker_rows(run, ranker_server, tmp_path):
     base = ranker_server["base"]
-    status, body = rest_post(ranker_server["server"].rest_url, "/v1/items", {"items": posted("new-2", "new-3")})
+    status, body = rest(ranker_server["server"].rest_url, "/v1/items", {"items": posted("new-2", "new-3")}, timeout=120)
     assert status == 200, body
     new = tsv(tmp_path / "new.tsv", posted("new-2", "new-3"))
     assert main(["items", "add", "--items", str(new), "--ranker", str(run["run_dir"]), "--ranker_out",
@@ -473,9 +462,9 @@ def test_rows_the_ranker_refuses_are_400_and_nothing_is_written(run, ranker_serv
     before = (versions(base), load_delta(delta).generation)
     url = ranker_server["server"].rest_url
     trained = [{"item_id": "i3", "title": "Jumanji (1995)", "genres": "Fantasy", "vector": "1,1"}]
-    status, body = rest_post(url, "/v1/items", {"items": trained})
+    status, body = rest(url, "/v1/items", {"items": trained}, timeout=120)
     assert status == 400 and "the ranker refused the items" in body["error"] and "'i3'" in body["error"], body
-    status, body = rest_post(url, "/v1/items", {"items": [{"item_id": "no-genres", "title": "X", "vector": "1,1"}]})
+    status, body = rest(url, "/v1/items", {"items": [{"item_id": "no-genres", "title": "X", "vector": "1,1"}]}, timeout=120)
     assert status == 400 and "lack ['genres']" in body["error"], body
     assert (versions(base), load_delta(delta).generation) == before
 
@@ -516,7 +505,7 @@ def test_a_failing_ranker_export_answers_500_and_leaves_no_half_state(run, tmp_p
                 url = match.group(1)
                 break
         assert url, "the server did not start"
-        status, body = rest_post(url, "/v1/items", {"items": posted("new-1")})
+        status, body = rest(url, "/v1/items", {"items": posted("new-1")}, timeout=120)
         assert status == 500 and "the ranker's new version could not be published" in body["error"], body
         assert "nothing was added" in body["error"]
         assert not delta.exists() and versions(base) == ["1"]  # no delta write, no version, no staging folder
