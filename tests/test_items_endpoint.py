@@ -44,6 +44,15 @@ def rest(url, path, body=None, raw=None, timeout=60):
         return err.code, json.loads(err.read())
 
 
+def reported_rest_url(serve, lines=20):
+    """The REST url a `tfrec serve` subprocess prints among its first `lines` lines of stdout, else None."""
+    for _ in range(lines):
+        match = re.search(r"REST on (http://\S+)", serve.stdout.readline())
+        if match:
+            return match.group(1)
+    return None
+
+
 def csv(vector):
     return ",".join(repr(float(v)) for v in np.asarray(vector).ravel())
 
@@ -243,12 +252,7 @@ def test_tfrec_serve_with_items_flags(tmp_path):
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS])})
     try:
-        url = None
-        for _ in range(20):
-            match = re.search(r"REST on (http://\S+)", serve.stdout.readline())
-            if match:
-                url = match.group(1)
-                break
+        url = reported_rest_url(serve)
         assert url, "the server did not report its REST port"
         status, body = rest(url, "/v1/items", {"items": [{"item_id": "cli-1", "vector": "1,2"}]})
         assert (status, body["added"], body["generation"]) == (200, 1, 1)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from export.ranker_items import NEW_ITEMS_PATH, add_ranker_items, prepare_ranker_items
 from export.saved_model import METADATA_FILE, export_ctr
 from polling import polled
-from test_items_endpoint import rest
+from test_items_endpoint import reported_rest_url, rest
 from tfrec.ctr import NewItemRows, RankerRun, load_ctr_config, load_ctr_data, train_ctr
 from tfrec.ctr.semantics import encode_lifelong_store
 from tfrec.data.lifelong import gap_bucket
@@ -475,7 +475,6 @@ def test_a_failing_ranker_export_answers_500_and_leaves_no_half_state(run, tmp_p
     could. The ranker is published first, so the failed export leaves the delta untouched and no version
     (nor a half-written folder) in the base path; the server keeps serving version 1."""
     import os
-    import re
     import resource
     import signal
     import subprocess
@@ -498,12 +497,7 @@ def test_a_failing_ranker_export_answers_500_and_leaves_no_half_state(run, tmp_p
                              preexec_fn=small_files,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])})
     try:
-        url = None
-        for _ in range(20):
-            match = re.search(r"REST on (http://\S+)", serve.stdout.readline())
-            if match:
-                url = match.group(1)
-                break
+        url = reported_rest_url(serve)
         assert url, "the server did not start"
         status, body = rest(url, "/v1/items", {"items": posted("new-1")}, timeout=120)
         assert status == 500 and "the ranker's new version could not be published" in body["error"], body
