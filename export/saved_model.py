@@ -263,7 +263,8 @@ def _export_with_vocab(item_vocab, base_dir, version, build, metadata, extra_fil
                                  extra_files=extra_files)
 
 
-def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fingerprint=None, experiment_config=None):
+def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fingerprint=None, experiment_config=None,
+                      jit_compile=True):
     """Export a trained `NextItemRecommender` as a versioned SavedModel.
 
     Args:
@@ -275,6 +276,9 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
         data_fingerprint: optional fingerprint of the training data
             (`PreparedData.metadata["fingerprint"]`), recorded in the metadata.
         experiment_config: optional dict (`ExperimentConfig.to_dict()`), recorded.
+        jit_compile: bool, XLA-compile the backbone and the catalogue search
+            (`SequentialServable`; default True). The official TF Serving binary then
+            needs `--xla_cpu_compilation_enabled=true` (export/TF_SERVING.md).
 
     Returns:
         `Path` of the version directory.
@@ -282,6 +286,7 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
     def metadata(servable):
         return {
             "kind": "sequential",
+            "jit_compile": servable.jit_compile,
             "k": servable.k,
             "model_class": type(model).__name__,
             "model_config": model.get_config(),
@@ -296,7 +301,7 @@ def export_sequential(model, item_vocab, base_dir, k=10, version=None, data_fing
         }
 
     return _export_with_vocab(
-        item_vocab, base_dir, version, lambda vocab_file: SequentialServable(model, item_vocab, vocab_file, k=k),
+        item_vocab, base_dir, version, lambda vocab_file: SequentialServable(model, item_vocab, vocab_file, k=k, jit_compile=jit_compile),
         metadata,
     )
 

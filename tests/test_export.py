@@ -31,7 +31,7 @@ from tfrec.training import build_model
 TOKENS = [f"item-{i}" for i in range(12)] + ["é ü", "two words", "tab\there"]  # 15 items
 VOCAB = Vocabulary(TOKENS)
 L, K = 6, 5
-TEMPERATURE = {"sasrec": 0.5, "bert4rec": 1.0}
+TEMPERATURE = {"sasrec": 0.5, "bert4rec": 1.0, "gru4rec": 1.0}
 HISTORIES = [  # padded with "" to one width; "" and unknown tokens anywhere
     ["item-0", "item-1", "item-2", "", "", "", "", "", "", ""],
     ["", "item-3", "not-an-item", "é ü", "", "", "", "", "", ""],
@@ -100,7 +100,7 @@ def keras_top_k(model, histories, exclude):
     return np.array(TOKENS)[top], np.take_along_axis(scores, top, axis=1)
 
 
-@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
 def test_recommend_equals_keras_top_k(export_of, backbone):
     model, _, loaded = export_of(backbone)
     for exclude in ([False] * 4, [True, False, True, True]):
@@ -116,7 +116,7 @@ def test_recommend_equals_keras_top_k(export_of, backbone):
     np.testing.assert_array_equal(texts(default["item_ids"]), recommend(loaded, HISTORIES, [False] * 4)[0])
 
 
-@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
 def test_user_embedding_feeds_retrieval_like_recommend(export_of, backbone):
     model, _, loaded = export_of(backbone)
     embedding = loaded.signatures["user_embedding"](history=tf.constant(HISTORIES))["embedding"].numpy()
@@ -126,6 +126,32 @@ def test_user_embedding_feeds_retrieval_like_recommend(export_of, backbone):
     ids, scores = recommend(loaded, HISTORIES, [False] * 4)
     np.testing.assert_array_equal(texts(retrieved["item_ids"]), ids)
     np.testing.assert_allclose(retrieved["scores"].numpy(), scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
+def test_xla_export_answers_as_the_plain_graph_at_every_batch_size(export_of, backbone, tmp_path):
+    """The default (XLA, batches padded to powers of two) against `jit_compile=False`: same items,
+    same scores, for batches that fall in several buckets and histories of every width."""
+    model, path, loaded = export_of(backbone)
+    assert json.loads((path / METADATA_FILE).read_text())["jit_compile"] is True
+    plain_path = export_sequential(model, VOCAB, tmp_path / "plain", k=K, jit_compile=False)
+    assert json.loads((plain_path / METADATA_FILE).read_text())["jit_compile"] is False
+    plain = tf.saved_model.load(str(plain_path))
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 5, 8, 9):
+        width = int(rng.integers(1, 12))
+        histories = [[TOKENS[i] if i < len(TOKENS) else "" for i in rng.integers(0, len(TOKENS) + 3, width)]
+                     for _ in range(batch)]
+        histories = [h if any(h) else ["item-0"] + h[1:] for h in histories]
+        exclude = rng.random(batch) < 0.5
+        got_ids, got_scores = recommend(loaded, histories, exclude)
+        want_ids, want_scores = recommend(plain, histories, exclude)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+        got = loaded.signatures["user_embedding"](history=tf.constant(histories))["embedding"].numpy()
+        want = plain.signatures["user_embedding"](history=tf.constant(histories))["embedding"].numpy()
+        assert got.shape == (batch, 8)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_long_history_reads_only_last_max_length(sasrec):

@@ -206,13 +206,28 @@ class BruteForceIndex(RetrievalIndex):
             values, rows = self.top_k(queries)  # (batch, k) each, TFRS BruteForce
             return values, tf.where(values > EXCLUDED_SCORE, rows, -1)
         # Exclusions: our own path (why not TFRS's query_with_exclusions: module docstring).
-        scores = tf.linalg.matmul(queries, self.item_table, transpose_b=True)  # (batch, n)
+        return self.masked_search(queries, self.excluded_mask(exclude_rows))
+
+    def excluded_mask(self, exclude_rows):
+        """bool `(batch, num_items)`: True at the rows `exclude_rows` (int `(batch, m)`) names; negative
+        entries are ignored. A fixed-shape form of the exclusions (what an XLA-compiled search takes)."""
         exclude_rows = tf.cast(exclude_rows, tf.int64)
         where = tf.where(exclude_rows >= 0)  # (e, 2): (query, position)
         cells = tf.stack([where[:, 0], tf.gather_nd(exclude_rows, where)], axis=1)  # (e, 2): (query, row)
-        scores = tf.tensor_scatter_nd_update(
-            scores, cells, tf.fill(tf.shape(cells)[:1], tf.constant(EXCLUDED_SCORE, tf.float32))
-        )
+        empty = tf.zeros(tf.stack([tf.shape(exclude_rows)[0], self.num_items]), tf.bool)
+        return tf.tensor_scatter_nd_update(empty, cells, tf.ones(tf.shape(cells)[:1], tf.bool))
+
+    def masked_search(self, queries, excluded):
+        """`search` with the exclusions as a bool `(batch, num_items)` mask (`excluded_mask`).
+
+        Example:
+        >>> index = BruteForceIndex(np.eye(3, dtype="float32"), ["a", "b", "c"], k=2)
+        >>> scores, rows = index.masked_search(tf.constant([[0.0, 1.0, 0.5]]), tf.constant([[False, True, False]]))
+        >>> rows.numpy().tolist()
+        [[2, 0]]
+        """
+        scores = tf.linalg.matmul(queries, self.item_table, transpose_b=True)  # (batch, n)
+        scores = tf.where(excluded, tf.constant(EXCLUDED_SCORE, tf.float32), scores)
         top = tf.math.top_k(scores, k=self.k)  # (batch, k)
         rows = tf.where(top.values > EXCLUDED_SCORE, top.indices, -1)
         return top.values, rows

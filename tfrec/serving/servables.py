@@ -42,6 +42,7 @@ from tfrec.serving.contract import (
     parse_history_examples,
     signature_variables,
 )
+from tfrec.models.next_item import keep_last
 from tfrec.serving.retrieval import BruteForceIndex
 
 __all__ = ["CTRServable", "ItemLookup", "SequentialServable", "UserLookup", "catalog_table", "check_model_users",
@@ -123,6 +124,30 @@ def catalog_table(model, item_vocab):
     return items[NUM_RESERVED:] / np.float32(model.temperature), list(item_vocab.tokens)
 
 
+# Largest batch padded to a power of two (above it, a batch runs at its own size).
+_MAX_BUCKET = 1 << 16
+
+
+def _on_batch_buckets(fn, *tensors):
+    """`fn(*tensors)` with the batch (first axis) zero-padded to the next power of two, outputs cut back.
+
+    XLA compiles one program per input shape: padding the batch bounds the programs a
+    server compiles to one per power of two (batch 5 runs the batch-8 program) instead of
+    one per batch size. Padded rows are computed and dropped (a row never reads another).
+
+    Example:
+    >>> double = tf.function(lambda x: 2 * x)
+    >>> _on_batch_buckets(double, tf.constant([[1], [2], [3]])).numpy().tolist()
+    [[2], [4], [6]]
+    """
+    batch = tf.shape(tensors[0])[0]
+    sizes = tf.constant([1 << i for i in range(_MAX_BUCKET.bit_length())], tf.int32)  # 1 .. _MAX_BUCKET
+    size = tf.maximum(tf.gather(sizes, tf.minimum(tf.searchsorted(sizes, [batch])[0], len(sizes) - 1)), batch)
+    padded = [tf.pad(t, tf.concat([[[0, size - batch]], tf.zeros([tf.rank(t) - 1, 2], tf.int32)], 0))
+              for t in tensors]
+    return tf.nest.map_structure(lambda out: out[:batch], fn(*padded))
+
+
 class SequentialServable(tf.Module):
     """The serving graph of a `NextItemRecommender`: raw tokens in, top-K tokens out.
 
@@ -132,6 +157,11 @@ class SequentialServable(tf.Module):
         vocab_file: path of `item_vocab.save(...)` output; saved as an asset
             and read by the in-graph lookup table.
         k: int. Items returned by `recommend` (default 10).
+        jit_compile: bool. Compile the numeric part (the backbone and the catalogue
+            search) with XLA (default True; ours): measured on the Beauty DMESR-SASRec
+            servable, about 3x less CPU per request than the same graph run op by op.
+            The official `tensorflow_model_server` runs such a servable only with
+            `--xla_cpu_compilation_enabled=true`; pass False for plain TF ops.
 
     Attributes:
         recommend, user_embedding, recommend_examples: the signature functions
@@ -157,7 +187,7 @@ class SequentialServable(tf.Module):
     ([b'c', b'd'], TensorShape([1, 2]))
     """
 
-    def __init__(self, model, item_vocab, vocab_file, k=10):
+    def __init__(self, model, item_vocab, vocab_file, k=10, jit_compile=True):
         super().__init__(name="sequential_servable")
         # A semantic encoder (DMESR) is served as its materialised table, computed
         # once here; the catalog below reads that same table.
@@ -165,21 +195,34 @@ class SequentialServable(tf.Module):
         table, tokens = catalog_table(model, item_vocab)
         self.index = BruteForceIndex(table, tokens, k=k, name="catalog")
         self.k = self.index.k
+        self.jit_compile = bool(jit_compile)
         self.item_lookup = ItemLookup(item_vocab, vocab_file)
         # The Keras model stays out of the object graph (its optimizer state is
         # not needed to serve; a SimpleNamespace is not tracked); the variables
         # its calls read are tracked below (`model_variables`). Subclasses adding
         # signatures (the TFX `evaluate`) read it here.
         self._keras = types.SimpleNamespace(model=model)
+        # The numeric part (backbone + catalogue search) on fixed shapes: the history as its last
+        # `max_length` ids, exclusions as a (batch, num_items) mask. With `jit_compile` XLA fuses its
+        # few hundred small ops into one program per power-of-two batch size (`_on_batch_buckets`);
+        # the string lookups stay TF ops (XLA has no string type).
+        embed = tf.function(model.user_embedding, jit_compile=self.jit_compile, autograph=False)
+
+        def ranked(window, excluded):  # (batch, max_length) int32, (batch, n) bool
+            return self.index.masked_search(model.user_embedding(window), excluded)
+
+        ranked = tf.function(ranked, jit_compile=self.jit_compile, autograph=False)
+        numeric = (lambda fn, *args: _on_batch_buckets(fn, *args)) if self.jit_compile else (lambda fn, *a: fn(*a))
+
         def user_embedding(history):
-            return {"embedding": model.user_embedding(self._history_ids(history))}  # (batch, dim)
+            return {"embedding": numeric(embed, self._window(history))}  # (batch, dim)
 
         def recommend(history, exclude_history):
             exclude_history = checked_exclude_flags(history, exclude_history)
             ids = self._history_ids(history)  # (batch, seq) int32
-            user = model.user_embedding(ids)  # (batch, dim)
             exclude_rows = tf.where(exclude_history[:, None] & (ids >= NUM_RESERVED), ids - NUM_RESERVED, -1)
-            scores, rows = self.index.search(user, exclude_rows)  # (batch, k) each
+            window = keep_last(ids, model.max_length)  # (batch, max_length): what the model reads
+            scores, rows = numeric(ranked, window, self.index.excluded_mask(exclude_rows))  # (batch, k) each
             return {"item_ids": self.index.tokens_of(rows), "scores": scores}
 
         def recommend_examples(serialized):
@@ -191,6 +234,10 @@ class SequentialServable(tf.Module):
         self.model_variables = signature_variables(
             (self.user_embedding, self.recommend, self.recommend_examples), model
         )
+
+    def _window(self, history):
+        """The last `max_length` known ids of each row, `(batch, max_length)` int32, right-padded."""
+        return keep_last(self._history_ids(history), self._keras.model.max_length)
 
     def _history_ids(self, history):
         """Item ids `(batch, seq)` int32: known items first, in order, then 0 padding."""
