@@ -16,11 +16,13 @@ import tensorflow as tf
 from tfrec.serving.retrieval import EXCLUDED_SCORE, BruteForceIndex
 from export.saved_model import (
     METADATA_FILE,
+    WARMUP_BATCH_SIZES,
     catalog_table,
     export_sequential,
     vocab_fingerprint,
     write_saved_model,
 )
+from export.server.servable import read_warmup_requests
 from export.stock_ops import NonStockOpsError, assert_stock_ops
 import tfrec_cli as cli
 from tfrec.config import ModelConfig
@@ -137,6 +139,11 @@ def test_xla_export_answers_as_the_plain_graph_at_every_batch_size(export_of, ba
     plain_path = export_sequential(model, VOCAB, tmp_path / "plain", k=K, jit_compile=False)
     assert json.loads((plain_path / METADATA_FILE).read_text())["jit_compile"] is False
     plain = tf.saved_model.load(str(plain_path))
+    # The XLA export ships warm-up requests (every batch bucket, both numeric signatures); the plain one none.
+    warmup = read_warmup_requests(str(path))
+    assert sorted({(name, len(inputs["history"])) for name, inputs in warmup}) == sorted(
+        (name, size) for name in ("recommend", "user_embedding") for size in WARMUP_BATCH_SIZES)
+    assert read_warmup_requests(str(plain_path)) == []
     rng = np.random.default_rng(0)
     for batch in (1, 3, 5, 8, 9):
         width = int(rng.integers(1, 12))

@@ -401,3 +401,39 @@ def test_second_server_on_same_port_fails():
     with ModelServer([SLEEPY], ServerOptions(port=0, rest_api_port=-1, allowed_python_modules=("export.server.testing",))) as srv:
         with pytest.raises(ValueError, match=f"cannot bind gRPC to 127.0.0.1:{srv.grpc_port}"):
             ModelServer([SLEEPY], ServerOptions(port=srv.grpc_port, rest_api_port=-1, allowed_python_modules=("export.server.testing",))).start()
+
+
+# --- warm-up requests (assets.extra/tf_serving_warmup_requests) -------------------------
+
+
+def test_warmup_requests_are_replayed_at_load_and_a_failing_one_fails_the_version(tmp_path, staged):
+    from export.saved_model import warmup_file_writer
+    from export.server.servable import WARMUP_FILE, SavedModelServable, read_warmup_requests
+
+    base = tmp_path / "m"
+    put_version(str(base), 1, staged[1])
+    records = [("serving_default", {"x": np.ones((size, 3), np.float32)}) for size in (1, 2, 4)]
+    (base / "1" / "assets.extra").mkdir(exist_ok=True)
+    warmup_file_writer("m", records)(base / "1" / WARMUP_FILE)
+    read = read_warmup_requests(str(base / "1"))
+    assert [(name, inputs["x"].shape) for name, inputs in read] == [("serving_default", (size, 3))
+                                                                      for size in (1, 2, 4)]
+    assert SavedModelServable("m", 1, str(base / "1")).warm_up() == 3
+    assert read_warmup_requests(str(staged[1])) == []  # no file, nothing replayed
+    # Version 2's record names an input the signature lacks; version 3's file is not TFRecords.
+    put_version(str(base), 2, staged[2])
+    (base / "2" / "assets.extra").mkdir(exist_ok=True)
+    warmup_file_writer("m", [("serving_default", {"nope": np.ones((1, 3), np.float32)})])(base / "2" / WARMUP_FILE)
+    put_version(str(base), 3, staged[2])
+    (base / "3" / "assets.extra").mkdir(exist_ok=True)
+    (base / "3" / WARMUP_FILE).write_bytes(b"not records")
+    with ModelServer([ServedModelConfig("m", str(base), version_policy=VersionPolicy("all"))],
+                     ServerOptions(port=0, rest_api_port=-1)) as srv, PredictClient(srv.grpc_address) as client:
+        status = {s["version"]: s for s in client.status("m")}
+        assert status[1]["state"] == "AVAILABLE"
+        for version, message in ((2, "warm-up record 0 (serving_default) failed"), (3, "not a TFRecord file")):
+            assert status[version]["state"] == "END"
+            # the file named (the server shortens paths in statuses), and what is wrong with it
+            assert "tf_serving_warmup_requests" in status[version]["error_message"]
+            assert message in status[version]["error_message"]
+        assert client.predict("m", {"x": X}).version == 1

@@ -318,6 +318,9 @@ class ModelRegistry:
         try:
             batching = self._version_batching(name, version, path)
             servable = self._loader(name, version, path)
+            warmed = servable.warm_up() if hasattr(servable, "warm_up") else 0
+            if warmed:
+                logger.info("%s version %d: %d warm-up requests replayed", name, version, warmed)
             if batching is not None:
                 servable.attach_batching(self.batch_scheduler, batching)
         except Exception as err:  # noqa: BLE001 - a broken version must not stop the server

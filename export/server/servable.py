@@ -44,6 +44,45 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 
 _scann_lock = threading.Lock()
 
+# TF Serving's SavedModel warm-up: a TFRecord file of ``PredictionLog`` s replayed at load, before
+# the version serves (its first requests then pay no one-time cost, e.g. XLA compilation).
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+
+
+def read_warmup_requests(version_path: str, limit: int = MAX_WARMUP_RECORDS):
+    """``[(signature name, {input: ndarray})]`` of the predict records in a version's warm-up file
+    (``[]`` without one). ``ValueError`` naming the file for an unreadable file, a record that is not
+    a predict log, or more than ``limit`` records."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(version_path, WARMUP_FILE)
+    if not os.path.isfile(path):
+        return []
+    requests, framed = [], 0
+    try:
+        for index, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+            framed += len(record) + 16  # length (8 bytes) + its CRC (4) + record + its CRC (4)
+            if index >= limit:
+                raise ValueError(f"{path}: more than {limit} warm-up records")
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            if log.WhichOneof("log_type") != "predict_log":
+                raise ValueError(f"{path}: record {index} is a {log.WhichOneof('log_type')}; only predict_log "
+                                 "warm-up records are replayed")
+            request = log.predict_log.request
+            requests.append((request.model_spec.signature_name or DEFAULT_SIGNATURE,
+                             {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}))
+    except (tf.errors.OpError, ValueError, DecodeError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a TFRecord file of PredictionLog protos ({err})") from None
+    if framed != os.path.getsize(path):  # a file cut short (or not records) reads as fewer records, silently
+        raise ValueError(f"{path}: not a TFRecord file of PredictionLog protos ({os.path.getsize(path) - framed} "
+                         "bytes after the last whole record)")
+    return requests
+
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
@@ -304,6 +343,19 @@ class SavedModelServable(Servable):
             method = self._signature_defs[sig_name].method_name if sig_name in self._signature_defs else PREDICT_METHOD
             self.signatures[sig_name] = Signature(sig_name, dict(kwargs), dict(outputs), method or PREDICT_METHOD)
         self._functions = dict(self._loaded.signatures)
+
+    def warm_up(self) -> int:
+        """Replay the version's warm-up requests (``WARMUP_FILE``, as TF Serving does at load); the
+        number replayed. ``ValueError`` naming the file and record when one fails: the version does not
+        load (TF Serving's behaviour too)."""
+        requests = read_warmup_requests(self.path)
+        for index, (name, inputs) in enumerate(requests):
+            try:
+                self.run_unbatched(self.signature(name), validate_inputs(self.signature(name), inputs))
+            except ServingError as err:
+                raise ValueError(f"{os.path.join(self.path, WARMUP_FILE)}: warm-up record {index} "
+                                 f"({name}) failed: {err.message}") from None
+        return len(requests)
 
     def signature_def_map(self):
         from tensorflow_serving.apis import get_model_metadata_pb2
