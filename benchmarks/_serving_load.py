@@ -138,6 +138,11 @@ class ServeProcess:
             time.sleep(0.2)
         return self
 
+    def cpu_seconds(self):
+        """CPU seconds (user + system) the server process has used so far (Linux `/proc`)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def wait_available(self, models, timeout=None):
         """Block until every model in `models` has an AVAILABLE version (GetModelStatus)."""
         from export.client import PredictClient

@@ -19,8 +19,10 @@ Then:
   the same histories sent explicitly (the model's share; the difference is the
   store read and the request rewrite) -- target p99 <= 25 ms by user id;
   `--serve_rounds` rounds of `--serve_requests` per mode, alternating, percentiles
-  over all rounds pooled (`p99_ms_by_round` beside them); with the server's defaults; `serve_tuned`: the same with `TUNED_FLAGS` (the
+  over all rounds pooled (`p99_ms_by_round` beside them), and the server process's CPU per
+  request; with the server's defaults; `serve_tuned`: the same with `TUNED_FLAGS` (the
   serving benchmark's batching configuration, flags recorded in `server_flags`);
+  `serve_64_threads`: the defaults with 64 gRPC threads (the former default);
 - `kill9`: a server SIGKILLed while 2 clients post events: acknowledged events
   missing afterwards (must be 0);
 - `redis_restart`: Redis with AOF (`appendfsync always`) SIGKILLed after
@@ -186,14 +188,17 @@ def serve_by_user(folder, args, extra_flags=(), label="plain"):
                 closed_loop(stub, requests, 8, 80)  # warm-up
             # Rounds alternate the two modes (so drift in the machine's other work hits both);
             # percentiles are over every round's latencies pooled, with each round's p99 beside them.
-            runs = {"by_user_id": [], "by_history": []}
+            runs, cpu = {"by_user_id": [], "by_history": []}, {"by_user_id": 0.0, "by_history": 0.0}
             for _ in range(args.serve_rounds):
                 for name, requests in (("by_user_id", by_id), ("by_history", by_history)):
+                    begun = server.cpu_seconds()
                     runs[name].append(closed_loop(stub, requests, 8, args.serve_requests))
+                    cpu[name] += server.cpu_seconds() - begun
             for name, rounds in runs.items():
                 latencies = [t for run in rounds for t in run["latencies"]]
                 result[name] = {"requests": len(latencies), "rounds": len(rounds),
                                 "errors": sum(run["errors"] for run in rounds),
+                                "server_cpu_ms_per_request": round(cpu[name] / max(len(latencies), 1) * 1e3, 3),
                                 "requests_per_second": round(len(latencies) / sum(run["wall_seconds"] for run in rounds), 1),
                                 **percentiles_ms(latencies),
                                 "p99_ms_by_round": [percentiles_ms(run["latencies"])["p99_ms"] for run in rounds]}
@@ -484,20 +489,24 @@ def write_reports(report, out):
         batched = a[f"batched_{s['batch']}"]
         lines.append(f"| {b['backend']} | {a['single']} | {batched} | " + " | ".join(cells) + " |")
     serve = report["serve"]
-    served = [("server defaults", serve)] + ([("tuned", report["serve_tuned"])] if report.get("serve_tuned") else [])
+    served = [("server defaults", serve)] + [(label, report[key]) for key, label in (
+        ("serve_tuned", "tuned"), ("serve_64_threads", "64 gRPC threads")) if report.get(key)]
     lines += ["", "## recommend by user id (real exported model)", "",
               f"`tfrec serve --history_store sqlite://...` (FULL), `{serve['model']}`, {serve['users']} real users "
               f"(histories of {serve['user_history_events']['mean']} events on average, at most "
               f"{serve['user_history_events']['max']}), gRPC `recommend` at 8 callers; server defaults, and "
-              "tuned = the serving benchmark's batching configuration (`" + " ".join(TUNED_FLAGS) + "`):", "",
-              "| server | request | requests | p50 ms | p99 ms | p99 ms per round | requests/s | errors |",
-              "|---|---|---|---|---|---|---|---|"]
+              "tuned = the serving benchmark's batching configuration (`" + " ".join(TUNED_FLAGS) + "`), and "
+              "the defaults with `--grpc_max_threads 64` (the former default; the default is now 4 per CPU, "
+              "TF Serving's). Server CPU = the server process's CPU seconds over the rounds per request:", "",
+              "| server | request | requests | p50 ms | p99 ms | p99 ms per round | requests/s | server CPU ms/request "
+              "| errors |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, run in served:
         for name in ("by_user_id", "by_history"):
             r = run[name]
             rounds = " / ".join(f"{p:.1f}" for p in r.get("p99_ms_by_round", []))
             lines.append(f"| {label} | {name} | {r['requests']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {rounds} "
-                         f"| {r['requests_per_second']} | {r['errors']} |")
+                         f"| {r['requests_per_second']} | {r.get('server_cpu_ms_per_request', '')} | {r['errors']} |")
     verdicts = ", ".join(f"{label} **{'met' if run['by_user_id']['p99_ms'] <= run['target_p99_ms'] else 'MISSED'}**"
                          f" ({run['by_user_id']['p99_ms']:.1f} ms)" for label, run in served)
     one_id, one_h, read = serve["by_user_id_1_caller"], serve["by_history_1_caller"], serve["store_read_1_caller"]
@@ -604,6 +613,7 @@ def main():
                 report["backends"].append(measure(name, url, args))
         report["serve"] = serve_by_user(folder, args)
         report["serve_tuned"] = serve_by_user(folder, args, TUNED_FLAGS, "tuned")
+        report["serve_64_threads"] = serve_by_user(folder, args, ("--grpc_max_threads", "64"), "threads64")
         report["kill9"] = kill9(folder)
         report["redis_restart"] = redis_restart(folder)
         report["cold_items"] = cold_items(folder, args)

@@ -44,7 +44,7 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8500, help="gRPC port (0 = pick a free one)")
     serve.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0 = free one, <0 = off)")
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
-    serve.add_argument("--grpc_max_threads", type=int, default=64)
+    serve.add_argument("--grpc_max_threads", type=int, help="gRPC worker threads (default 4 per CPU, as TF Serving)")
     serve.add_argument("--shutdown_grace_seconds", type=float, default=30.0)
     limits = serve.add_argument_group("security and limits (see README: trust model)")
     limits.add_argument("--allowed_python_modules", nargs="+", default=[], metavar="MODULE",
@@ -192,7 +192,8 @@ def server_options(args):
         host=args.host, port=args.port, rest_api_port=args.rest_api_port,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=_batching_options(args),
         per_model_batching=args.per_model_batching,
-        grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,
+        **({} if args.grpc_max_threads is None else {"grpc_max_threads": args.grpc_max_threads}),
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
         allowed_python_modules=tuple(args.allowed_python_modules),
         grpc_max_message_bytes=args.grpc_max_message_bytes, rest_max_body_bytes=args.rest_max_body_bytes,
         rest_max_connections=args.rest_max_connections, rest_idle_timeout_seconds=args.rest_idle_timeout_seconds,

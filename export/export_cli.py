@@ -55,9 +55,10 @@ def _cmd_export(args):
     config, model, item_vocab, fingerprint = _load_trained(args)
     recommender = export_sequential(
         model, item_vocab, out / "recommender", k=args.k, version=args.version,
-        data_fingerprint=fingerprint, experiment_config=config.to_dict(),
+        data_fingerprint=fingerprint, experiment_config=config.to_dict(), jit_compile=not args.no_xla,
     )
-    print(f"recommender (stock ops): {recommender}")
+    xla = "" if args.no_xla else ", XLA: tensorflow_model_server needs --xla_cpu_compilation_enabled=true"
+    print(f"recommender (stock ops{xla}): {recommender}")
     table, tokens = catalog_table(model, item_vocab)
     source = {
         "recommender": str(recommender),
@@ -84,6 +85,9 @@ def add_commands(subparsers):
     cmd.add_argument("--k", type=int, default=10, help="items per answer (default 10)")
     cmd.add_argument("--version", type=int, help="version number (default: next free per servable)")
     cmd.add_argument("--scann", action="store_true", help="also export a ScaNN retrieval servable")
+    cmd.add_argument("--no-xla", dest="no_xla", action="store_true",
+                     help="recommender without XLA compilation (plain TF ops, about 2x the CPU per request; for a "
+                          "tensorflow_model_server started without --xla_cpu_compilation_enabled)")
     cmd.add_argument("--scann-num-leaves", type=int, help="ScaNN tree leaves (default sqrt(items))")
     cmd.add_argument("--scann-leaves-to-search", type=int, help="ScaNN leaves searched per query")
     cmd.add_argument("--scann-reorder", type=int, help="ScaNN candidates re-scored exactly (0 = none)")

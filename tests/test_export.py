@@ -282,6 +282,9 @@ def test_cli_export_writes_servables_and_only_scann_needs_custom_ops(sasrec, tmp
     assert meta["model_config"] == json.loads((first_export / METADATA_FILE).read_text())["model_config"]
     retrieval = json.loads((scann / METADATA_FILE).read_text())
     assert retrieval["index"]["num_items"] == len(TOKENS) and retrieval["source"]["data_fingerprint"] == "f00d"
+    assert meta["jit_compile"] is True and "--xla_cpu_compilation_enabled=true" in printed
+    assert cli.main(["export", "--config", str(config), "--out", str(out), "--k", str(K), "--no-xla"]) == 0
+    assert json.loads((out / "recommender" / "2" / METADATA_FILE).read_text())["jit_compile"] is False
 
     # One fresh process without scann: the recommender and brute force load and
     # use stock ops only; the ScaNN servable is flagged and fails to load there.

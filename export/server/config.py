@@ -441,8 +441,10 @@ class ServerOptions:
             one; only ``num_batch_threads`` of ``batching`` still applies (the batch
             threads all models share). Python composites keep ``batching``.
             Without ``batching`` it does nothing (a warning is logged), as in TF Serving.
-        grpc_max_threads: ``int``, gRPC worker threads, default 64 (requests waiting
-            for a batch hold a thread, so keep it above the expected concurrency).
+        grpc_max_threads: ``int``, gRPC worker threads, default 4 per CPU (TF Serving's
+            default; 8 on 2 cores): more threads only contend for the GIL and the cores (server
+            CPU per request in ``reports/history_store.md``). Requests waiting for a batch hold
+            a thread, so raise it to let batches grow past it.
         shutdown_grace_seconds: ``float``, how long shutdown waits for in-flight
             requests, default 30.
         allowed_python_modules: ``tuple[str, ...]``, the only modules ``model_platform:
@@ -492,7 +494,7 @@ class ServerOptions:
     file_system_poll_wait_seconds: float = 1.0
     batching: Optional[BatchingOptions] = None
     per_model_batching: bool = False
-    grpc_max_threads: int = 64
+    grpc_max_threads: int = dataclasses.field(default_factory=lambda: 4 * (os.cpu_count() or 1))
     shutdown_grace_seconds: float = 30.0
     allowed_python_modules: tuple = ()
     grpc_max_message_bytes: int = 256 << 20
