@@ -535,8 +535,8 @@ def write_reports(report, out):
                   "| model | p50 | p99 |", "|---|---|---|"]
         for name in ("base", "live_empty_delta", "live_1000_delta"):
             lines.append(f"| {name} | {cold[name]['p50_ms']:.2f} | {cold[name]['p99_ms']:.2f} |")
-        lines += ["", "Not measured here: recall@10 / NDCG@10 of held-out Beauty items under DMESR against "
-                  "ID-only (needs the DMESR item encoder for new items, connected at merge)."]
+        lines += ["", "Recall@10 / NDCG@10 of held-out Beauty items added at serve time, DMESR against ID-only: "
+                  "`benchmarks/new_items.py` (reports/new_items.md)."]
     routes = report["routes"]
     lines += ["", "## Stateful R2LED routes (item 4)", "",
               f"{routes['model']}; {routes['items']} items, {routes['candidates']} candidates per `score` request, "
