@@ -71,12 +71,12 @@ idle machine (2026-12-07, `benchmarks/dmesr.py --timing --steps 400 --repeats 3`
 reports/dmesr-ls/dmesr_timing.json), with the configs' packed batches of 16 rows
 (~750 targets), an ID step takes 21-28 ms and a DMESR step 54-102 ms (median
 ratio 2.6x; the earlier 1.4-1.6x was under load, with larger batches). Of it,
-forward + backward: the semantic part of the catalogue 33 ms (adapted views 4.5,
-attribute view 2.6, the rest the fuser, dropout and RMS over (V, d): a few dozen
+forward + backward: the semantic part of the catalogue 38 ms (adapted views 3.1,
+attribute view 2.8, the rest the fuser, dropout and RMS over (V, d): a few dozen
 small ops over (V, .) arrays, bound by memory passes, not FLOPs) and the
-alignment on 512 items 8.5 ms. Compiling the catalogue pass with XLA (one
+alignment on 512 items 8.3 ms. Compiling the catalogue pass with XLA (one
 program, attribute pooling as a weighted gather) was measured the same way and
-was slower (DMESR step 68-70 ms against 54-57 ms): not kept. In whole
+was slower (DMESR step 68-70 ms against 54-57 ms, ad hoc, not stored): not kept. In whole
 trainings the epoch (validation included) took 30-35 s against the ID model's
 20-22 s (1.5x).
 """
